@@ -1,0 +1,1 @@
+"""Teacher adaptation and student distillation (to come)."""

@@ -1,0 +1,98 @@
+"""`rakt <stage> ...`: each stage's flags mirror its config dataclass; `--config FILE.yaml` sets defaults."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import sys
+
+from pipeline.config import STAGES, ConfigError, from_dict, load_yaml
+from indexes.base import IndexSpecError
+from pipeline.io import InputError, setup_logging
+
+log = logging.getLogger("rakt")
+
+# stage name -> (module with `run(cfg) -> dict`, one-line description)
+RUNNERS = {
+    "embed": ("pipeline.embed", "embed images with an open_clip (or timm) image encoder into an embedding set"),
+    "index": ("pipeline.index_build", "build a FAISS index directory from a pool of images or embeddings"),
+    "retrieve": ("pipeline.retrieve", "query an index with a target embedding set: top-k neighbours per query"),
+    "curate": ("pipeline.curate", "turn candidates into a transfer manifest under a budget"),
+    "materialize": ("pipeline.materialize", "write a transfer manifest over a local pool into WebDataset shards"),
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    parser.add_argument("--config", help="YAML file with this stage's keys (or a section named after the stage)")
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = {"help": f"{f.metadata.get('help', '')} (default: {default!r})", "default": argparse.SUPPRESS}
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        if isinstance(default, list):
+            kw["nargs"] = "*" if f.metadata.get("positional") else "+"
+        elif isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = type(default)
+        if f.metadata.get("positional"):
+            kw.setdefault("nargs", "?")
+            parser.add_argument(f.name, metavar=f.name.upper(), **kw)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rakt", description="Retrieval-augmented knowledge transfer.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, desc) in RUNNERS.items():
+        if name == "index":
+            index = sub.add_parser("index", help="build or describe an index")
+            isub = index.add_subparsers(dest="index_command", required=True)
+            _add_config_flags(isub.add_parser("build", help=desc, description=desc), STAGES["index"])
+            info = isub.add_parser("info", help="describe an index (kind, model, dim, count, parts)")
+            info.add_argument("path", help="index spec or directory")
+            continue
+        _add_config_flags(sub.add_parser(name, help=desc, description=desc), STAGES[name])
+    inspect = sub.add_parser("inspect", help="counts per class/query and a score histogram of a manifest")
+    inspect.add_argument("manifest", help="transfer-manifest directory or candidates directory")
+    return parser
+
+
+def stage_config(stage: str, args: argparse.Namespace):
+    """Merge YAML defaults and CLI flags into the stage's validated config."""
+    values = load_yaml(args.config, section=stage) if getattr(args, "config", None) else {}
+    cli = {k: v for k, v in vars(args).items() if k not in ("config", "command", "index_command", "verbose")}
+    cli = {k: v for k, v in cli.items() if v is not None}
+    values.update(cli)
+    return from_dict(STAGES[stage], values, where=args.config or f"rakt {stage}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        if args.command == "index" and args.index_command == "info":
+            from indexes.registry import open_index
+            print(json.dumps(open_index(args.path).info(), indent=2, default=str))
+            return 0
+        if args.command == "inspect":
+            from pipeline.inspect import inspect_text
+            print(inspect_text(args.manifest))
+            return 0
+        cfg = stage_config(args.command, args)
+        module = importlib.import_module(RUNNERS[args.command][0])
+        summary = module.run(cfg)
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    except (ConfigError, InputError, IndexSpecError) as e:
+        log.error("%s", e)
+        print(f"rakt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Typed stage configs: one dataclass per stage, bound to CLI flags and YAML, validated with clear errors."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config or CLI value that rakt cannot use; the message says what to change."""
+
+
+def _f(default: Any, help: str, positional: bool = False, choices: tuple | None = None):
+    """A config field with its CLI help text."""
+    meta = {"help": help, "positional": positional, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EncoderConfig:
+    model: str = _f("ViT-B-32", "open_clip model name (e.g. ViT-B-32), or 'timm:NAME' for a timm model")
+    pretrained: str = _f(
+        "laion2b_s34b_b79k",
+        "open_clip pretrained tag, a local checkpoint file (.pt/.bin/.safetensors), or '' for random init",
+    )
+    batch_size: int = _f(256, "images per forward pass")
+    workers: int = _f(2, "DataLoader worker processes for decoding (0 = in process)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
+class EmbedConfig(EncoderConfig):
+    source: list[str] = _f([], "image folder (class subfolders), CSV/parquet manifest (path,label), or "
+                               "WebDataset shards (files, brace patterns or a folder of .tar/.tar.gz)",
+                           positional=True)
+    out: str = _f("", "output embedding set directory")
+    split: str = _f("", "split name for every row (default: the sample's own 'split' field, else 'train')")
+    per_class: int = _f(0, "keep N images per class (few-shot draw with --seed); 0 keeps all")
+    seed: int = _f(0, "seed of the per-class draw")
+    partition_size: int = _f(10000, "images per partition for folder/manifest sources (a shard is one partition)")
+    classes: str = _f("", "classes.txt (one name per line) naming label indices; default: found beside the source")
+
+
+@dataclass
+class IndexBuildConfig(EncoderConfig):
+    source: list[str] = _f([], "pool images (folder, manifest or shards) or an existing embedding set directory",
+                           positional=True)
+    out: str = _f("", "output index directory")
+    kind: str = _f("auto", "auto | flat | ivfpq | a faiss index_factory string (e.g. 'IVF1024,PQ32')")
+    memory_budget: str = _f("4G", "RAM the index may use, e.g. 500M, 16G; decides flat vs IVF-PQ with kind=auto")
+    metric: str = _f("ip", "ip (cosine on normalized embeddings) | l2", choices=("ip", "l2"))
+    metadata: str = _f("", "optional parquet of extra pool metadata (url, caption, ...) joined on column 'id'")
+    partition_size: int = _f(10000, "images per partition when embedding a folder/manifest pool")
+    train_size: int = _f(100000, "vectors sampled to train IVF/PQ quantizers")
+    nprobe: int = _f(16, "IVF lists visited per query (stored as the index default)")
+    seed: int = _f(0, "seed for the training sample")
+
+
+@dataclass
+class RetrieveConfig:
+    embeddings: str = _f("", "target embedding set directory (from `rakt embed`)", positional=True)
+    index: str = _f("", "index spec, e.g. faiss:/path/to/index or a plain index directory")
+    out: str = _f("", "output candidates directory")
+    k: int = _f(100, "neighbours per query image")
+    query_split: str = _f("train", "embedding-set split used as queries ('' = all rows)")
+    batch_size: int = _f(4096, "queries per search call")
+    nprobe: int = _f(0, "IVF lists to visit (0 = the index's default)")
+    force: bool = _f(False, "query even if the embedding model differs from the index's")
+
+
+@dataclass
+class CurateConfig:
+    candidates: str = _f("", "candidates directory (from `rakt retrieve`)", positional=True)
+    out: str = _f("", "output transfer-manifest directory")
+    budget: int = _f(10000, "transfer-set size N, counting the query images (paper rule: k = N/queries - 1)")
+    per_query_k: int = _f(0, "pool images per query; 0 = the paper's fixed-budget rule")
+    balance: str = _f("query", "query: every query gets k | class: every class gets an equal share",
+                      choices=("query", "class"))
+    dedup: bool = _f(True, "an image retrieved by several queries counts once (best score, all query ids)")
+    near_dup: float = _f(0.0, "drop images whose cosine to a better-scored kept image exceeds this (0 = off)")
+    min_score: float = _f(-1.0, "drop candidates scoring below this")
+    eval_embeddings: str = _f("", "embedding set of the target test/eval images for the leakage guard "
+                                  "(default: rows of --eval-split in the query embedding set)")
+    eval_split: str = _f("test", "split of the query embedding set used by the leakage guard")
+    leakage_threshold: float = _f(0.95, "drop pool images whose cosine to any eval image exceeds this")
+    index: str = _f("", "index spec (default: the one recorded by retrieve)")
+
+
+@dataclass
+class MaterializeConfig:
+    manifest: str = _f("", "transfer-manifest directory (from `rakt curate`)", positional=True)
+    out: str = _f("", "output WebDataset shard directory")
+    shard_size: int = _f(10000, "samples per output shard")
+    pool_root: str = _f("", "directory to resolve the pool's relative paths/shards against (if it moved)")
+
+
+STAGES: dict[str, type] = {
+    "embed": EmbedConfig,
+    "index": IndexBuildConfig,
+    "retrieve": RetrieveConfig,
+    "curate": CurateConfig,
+    "materialize": MaterializeConfig,
+}
+
+
+def from_dict(cls: type, values: dict, where: str = "config") -> Any:
+    """Build a stage config from a mapping; unknown keys and wrong types raise ConfigError."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        key_norm = key.replace("-", "_")
+        if key_norm not in names:
+            hint = difflib.get_close_matches(key_norm, names, n=1)
+            tip = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(sorted(names))}"
+            raise ConfigError(f"{where}: unknown key '{key}'{tip}")
+        kwargs[key_norm] = _coerce(names[key_norm], value, where)
+    cfg = cls(**kwargs)
+    validate(cfg, where)
+    return cfg
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, list):
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{where}: '{f.name}' must be true or false, got {value!r}")
+    try:
+        return type(default)(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: '{f.name}' must be {type(default).__name__}, got {value!r}") from None
+
+
+def validate(cfg: Any, where: str = "config") -> None:
+    """Check choices and required outputs."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: '{f.name}' must be one of {', '.join(choices)}, got {value!r}")
+    if hasattr(cfg, "out") and not cfg.out:
+        raise ConfigError(f"{where}: 'out' is required (where to write the result)")
+
+
+def load_yaml(path: str | Path, section: str | None = None) -> dict:
+    """Read a YAML config; with `section`, return that stage's mapping."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    if section is not None and section in data and isinstance(data[section], dict):
+        data = data[section]
+    return data
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable short hash of a config's values (for lineage and skip-if-unchanged)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

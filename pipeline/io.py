@@ -1,0 +1,131 @@
+"""Small I/O helpers shared by the stages: atomic writes, hashes, the embedding-set contract, the data kit."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+log = logging.getLogger("rakt")
+
+EMBEDDINGS_JSON = "embeddings.json"
+
+
+class InputError(ValueError):
+    """Input rakt cannot use; the message names the file/row and what to do."""
+
+
+def kit_dir() -> Path:
+    """The offline data kit: $RAKT_DATA, else ../shared/data beside the project checkout."""
+    env = os.environ.get("RAKT_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path, what: str = "file") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e}); delete it and rerun the stage that wrote it") from None
+
+
+def write_parquet(path: str | Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_hash(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def timed(stage: str) -> Iterator[None]:
+    """Log how long a stage took."""
+    start = time.perf_counter()
+    yield
+    log.info("%s took %.1f s", stage, time.perf_counter() - start)
+
+
+# --- the embedding-set contract -------------------------------------------------------------------
+
+def embedding_table(ids, labels, splits, vectors: np.ndarray, extra: dict | None = None) -> pa.Table:
+    """One partition of an embedding set: id, label, split, embedding (+ locator columns in `extra`)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape if vectors.ndim == 2 else (0, 0)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
+    cols = {
+        "id": pa.array([str(i) for i in ids], pa.string()),
+        "label": pa.array([None if lab is None or lab < 0 else int(lab) for lab in labels], pa.int64()),
+        "split": pa.array(list(splits), pa.string()),
+        "embedding": emb,
+    }
+    for name, values in (extra or {}).items():
+        cols[name] = pa.array(values)
+    return pa.table(cols)
+
+
+def read_embedding_set(path: str | Path, split: str | None = None,
+                       columns: list[str] | None = None) -> tuple[dict, pa.Table]:
+    """Read an embedding set directory: (embeddings.json metadata, table of all partitions in order)."""
+    path = Path(path)
+    meta = read_json(path / EMBEDDINGS_JSON, "embedding set metadata (embeddings.json); run `rakt embed` first")
+    parts = sorted(path.glob("part-*.parquet"))
+    if not parts:
+        raise InputError(f"{path}: no part-*.parquet files; the embedding set is empty or unfinished")
+    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
+    if split:
+        table = table.filter(pc.equal(table["split"], split))
+    return meta, table
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The `embedding` column as a float32 [n, dim] array."""
+    col = table["embedding"].combine_chunks()
+    if len(col) == 0:
+        return np.zeros((0, col.type.list_size), np.float32)
+    return col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), col.type.list_size)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

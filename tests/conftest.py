@@ -1,0 +1,109 @@
+"""Shared fixtures: a tiny open_clip config, generated images and WebDataset shards, the offline data kit."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+# A registered-by-path tiny open_clip architecture: rakt accepts `--model path/to/NAME.json`.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+KIT = Path(os.environ.get("RAKT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """Path of the tiny open_clip model config (random init): pass it as the model name."""
+    path = tmp_path_factory.mktemp("models") / "rakt-tiny-clip.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def kit() -> Path:
+    """The offline data kit (../shared/data or $RAKT_DATA)."""
+    if not (KIT / "target" / "cifar10").exists():
+        pytest.fail(f"offline data kit not found at {KIT}; set RAKT_DATA")
+    return KIT
+
+
+def image_array(seed: int, size: int = 32, base: np.ndarray | None = None, noise: float = 0.0) -> np.ndarray:
+    """A random structured RGB image (uint8 HxWx3); with `base`, a noisy copy of it."""
+    rng = np.random.default_rng(seed)
+    if base is None:
+        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        img = np.array(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    else:
+        img = base.astype(np.float32)
+    if noise:
+        img = img + rng.normal(0, noise, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(arr: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_folder(root: Path, per_class: dict[str, list[np.ndarray]]) -> Path:
+    """An image folder with one subfolder per class."""
+    for cls, arrays in per_class.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i, arr in enumerate(arrays):
+            (root / cls / f"{cls}_{i:04d}.jpg").write_bytes(jpeg_bytes(arr))
+    return root
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    """A WebDataset tar (gzip if path ends .gz): each sample is {"__key__": k, "jpg": bytes, "cls": int, "json": dict}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "w:gz" if path.name.endswith(".gz") else "w"
+    with tarfile.open(path, mode) as tar:
+        for s in samples:
+            for ext, value in s.items():
+                if ext == "__key__":
+                    continue
+                if ext == "json":
+                    data = json.dumps(value).encode()
+                elif ext == "cls":
+                    data = str(value).encode()
+                else:
+                    data = value
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def make_images():
+    return image_array
+
+
+@pytest.fixture
+def make_folder():
+    return write_folder
+
+
+@pytest.fixture
+def make_shard():
+    return write_shard
+
+
+@pytest.fixture
+def to_jpeg():
+    return jpeg_bytes
