@@ -1,0 +1,280 @@
+"""Candidates -> transfer manifest under a fixed budget: per-query k or class balance, dedup, filters, lineage."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import CurateConfig, config_hash, to_dict
+from pipeline.curate_filters import empty_removed, leakage_matches, load_eval_set, near_duplicates
+from pipeline.io import InputError, json_hash, read_json, timed, write_json, write_parquet
+
+log = logging.getLogger("rakt.curate")
+
+CANDIDATES_PARQUET = "candidates.parquet"
+CANDIDATES_JSON = "candidates.json"
+MANIFEST_PARQUET = "manifest.parquet"
+MANIFEST_JSON = "manifest.json"
+REMOVED_PARQUET = "removed.parquet"
+CANDIDATE_COLUMNS = ("query_id", "query_label", "rank", "pool_id", "score")
+LOCATOR_COLUMNS = ("shard", "key", "path", "url", "caption")
+NEAR_DUP_ROUNDS = 4
+REMOVED_SCHEMA = pa.schema([("pool_id", pa.int64()), ("id", pa.string()), ("reason", pa.string()),
+                           ("matched_id", pa.string()), ("matched_pool_id", pa.int64()), ("cosine", pa.float32())])
+UNLABELLED = "unlabelled"
+
+
+def run(cfg: CurateConfig) -> dict:
+    """Select the transfer set from a candidates directory and write manifest.parquet/.json + removed.parquet."""
+    from indexes.registry import open_index
+
+    with timed("curate"):
+        cand_dir, out = Path(cfg.candidates), Path(cfg.out)
+        cmeta = read_json(cand_dir / CANDIDATES_JSON, "candidates metadata; run `rakt retrieve` first")
+        cands = read_candidates(cand_dir / CANDIDATES_PARQUET)
+        queries = query_table(cands, cand_dir / CANDIDATES_PARQUET)
+        if cmeta.get("n_queries") not in (None, len(queries)):
+            log.warning("%s records %s queries but %s holds %d", CANDIDATES_JSON, cmeta["n_queries"],
+                        CANDIDATES_PARQUET, len(queries))
+        quotas, k, shares = plan_quotas(queries, cfg)
+        spec = cfg.index or cmeta.get("index")
+        if not spec:
+            raise InputError(f"{cand_dir / CANDIDATES_JSON}: no 'index' recorded; pass --index")
+        index = open_index(spec)
+
+        counts: dict = {"queries": len(queries)}
+        cands = cands[cands["pool_id"] >= 0]
+        counts["candidates"] = len(cands)
+        low = cands["score"] < cfg.min_score
+        counts["below_min_score"] = int(low.sum())
+        cands = cands[~low]
+
+        ev = load_eval_set(cfg.eval_embeddings, cfg.eval_split, cmeta.get("embeddings"), index.model, index.dim,
+                           _model_of)
+        if not ev.enabled:
+            log.warning("leakage guard is OFF: %s", ev.reason)
+        pool_ids = np.unique(cands["pool_id"].to_numpy())
+        leaked = leakage_matches(index, pool_ids, ev, cfg.leakage_threshold)
+        counts["leakage_removed"] = len(leaked)
+        if len(pool_ids) and len(leaked) > len(pool_ids) // 2:
+            log.warning("the leakage guard removed %d of %d candidate pool images (cosine > %g to an eval image): "
+                        "a threshold too low for this embedding model? see %s", len(leaked), len(pool_ids),
+                        cfg.leakage_threshold, out / REMOVED_PARQUET)
+        cands = cands[~cands["pool_id"].isin(leaked["pool_id"])]
+
+        hits, near = select_filtered(cands, quotas, cfg, index)
+        images = summarize(hits, cfg.dedup)
+        counts["near_dup_removed"] = len(near)
+        counts["dedup_merged"] = int((~hits["took"]).sum()) if len(hits) else 0
+        counts["selected"] = len(images)
+        counts["empty_slots"] = int(quotas.sum()) - len(images)
+        counts["per_class"] = per_class(images)
+        if counts["empty_slots"] > 0:
+            fetched = cmeta.get("k", int(cands.groupby("query_id").size().max()) if len(cands) else 0)
+            log.warning("%d of %d slots stay empty: the candidates ran out after filtering (retrieve fetched "
+                        "k=%s per query); rerun `rakt retrieve --k %d` for more candidates",
+                        counts["empty_slots"], int(quotas.sum()), fetched, max(2 * int(fetched or 1), k + 1))
+
+        manifest = attach_metadata(images, index)
+        removed = pd.concat([leaked, near], ignore_index=True) if len(near) else leaked
+        removed = add_pool_names(removed, index)
+        write_parquet(out / REMOVED_PARQUET,
+                      pa.Table.from_pandas(removed, schema=REMOVED_SCHEMA, preserve_index=False))
+        write_parquet(out / MANIFEST_PARQUET, manifest)
+        meta = {
+            "counts": counts,
+            "settings": to_dict(cfg),
+            "per_query_k": k,
+            "quota": {"total": int(quotas.sum()), "per_class": shares},
+            "leakage_guard": {**ev.info(), "threshold": cfg.leakage_threshold},
+            "lineage": {"candidates": str(cand_dir.resolve()), "candidates_json_hash": json_hash(cmeta),
+                        "index": spec, "index_model": index.model, "embeddings": cmeta.get("embeddings"),
+                        "eval_embeddings": ev.source or None, "config_hash": config_hash(cfg)},
+            "config_hash": config_hash(cfg),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json(out / MANIFEST_JSON, meta)
+    log.info("curate: %d images selected for %d queries (k=%d), %d empty slots -> %s", len(images), len(queries),
+             k, counts["empty_slots"], out / MANIFEST_PARQUET)
+    return {"out": str(out), "per_query_k": k, **{c: v for c, v in counts.items() if c != "per_class"}}
+
+
+def _model_of(meta: dict) -> str:
+    """The model id of an embedding set, as indexes record it."""
+    return str(meta.get("model", ""))
+
+
+def read_candidates(path: Path) -> pd.DataFrame:
+    """candidates.parquet as a frame with the contract's columns and dtypes; one row per (query, pool image)."""
+    if not path.exists():
+        raise InputError(f"{path}: candidates not found; run `rakt retrieve ... --out {path.parent}` first")
+    table = pq.read_table(path)
+    missing = [c for c in CANDIDATE_COLUMNS if c not in table.column_names]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(CANDIDATE_COLUMNS)} "
+                         "(rerun `rakt retrieve`)")
+    df = table.select(list(CANDIDATE_COLUMNS)).to_pandas()
+    df = df.astype({"query_id": str, "query_label": "Int64", "rank": "int64", "pool_id": "int64",
+                    "score": "float32"})
+    df = df.sort_values(["query_id", "rank", "pool_id"], kind="mergesort")
+    return df.drop_duplicates(["query_id", "pool_id"], keep="first").reset_index(drop=True)
+
+
+def query_table(cands: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """One row per query (query_id, query_label), sorted by query_id; conflicting labels raise."""
+    q = cands[["query_id", "query_label"]].drop_duplicates()
+    dup = q["query_id"].duplicated(keep=False)
+    if dup.any():
+        bad = q[dup].iloc[0]["query_id"]
+        raise InputError(f"{path}: query '{bad}' appears with different query_label values; rerun `rakt retrieve`")
+    if q.empty:
+        raise InputError(f"{path}: no candidates at all; check the query split given to `rakt retrieve`")
+    return q.sort_values("query_id", kind="mergesort").reset_index(drop=True)
+
+
+def plan_quotas(queries: pd.DataFrame, cfg: CurateConfig) -> tuple[pd.Series, int, dict]:
+    """Pool images per query (Series by query_id), the per-query k, and the class shares (balance="class").
+
+    The budget counts the queries themselves (the paper's public splits): k = budget // queries - 1."""
+    nq = len(queries)
+    if cfg.per_query_k > 0:
+        k, total = cfg.per_query_k, cfg.per_query_k * nq
+    else:
+        k, total = cfg.budget // nq - 1, cfg.budget - nq
+        if k < 1:
+            raise InputError(
+                f"budget {cfg.budget} is too small for {nq} query images: the budget counts the queries "
+                f"themselves and k = budget // queries - 1 = {k}; the minimum budget is {2 * nq} "
+                "(one pool image per query), or set --per-query-k")
+    if cfg.balance == "query":
+        return pd.Series(k, index=queries["query_id"], dtype="int64"), k, {}
+    labels = queries["query_label"]
+    keys = sorted(labels.dropna().astype(int).unique().tolist())
+    groups = [queries[labels == lab] for lab in keys]
+    names = [str(lab) for lab in keys]
+    if labels.isna().any():
+        groups.append(queries[labels.isna()])
+        names.append(UNLABELLED)
+    base, extra = divmod(total, len(groups))
+    quota, shares = {}, {}
+    for gi, (name, group) in enumerate(zip(names, groups)):
+        share = base + (1 if gi < extra else 0)
+        shares[name] = share
+        qb, qr = divmod(share, len(group))
+        for qi, qid in enumerate(group["query_id"]):
+            quota[qid] = qb + (1 if qi < qr else 0)
+    return pd.Series(quota, dtype="int64").reindex(queries["query_id"]), k, shares
+
+
+def select(cands: pd.DataFrame, quotas: pd.Series, dedup: bool) -> pd.DataFrame:
+    """Greedy rank-by-rank selection; returns the hits with `took` (True: took a slot, False: merged dup)."""
+    order = ["rank", "score", "query_id", "pool_id"]
+    cands = cands.sort_values(order, ascending=[True, False, True, True], kind="mergesort")
+    if not dedup:
+        nth = cands.groupby("query_id", sort=False).cumcount().to_numpy()
+        hits = cands[nth < quotas.reindex(cands["query_id"]).to_numpy()].copy()
+        hits["took"] = True
+        return hits.reset_index(drop=True)
+    pos = pd.Series(np.arange(len(quotas)), index=quotas.index)
+    quota = quotas.to_numpy()
+    taken = np.zeros(len(quota), np.int64)
+    chosen = np.zeros(0, np.int64)
+    parts = []
+    for _, props in cands.groupby("rank", sort=True):
+        qpos = pos.reindex(props["query_id"]).to_numpy()
+        active = taken[qpos] < quota[qpos]
+        if not active.any():
+            if (taken >= quota).all():
+                break
+            continue
+        props, qpos = props[active], qpos[active]
+        pool = props["pool_id"].to_numpy()
+        seen = np.isin(pool, chosen)
+        took = ~seen & ~pd.Series(pool).duplicated(keep="first").to_numpy()
+        np.add.at(taken, qpos[took], 1)
+        chosen = np.concatenate([chosen, pool[took]])
+        parts.append(props.assign(took=took))
+    if not parts:
+        return cands.iloc[:0].assign(took=np.zeros(0, bool))
+    return pd.concat(parts, ignore_index=True)
+
+
+def select_filtered(cands: pd.DataFrame, quotas: pd.Series, cfg: CurateConfig, index) -> tuple[pd.DataFrame,
+                                                                                             pd.DataFrame]:
+    """Select, drop near duplicates, reselect without them (refilling from deeper ranks), a few rounds."""
+    near = empty_removed()
+    hits = select(cands, quotas, cfg.dedup)
+    if cfg.near_dup <= 0:
+        return hits, near
+    for rnd in range(NEAR_DUP_ROUNDS):
+        images = summarize(hits, dedup=True)
+        images["id"] = index.metadata(images["pool_id"].to_numpy(np.int64))["id"].to_pylist() if len(images) else []
+        dropped = near_duplicates(index, images, cfg.near_dup)
+        if dropped.empty:
+            break
+        log.info("near-dup round %d: %d of %d images dropped", rnd + 1, len(dropped), len(images))
+        near = pd.concat([near, dropped], ignore_index=True)
+        hits = hits[~hits["pool_id"].isin(dropped["pool_id"])]
+        if rnd == NEAR_DUP_ROUNDS - 1:
+            log.warning("near-dup filter still dropped %d images in round %d (the last); their slots stay empty",
+                        len(dropped), rnd + 1)
+        else:
+            cands = cands[~cands["pool_id"].isin(near["pool_id"])]
+            hits = select(cands, quotas, cfg.dedup)
+    return hits, near
+
+
+def summarize(hits: pd.DataFrame, dedup: bool) -> pd.DataFrame:
+    """One row per selected image (dedup) or per hit: best score, its query/label/rank, and all query ids."""
+    hits = hits.sort_values(["score", "query_id", "rank", "pool_id"], ascending=[False, True, True, True],
+                            kind="mergesort")
+    if dedup:
+        ids = hits.groupby("pool_id", sort=False)["query_id"].agg(list)
+        best = hits.drop_duplicates("pool_id", keep="first").copy()
+        best["query_ids"] = ids.reindex(best["pool_id"]).to_numpy()
+    else:
+        best = hits[hits["took"]].copy()
+        best["query_ids"] = [[q] for q in best["query_id"]]
+    best = best.sort_values(["pool_id", "query_id"], kind="mergesort").reset_index(drop=True)
+    return best[["pool_id", "score", "query_id", "query_label", "rank", "query_ids"]]
+
+
+def per_class(images: pd.DataFrame) -> dict:
+    """Selected rows per query_label (of each image's best-scoring query); unlabelled under 'unlabelled'."""
+    labels = images["query_label"].astype(object).where(images["query_label"].notna(), UNLABELLED)
+    counts = labels.map(str).value_counts()
+    keys = sorted(counts.index, key=lambda s: (s == UNLABELLED, int(s) if s != UNLABELLED else 0))
+    return {key: int(counts[key]) for key in keys}
+
+
+def attach_metadata(images: pd.DataFrame, index) -> pa.Table:
+    """The manifest table: pool_id, id, locator columns from the index metadata, score, query fields."""
+    ids = images["pool_id"].to_numpy(np.int64)
+    meta = index.metadata(ids)
+    if "id" not in meta.column_names:
+        raise InputError(f"index {index.info().get('path', '')}: metadata has no 'id' column; rebuild the index")
+    cols = {"pool_id": pa.array(ids, pa.int64()), "id": meta["id"].cast(pa.string())}
+    for name in LOCATOR_COLUMNS:
+        if name in meta.column_names:
+            cols[name] = meta[name]
+    cols["score"] = pa.array(images["score"].to_numpy(np.float32), pa.float32())
+    cols["query_id"] = pa.array(images["query_id"].tolist(), pa.string())
+    cols["query_label"] = pa.array(images["query_label"].astype(object).where(images["query_label"].notna(), None)
+                                   .tolist(), pa.int64())
+    cols["rank"] = pa.array(images["rank"].to_numpy(np.int32), pa.int32())
+    cols["query_ids"] = pa.array(images["query_ids"].tolist(), pa.list_(pa.string()))
+    return pa.table(cols)
+
+
+def add_pool_names(removed: pd.DataFrame, index) -> pd.DataFrame:
+    """removed.parquet rows with the pool image's string `id` after pool_id."""
+    ids = removed["pool_id"].to_numpy(np.int64)
+    names = index.metadata(ids)["id"].to_pylist() if len(ids) else []
+    removed = removed.copy()
+    removed.insert(1, "id", pd.Series(names, dtype=object))
+    return removed

@@ -1,0 +1,98 @@
+"""`rakt inspect`: a terminal summary of a transfer manifest or candidates directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from pipeline.io import InputError, read_json
+
+BAR = "▇"
+BAR_WIDTH = 40
+UNLABELLED = "unlabelled"
+
+
+def inspect_text(path: str | Path) -> str:
+    """Counts, per-class and per-query tables, a score histogram and removal counts, as text."""
+    path = Path(path)
+    if (path / "manifest.parquet").exists():
+        return _manifest_text(path)
+    if (path / "candidates.parquet").exists():
+        return _candidates_text(path)
+    raise InputError(f"{path}: neither a transfer manifest (manifest.parquet) nor a candidates directory "
+                     "(candidates.parquet); pass the --out directory of `rakt curate` or `rakt retrieve`")
+
+
+def _manifest_text(path: Path) -> str:
+    df = pq.read_table(path / "manifest.parquet").to_pandas()
+    meta = read_json(path / "manifest.json", "manifest metadata") if (path / "manifest.json").exists() else {}
+    counts = meta.get("counts", {})
+    lines = [f"transfer manifest {path}",
+             f"  images {len(df)}  unique pool ids {df['pool_id'].nunique()}  queries {counts.get('queries', '?')}"
+             f"  per-query k {meta.get('per_query_k', '?')}  budget {meta.get('settings', {}).get('budget', '?')}"]
+    if counts:
+        keys = ("candidates", "below_min_score", "leakage_removed", "near_dup_removed", "dedup_merged", "selected",
+                "empty_slots")
+        lines.append("  " + "  ".join(f"{k} {counts[k]}" for k in keys if k in counts))
+    guard = meta.get("leakage_guard")
+    if guard is not None and not guard.get("enabled"):
+        lines.append(f"  leakage guard OFF: {guard.get('reason', '')}")
+    hits = df[["query_id", "query_label", "query_ids"]].explode("query_ids") if "query_ids" in df else df
+    per_query = hits.groupby("query_ids" if "query_ids" in hits else "query_id").size()
+    lines += _per_class(df), _spread("images per query (all hits)", per_query), _histogram(df["score"])
+    return "\n".join(lines)
+
+
+def _candidates_text(path: Path) -> str:
+    df = pq.read_table(path / "candidates.parquet").to_pandas()
+    meta = read_json(path / "candidates.json", "candidates metadata") if (path / "candidates.json").exists() else {}
+    valid = df[df["pool_id"] >= 0]
+    lines = [f"candidates {path}",
+             f"  rows {len(df)}  valid {len(valid)}  unique pool ids {valid['pool_id'].nunique()}"
+             f"  queries {df['query_id'].nunique()}  k {meta.get('k', '?')}  index {meta.get('index', '?')}"]
+    by_rank = valid.groupby("rank")["score"].mean()
+    if len(by_rank):
+        lines.append(f"  mean score at rank 0: {by_rank.iloc[0]:.4f}  at rank {by_rank.index[-1]}: "
+                     f"{by_rank.iloc[-1]:.4f}")
+    lines += _per_class(valid.drop_duplicates("query_id")), _spread(
+        "candidates per query", valid.groupby("query_id").size()), _histogram(valid["score"])
+    return "\n".join(lines)
+
+
+def _per_class(df: pd.DataFrame, top: int = 12) -> str:
+    labels = df["query_label"].astype("Int64")
+    labels = labels.astype(object).where(labels.notna(), UNLABELLED).map(str)
+    counts = labels.value_counts()
+    if counts.empty:
+        return "per class: (none)"
+    order = sorted(counts.index, key=lambda s: (s == UNLABELLED, int(s) if s != UNLABELLED else 0))
+    shown = order[:top]
+    rows = [f"    {name:>10}  {counts[name]:>8}" for name in shown]
+    if len(order) > top:
+        rows.append(f"    ... {len(order) - top} more classes")
+    return "\n".join([f"per class ({len(order)} classes; min {counts.min()} median {int(counts.median())} "
+                      f"max {counts.max()}):", f"    {'class':>10}  {'rows':>8}", *rows])
+
+
+def _spread(title: str, per: pd.Series, show: int = 3) -> str:
+    if per.empty:
+        return f"{title}: (none)"
+    per = per.sort_values(kind="mergesort")
+    head = f"{title} ({len(per)} queries): min {per.min()} median {per.median():g} max {per.max()}"
+    low = ", ".join(f"{q} {n}" for q, n in per.head(show).items())
+    high = ", ".join(f"{q} {n}" for q, n in per.tail(show).iloc[::-1].items())
+    return f"{head}\n    fewest: {low}\n    most:   {high}"
+
+
+def _histogram(scores: pd.Series, bins: int = 10) -> str:
+    values = scores.dropna().to_numpy(np.float64)
+    if values.size == 0:
+        return "score histogram: (no scores)"
+    lo, hi = float(values.min()), float(values.max())
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi if hi > lo else lo + 1e-6))
+    scale = BAR_WIDTH / max(int(counts.max()), 1)
+    rows = [f"  [{edges[i]:7.4f}, {edges[i + 1]:7.4f}{']' if i == bins - 1 else ')'} {counts[i]:>8} "
+            f"{BAR * int(round(counts[i] * scale))}" for i in range(bins)]
+    return "\n".join([f"score histogram ({values.size} scores, mean {values.mean():.4f}):", *rows])

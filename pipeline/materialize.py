@@ -1,0 +1,227 @@
+"""Transfer manifest over a local pool -> WebDataset shards (original image bytes), resumable per shard."""
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import logging
+import math
+import tarfile
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from tqdm import tqdm
+from webdataset import TarWriter
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
+
+from pipeline.config import ConfigError, MaterializeConfig, config_hash, to_dict
+from pipeline.io import InputError, atomic_path, file_hash, read_json, timed, write_json
+
+log = logging.getLogger("rakt.materialize")
+
+MANIFEST_PARQUET = "manifest.parquet"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TAR_MTIME = 946684800  # 2000-01-01: fixed member times make reruns byte-identical
+MAX_LOGGED = 20  # missing images logged one by one per shard; the rest only counted
+
+
+def shard_name(j: int) -> str:
+    return f"shard-{j:05d}.tar"
+
+
+def stats_name(j: int) -> str:
+    return f"shard-{j:05d}_stats.json"
+
+
+def run(cfg: MaterializeConfig) -> dict:
+    """Write `{out}/shard-XXXXX.tar` (+ `_stats.json` resume markers) and `{out}/materialize.json`."""
+    if cfg.shard_size < 1:
+        raise ConfigError(f"rakt materialize: 'shard_size' must be >= 1, got {cfg.shard_size}")
+    mpath = Path(cfg.manifest) / MANIFEST_PARQUET
+    out = Path(cfg.out)
+    with timed("materialize"):
+        rows = read_manifest(mpath)
+        mhash = file_hash(mpath)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".shard-*.tmp-*"):
+            stale.unlink()
+        resolver = PoolResolver(cfg.pool_root)
+        n_shards = math.ceil(len(rows) / cfg.shard_size)
+        shards = []
+        for j in tqdm(range(n_shards), desc="materialize", unit="shard"):
+            marker = out / stats_name(j)
+            if marker.exists():
+                stats = read_json(marker, "shard stats")
+                if stats.get("manifest_hash") != mhash or stats.get("shard_size") != cfg.shard_size:
+                    raise InputError(f"{marker}: written for another manifest or shard size; materialize into a "
+                                     f"new --out or delete {out}")
+                log.debug("%s done already; skipped", shard_name(j))
+            else:
+                part = rows.iloc[j * cfg.shard_size:(j + 1) * cfg.shard_size]
+                stats = write_shard(part, out / shard_name(j), resolver)
+                stats.update(manifest_hash=mhash, shard_size=cfg.shard_size, rows=[j * cfg.shard_size,
+                                                                                   j * cfg.shard_size + len(part)])
+                write_json(marker, stats)
+            shards.append(stats)
+        for extra in sorted(out.glob("shard-*_stats.json"))[n_shards:]:
+            log.warning("%s: beyond this manifest's %d shards; left alone", extra, n_shards)
+        missing = Counter()
+        for s in shards:
+            missing.update(s.get("missing_by_cause", {}))
+        summary = {
+            "samples": sum(s["count"] for s in shards),
+            "missing": sum(s["missing"] for s in shards),
+            "missing_by_cause": dict(sorted(missing.items())),
+            "shards": [s["shard"] for s in shards],
+            "shard_size": cfg.shard_size,
+            "manifest": str(mpath.resolve()),
+            "manifest_hash": mhash,
+            "settings": to_dict(cfg),
+            "config_hash": config_hash(cfg),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json(out / "materialize.json", summary)
+    if summary["missing"]:
+        log.warning("materialize: %d of %d pool images could not be read: %s", summary["missing"], len(rows),
+                    summary["missing_by_cause"])
+    log.info("materialize: %d samples in %d shards -> %s", summary["samples"], n_shards, out)
+    return {"out": str(out), **{k: summary[k] for k in ("samples", "missing", "missing_by_cause", "shard_size")},
+            "shards": n_shards}
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Manifest rows sorted by pool_id, each with its sample key and locator kind ('shard', 'path' or None)."""
+    if not path.exists():
+        raise InputError(f"{path}: transfer manifest not found; run `rakt curate ... --out {path.parent}` first")
+    df = pq.read_table(path).to_pandas()
+    if "pool_id" not in df.columns:
+        raise InputError(f"{path}: no 'pool_id' column; is this a transfer manifest from `rakt curate`?")
+    has_shard = df["shard"].notna() & df["key"].notna() if {"shard", "key"} <= set(df.columns) else False
+    has_path = df["path"].notna() if "path" in df.columns else False
+    df["locator"] = np.where(has_shard, "shard", np.where(has_path, "path", None))
+    if len(df) and df["locator"].isna().all():
+        if "url" in df.columns and df["url"].notna().any():
+            raise InputError(f"{path}: the manifest locates its images by url only; materialize reads a local pool "
+                             "(shard+key or path); fetch them with `rakt download` instead")
+        raise InputError(f"{path}: no locator columns (shard+key or path) with values; rebuild the index with them")
+    df = df.sort_values(["pool_id", "query_id"] if "query_id" in df else ["pool_id"], kind="mergesort")
+    df = df.reset_index(drop=True)
+    nth = df.groupby("pool_id", sort=False).cumcount().to_numpy()
+    df["sample_key"] = [f"{p:010d}" if n == 0 else f"{p:010d}-{n}" for p, n in zip(df["pool_id"], nth)]
+    return df
+
+
+class PoolResolver:
+    """Maps manifest locations to files: relative ones under pool_root; a moved absolute one to pool_root/SUFFIX,
+    SUFFIX being the longest tail of its old directory that exists under pool_root (found once per directory)."""
+
+    def __init__(self, pool_root: str = ""):
+        self.root = Path(pool_root).expanduser() if pool_root else None
+        self.dirs: dict[Path, Path] = {}
+
+    def __call__(self, location: str) -> Path:
+        path = Path(location)
+        if self.root is None:
+            return path
+        if not path.is_absolute():
+            return self.root / path
+        parent = path.parent
+        if parent not in self.dirs:
+            tails = [Path(*parent.parts[i:]) for i in range(1, len(parent.parts))] + [Path()]
+            found = next((self.root / t for t in tails if (self.root / t / path.name).exists()), None)
+            if found is None:
+                return self.root / path.name
+            self.dirs[parent] = found
+        return self.dirs[parent] / path.name
+
+
+def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver) -> dict:
+    """Read the rows' pool images and write one shard atomically; returns its stats."""
+    start = time.perf_counter()
+    images, missing = {}, Counter()
+
+    def miss(cause: str, row, where: str) -> None:
+        missing[cause] += 1
+        if sum(missing.values()) <= MAX_LOGGED:
+            log.warning("%s: pool image %s (pool_id %d) skipped: %s", dest.name, where, row.pool_id, cause)
+
+    shard_rows = rows[rows["locator"] == "shard"]
+    for shard, group in shard_rows.groupby("shard", sort=True):
+        found, error = read_pool_shard(resolver(shard), set(group["key"]))
+        for row in group.itertuples():
+            if found.get(row.key) is not None:
+                images[row.Index] = found[row.key]
+            elif row.key in found:
+                miss("no_image", row, f"{shard}:{row.key}")
+            else:
+                miss(error or "missing_key", row, f"{shard}:{row.key}")
+    for row in rows[rows["locator"] == "path"].itertuples():
+        try:
+            data = resolver(row.path).read_bytes()
+            ext = Path(row.path).suffix.lower().lstrip(".")
+            if not data:
+                miss("empty_file", row, row.path)
+            else:
+                images[row.Index] = ("jpg" if ext in ("jpg", "jpeg", "") else ext, data)
+        except FileNotFoundError:
+            miss("missing_file", row, row.path)
+        except OSError as e:
+            miss("unreadable_file", row, f"{row.path} ({e})")
+    for row in rows[rows["locator"].isna()].itertuples():
+        miss("no_local_locator", row, "(url only)")
+    with atomic_path(dest) as tmp:
+        with TarWriter(str(tmp), encoder=False, user="rakt", group="rakt", mtime=TAR_MTIME) as sink:
+            for row in rows.itertuples():
+                if row.Index in images:
+                    ext, data = images[row.Index]
+                    sink.write({"__key__": row.sample_key, ext: data, "json": sample_json(row)})
+    return {"shard": dest.name, "count": len(images), "missing": sum(missing.values()),
+            "missing_by_cause": dict(sorted(missing.items())), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def read_pool_shard(path: Path, keys: set[str]) -> tuple[dict, str | None]:
+    """Stream one pool shard once with webdataset's tar reader; {key: (ext, bytes)} for the wanted keys, and the
+    cause that stopped it early (missing_shard / unreadable_shard), if any. A key without an image maps to None."""
+    if not path.exists():
+        return {}, "missing_shard"
+    def wanted(fname: str) -> bool:
+        return base_plus_ext(fname)[0] in keys
+
+    found: dict = {}
+    try:
+        files = tar_file_expander(url_opener([{"url": str(path)}]), select_files=wanted)
+        for sample in group_by_keys(files):
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            found[sample["__key__"]] = None if ext is None else ("jpg" if ext == "jpeg" else ext, sample[ext])
+    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
+        log.warning("%s: unreadable pool shard (%s); %d of %d wanted images read before it", path, e, len(found),
+                    len(keys))
+        return found, "unreadable_shard"
+    return found, None
+
+
+def _value(row, name: str):
+    """A manifest field of an itertuples row, None when absent or null."""
+    value = getattr(row, name, None)
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def sample_json(row) -> bytes:
+    """KEY.json: the manifest row's provenance, as sorted-key JSON bytes."""
+    get = functools.partial(_value, row)
+    source = {"shard": get("shard"), "key": get("key")} if row.locator == "shard" else {"path": get("path")}
+    if get("url") is not None:
+        source["url"] = get("url")
+    score, label, rank, ids = get("score"), get("query_label"), get("rank"), get("query_ids")
+    obj = {"pool_id": int(row.pool_id), "id": get("id"), "source": source, "caption": get("caption"),
+           "score": None if score is None else round(float(score), 6), "query_id": get("query_id"),
+           "query_ids": [] if ids is None else [str(q) for q in ids],
+           "query_label": None if label is None else int(label), "rank": None if rank is None else int(rank)}
+    return json.dumps(obj, sort_keys=True).encode()
