@@ -1,0 +1,257 @@
+"""`rakt embed`: images -> an embedding set (one parquet file per source partition), resumable.
+
+Per partition: read samples (sources.py), decode + preprocess in DataLoader workers, encode in batches,
+write `part-NAME.parquet` then `part-NAME.stats.json`. The stats file marks the partition done, so a
+rerun after a crash embeds only the rest. `run.json` (written first) records what the output directory
+was made from; a run with another model or source is refused. `embeddings.json` is written last.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, EmbedConfig, config_hash
+from pipeline.encoders import encoder_model_id, load_image_encoder
+from pipeline.engines import get_engine, raise_if_failed
+from pipeline.io import (EMBEDDINGS_JSON, InputError, embedding_table, read_json, timed, write_json,
+                         write_parquet)
+from pipeline.sources import Partition, Sample, Source, open_source
+
+log = logging.getLogger("rakt")
+
+RUN_JSON = "run.json"
+IDENTITY_KEYS = ("model", "sources", "per_class", "seed", "partition_size", "split", "classes")
+MAX_RETRIES = 1
+
+
+def run(cfg: EmbedConfig) -> dict:
+    """Embed every image of `cfg.source` into the embedding set at `cfg.out`; returns a summary."""
+    start = time.perf_counter()
+    _check(cfg)
+    out = Path(cfg.out)
+    source = open_source(cfg.source, classes_file=cfg.classes, per_class=cfg.per_class, seed=cfg.seed,
+                         partition_size=cfg.partition_size)
+    model_id = encoder_model_id(cfg)
+    _claim(out, _identity(cfg, source, model_id))
+    todo = [p for p in source.partitions if not _stats_path(out, p).exists()]
+    log.info("embed: %d partitions, %d done before, %d to embed with %s",
+             len(source.partitions), len(source.partitions) - len(todo), len(todo), model_id)
+    with timed("embed"):
+        failed = get_engine("local").run(todo, EmbedWorkerBuilder(cfg, source, str(out)), MAX_RETRIES)
+    raise_if_failed(failed, "partitions")
+
+    parts = [read_json(_stats_path(out, p), "partition stats") for p in source.partitions]
+    count = sum(s["count"] for s in parts)
+    skipped = collections.Counter()
+    for s in parts:
+        skipped.update(s["skipped"])
+    if count == 0:
+        raise InputError(f"{', '.join(cfg.source)}: no image could be read ({_causes(skipped) or 'no samples'}); "
+                         f"the target set is empty")
+    meta = {
+        "model": model_id, "model_name": cfg.model, "pretrained": _abs_if_file(cfg.pretrained),
+        "dim": parts[0]["dim"], "normalized": True, "count": count, "skipped": dict(sorted(skipped.items())),
+        "classes": source.classes, "partitions": [p.name for p in source.partitions],
+        "sources": [os.path.abspath(s) for s in cfg.source], "split": cfg.split, "per_class": cfg.per_class,
+        "seed": cfg.seed, "config_hash": config_hash(cfg),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out / EMBEDDINGS_JSON, meta)
+    log.info("embedded %d images into %s (skipped: %s)", count, out, _causes(skipped) or "none")
+    return {"out": str(out), "model": model_id, "dim": meta["dim"], "count": count,
+            "skipped": meta["skipped"], "partitions": len(parts), "resumed": len(parts) - len(todo),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _check(cfg: EmbedConfig) -> None:
+    if not cfg.source:
+        raise ConfigError("rakt embed: give at least one source (image folder, manifest or shards)")
+    if cfg.batch_size < 1 or cfg.workers < 0 or cfg.per_class < 0:
+        raise ConfigError("rakt embed: batch_size must be >= 1, workers >= 0 and per_class >= 0")
+
+
+def _causes(skipped: collections.Counter) -> str:
+    return ", ".join(f"{n} {cause}" for cause, n in sorted(skipped.items()))
+
+
+def _abs_if_file(path: str) -> str:
+    return os.path.abspath(path) if path and os.path.isfile(path) else path
+
+
+def _stats_path(out: Path, partition: Partition) -> Path:
+    return out / f"part-{partition.name}.stats.json"
+
+
+# --- what an output directory was made from ---------------------------------------------------------
+
+def _identity(cfg: EmbedConfig, source: Source, model_id: str) -> dict:
+    return {"model": model_id, "sources": [os.path.abspath(s) for s in cfg.source], "per_class": cfg.per_class,
+            "seed": cfg.seed, "partition_size": cfg.partition_size, "split": cfg.split, "classes": source.classes}
+
+
+def _claim(out: Path, identity: dict) -> None:
+    """Record what `out` is made from, or refuse if it already holds an embedding set made otherwise."""
+    run_json = out / RUN_JSON
+    if run_json.exists():
+        before = read_json(run_json, "embed run record")
+        diff = [k for k in IDENTITY_KEYS if before.get(k) != identity[k]]
+        if diff:
+            what = "; ".join(f"{k}: {before.get(k)!r} there, {identity[k]!r} now" for k in diff)
+            raise InputError(f"{out} holds an embedding set made with other settings ({what}); "
+                             f"use another --out or delete it")
+    elif out.exists() and any(out.glob("part-*")):
+        raise InputError(f"{out} holds part files but no {RUN_JSON}, so rakt cannot tell what made them; "
+                         f"use another --out or delete it")
+    else:
+        write_json(run_json, {**identity, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    for stale in out.glob(".part-*.tmp-*"):  # left by a killed run; the partition is redone
+        stale.unlink()
+
+
+# --- the per-partition worker ----------------------------------------------------------------------
+
+@dataclass
+class EmbedWorkerBuilder:
+    """Picklable: builds the encoder where the work runs and returns the per-partition worker."""
+    cfg: EmbedConfig
+    source: Source
+    out: str
+
+    def __call__(self) -> Callable[[Partition], dict]:
+        return EmbedWorker(self.cfg, self.source, Path(self.out), load_image_encoder(self.cfg))
+
+
+class EmbedWorker:
+    """Embeds one partition and writes its parquet file, then its stats file (the done marker)."""
+
+    def __init__(self, cfg: EmbedConfig, source: Source, out: Path, encoder) -> None:
+        self.cfg, self.source, self.out, self.encoder = cfg, source, out, encoder
+        self.progress = tqdm(unit="img", desc="embed", disable=None)
+
+    def __call__(self, partition: Partition) -> dict:
+        start = time.perf_counter()
+        loader = image_batches(self.source, partition, self.encoder.preprocess, self.cfg.batch_size,
+                               self.cfg.workers, self.cfg.split)
+        rows: list[tuple] = []
+        vectors: list[np.ndarray] = []
+        skipped: collections.Counter = collections.Counter()
+        for item in loader:
+            skipped.update(item["skipped"])
+            if item["rows"]:
+                vectors.append(self.encoder.encode(item["pixels"]).numpy())
+                rows += item["rows"]
+                self.progress.update(len(item["rows"]))
+        matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.encoder.dim), np.float32)
+        write_parquet(self.out / f"part-{partition.name}.parquet",
+                      _table(rows, matrix, self.source.locator_columns))
+        stats = {"partition": partition.name, "count": len(rows), "skipped": dict(sorted(skipped.items())),
+                 "seconds": round(time.perf_counter() - start, 3), "dim": self.encoder.dim}
+        write_json(_stats_path(self.out, partition), stats)
+        return stats
+
+
+def image_batches(source: Source, partition: Partition, preprocess: Callable, batch_size: int, workers: int,
+                  split: str = "") -> DataLoader:
+    """Batches of a partition's decoded images in source order: {"rows", "pixels", "skipped"} dicts."""
+    images = PartitionImages(source, partition, preprocess, batch_size, split)
+    chunks = images.chunk_count()
+    workers = workers if chunks is None else min(workers, chunks)
+    return DataLoader(images, batch_size=None, num_workers=workers, collate_fn=_pass_through,
+                      worker_init_fn=_quiet_reader if chunks is None else None)
+
+
+def _quiet_reader(worker_id: int) -> None:
+    """Every worker streams a shard partition; only worker 0 logs the reader's warnings (counts are exact)."""
+    if worker_id > 0:
+        logging.getLogger("rakt").addFilter(lambda record: record.module != "sources")
+
+
+def _pass_through(item: dict) -> dict:
+    """The DataLoader's collate function: items are batches already (picklable, module level)."""
+    return item
+
+
+def _table(rows: list[tuple], matrix: np.ndarray, locator_columns: list[str]) -> pa.Table:
+    ids, labels, splits, locators = zip(*rows) if rows else ((), (), (), ())
+    extra = {c: pa.array([None if loc.get(c) is None else str(loc[c]) for loc in locators], pa.string())
+             for c in locator_columns}
+    return embedding_table(ids, labels, splits, matrix, extra)
+
+
+class PartitionImages(IterableDataset):
+    """A partition's images as preprocessed batches, in source order.
+
+    The samples are cut into chunks of `batch_size`; DataLoader worker w takes chunks w, w+W, w+2W ...
+    and yields one item per chunk (rows may be fewer after skips), so the DataLoader's round-robin order
+    gives back the source order. Folder/manifest chunks are read by their owner only; a shard is
+    streamed by every worker, each keeping its own chunks, and a skip counts in the chunk where it occurs.
+    """
+
+    def __init__(self, source: Source, partition: Partition, preprocess: Callable, batch_size: int,
+                 split: str) -> None:
+        self.source, self.partition, self.preprocess = source, partition, preprocess
+        self.batch_size, self.split = batch_size, split
+
+    def _is_files(self) -> bool:
+        return all(f in self.source.entries for f in self.partition.files)
+
+    def chunk_count(self) -> int | None:
+        """Chunks in this partition, when known before reading (folders and manifests)."""
+        return -(-len(self.partition.files) // self.batch_size) if self._is_files() else None
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        chunks = self._file_chunks if self._is_files() else self._stream_chunks
+        for samples, skipped in chunks(worker, workers):
+            yield self._decode(samples, skipped)
+
+    def _file_chunks(self, worker: int, workers: int) -> Iterator[tuple[list[Sample], collections.Counter]]:
+        files, size = self.partition.files, self.batch_size
+        for start in range(worker * size, len(files), workers * size):
+            stats: collections.Counter = collections.Counter()
+            chunk = Partition(self.partition.index, self.partition.name, files[start:start + size])
+            yield list(self.source.read(chunk, stats)), stats
+
+    def _stream_chunks(self, worker: int, workers: int) -> Iterator[tuple[list[Sample], collections.Counter]]:
+        stats: collections.Counter = collections.Counter()
+        chunk, samples = 0, []
+        for position, sample in enumerate(self.source.read(self.partition, stats)):
+            if position and position % self.batch_size == 0:
+                if chunk % workers == worker:
+                    yield samples, collections.Counter(stats)
+                chunk, samples = chunk + 1, []
+                stats.clear()
+            if chunk % workers == worker:
+                samples.append(sample)
+        if chunk % workers == worker:
+            yield samples, collections.Counter(stats)
+
+    def _decode(self, samples: list[Sample], skipped: collections.Counter) -> dict:
+        rows, tensors = [], []
+        for sample in samples:
+            try:
+                with Image.open(io.BytesIO(sample.image)) as img:
+                    rgb = img.convert("RGB")
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                skipped["undecodable_image"] += 1
+                where = sample.locator.get("path") or sample.locator.get("shard")
+                log.warning("%s (%s): undecodable image (%s); skipped", sample.id, where, e)
+                continue
+            tensors.append(self.preprocess(rgb))
+            rows.append((sample.id, sample.label, self.split or sample.split or "train", sample.locator))
+        return {"rows": rows, "pixels": torch.stack(tensors) if tensors else None, "skipped": dict(skipped)}
