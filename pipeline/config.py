@@ -31,7 +31,7 @@ class EncoderConfig:
         "laion2b_s34b_b79k",
         "open_clip pretrained tag, a local checkpoint file (.pt/.bin/.safetensors), or '' for random init",
     )
-    image_size: int = _f(0, "input resolution for timm/CNN encoders (0 = the model's own; ViTs keep theirs)")
+    image_size: int = _f(0, "encoder input resolution in px (0 = the model's own); part of the embedding-model id")
     batch_size: int = _f(256, "images per forward pass")
     workers: int = _f(2, "DataLoader worker processes for decoding (0 = in process)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")

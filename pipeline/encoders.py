@@ -80,11 +80,11 @@ def load_image_encoder(cfg: EncoderConfig) -> ImageEncoder:
     """Build the image encoder a config names (eval mode, on its device)."""
     device = resolve_device(cfg.device)
     if cfg.model.startswith(TIMM_PREFIX):
-        model, preprocess = _build_timm(cfg.model[len(TIMM_PREFIX):], cfg.pretrained)
+        model, preprocess = _build_timm(cfg.model[len(TIMM_PREFIX):], cfg.pretrained, cfg.image_size)
         encoder = ImageEncoder(model, encoder_model_id(cfg), int(model.num_features), preprocess, device,
                                cfg.precision)
     else:
-        model, preprocess = _build_open_clip(cfg.model, cfg.pretrained)
+        model, preprocess = _build_open_clip(cfg.model, cfg.pretrained, cfg.image_size)
         import open_clip
         dim = int(open_clip.get_model_config(_open_clip_name(cfg.model))["embed_dim"])
         encoder = _OpenClipImageEncoder(model, encoder_model_id(cfg), dim, preprocess, device, cfg.precision)
@@ -99,13 +99,14 @@ def encoder_model_id(cfg: EncoderConfig) -> str:
         family, name = "timm", cfg.model[len(TIMM_PREFIX):]
     else:
         family, name = "open_clip", _open_clip_name(cfg.model)
+    size = f"@{cfg.image_size}px" if cfg.image_size else ""  # another resolution is another embedding space
     if not cfg.pretrained:
-        return f"{family}:{name}:random"
+        return f"{family}:{name}:random{size}"
     if os.path.isfile(cfg.pretrained):
         st = os.stat(cfg.pretrained)
         digest = _digest(os.path.abspath(cfg.pretrained), st.st_size, st.st_mtime_ns)
-        return f"{family}:{name}:file:{Path(cfg.pretrained).name}:{digest[:12]}"
-    return f"{family}:{name}:{cfg.pretrained}"
+        return f"{family}:{name}:file:{Path(cfg.pretrained).name}:{digest[:12]}{size}"
+    return f"{family}:{name}:{cfg.pretrained}{size}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -168,7 +169,7 @@ def _register_config(path: str) -> None:
         open_clip.add_model_config(path)
 
 
-def _build_open_clip(model: str, pretrained: str) -> tuple[torch.nn.Module, Callable]:
+def _build_open_clip(model: str, pretrained: str, image_size: int = 0) -> tuple[torch.nn.Module, Callable]:
     import open_clip
 
     if model.startswith(("hf-hub:", "local-dir:")):
@@ -182,6 +183,8 @@ def _build_open_clip(model: str, pretrained: str) -> tuple[torch.nn.Module, Call
                          f"`python -c 'import open_clip; print(open_clip.list_models())'`, give a JSON model "
                          f"config path, or use 'timm:NAME' for a timm model")
     kwargs: dict = {"pretrained_text": False}  # never fetch HF text-tower weights behind the user's back
+    if image_size:
+        kwargs["force_image_size"] = image_size  # open_clip resizes ViT position embeddings
     if not pretrained:
         log.warning("open_clip %s: no pretrained weights, random init (seed %d)", name, RANDOM_INIT_SEED)
         with _seeded(RANDOM_INIT_SEED):
@@ -271,7 +274,7 @@ def _weights_unavailable(name: str, tag: str, why: str) -> InputError:
 
 # --- timm -----------------------------------------------------------------------------------------
 
-def _build_timm(name: str, checkpoint: str) -> tuple[torch.nn.Module, Callable]:
+def _build_timm(name: str, checkpoint: str, image_size: int = 0) -> tuple[torch.nn.Module, Callable]:
     import timm
     import timm.data
 
@@ -288,6 +291,8 @@ def _build_timm(name: str, checkpoint: str) -> tuple[torch.nn.Module, Callable]:
     else:
         log.warning("timm %s: no checkpoint, random init (seed %d)", name, RANDOM_INIT_SEED)
     data_cfg = timm.data.resolve_model_data_config(model)
+    if image_size:
+        data_cfg["input_size"] = (3, image_size, image_size)
     return model, timm.data.create_transform(**data_cfg, is_training=False)
 
 

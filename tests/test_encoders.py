@@ -139,3 +139,18 @@ def test_wrong_architecture_checkpoint(tmp_path, tiny_clip):
 def test_cuda_without_gpu_is_a_clear_error(tiny_clip):
     with pytest.raises(InputError, match="no CUDA GPU"):
         load_image_encoder(EncoderConfig(model=tiny_clip, pretrained="", device="cuda"))
+
+
+def test_image_size_sets_the_input_resolution_and_the_model_id(kit, tiny_clip):
+    teacher = str(kit / "teachers/tf_efficientnet_lite0.in1k.safetensors")
+    img = Image.new("RGB", (32, 32), (120, 30, 200))
+    native = load_image_encoder(EncoderConfig(model="timm:tf_efficientnet_lite0", pretrained=teacher, device="cpu"))
+    small = load_image_encoder(EncoderConfig(model="timm:tf_efficientnet_lite0", pretrained=teacher,
+                                             device="cpu", image_size=64))
+    assert native.preprocess(img).shape == (3, 224, 224)
+    assert small.preprocess(img).shape == (3, 64, 64)
+    assert small.model_id == native.model_id + "@64px"  # another resolution is another embedding space
+    assert small.encode(small.preprocess(img)[None]).shape == (1, 1280)
+    vit = load_image_encoder(EncoderConfig(model=tiny_clip, pretrained="", device="cpu", image_size=48))
+    assert vit.preprocess(img).shape == (3, 48, 48)
+    assert vit.encode(vit.preprocess(img)[None]).shape == (1, 32)
