@@ -1,0 +1,149 @@
+"""`rakt retrieve`: a target embedding set + an index -> the top-k pool neighbours of every query image.
+
+Writes `candidates.parquet` (query_id, query_label, rank, pool_id, score; one row per found neighbour) and
+`candidates.json` (what was searched with what, and the hashes of both inputs' JSON descriptions).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, RetrieveConfig, config_hash
+from pipeline.io import (EMBEDDINGS_JSON, InputError, embedding_matrix, json_hash, read_embedding_set, read_json,
+                         timed, write_json, write_parquet)
+
+log = logging.getLogger("rakt")
+
+CANDIDATES_PARQUET = "candidates.parquet"
+CANDIDATES_JSON = "candidates.json"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9_.+-]+):(.*)$", re.DOTALL)
+SCHEMA = pa.schema([("query_id", pa.string()), ("query_label", pa.int64()), ("rank", pa.int32()),
+                    ("pool_id", pa.int64()), ("score", pa.float32())])
+
+
+def run(cfg: RetrieveConfig) -> dict:
+    """Search the index with every query of the embedding set; write candidates.parquet + candidates.json."""
+    from indexes.registry import open_index
+
+    start = time.perf_counter()
+    if not cfg.embeddings:
+        raise ConfigError("rakt retrieve: give the target embedding set directory (from `rakt embed`)")
+    if not cfg.index:
+        raise ConfigError("rakt retrieve: --index is required (e.g. faiss:/path/to/index or an index directory)")
+    if cfg.k < 1 or cfg.batch_size < 1:
+        raise ConfigError("rakt retrieve: --k and --batch-size must be >= 1")
+    emb_dir = Path(cfg.embeddings)
+    meta, queries = _queries(emb_dir, cfg.query_split)
+    index = open_index(cfg.index)
+    _check_compatible(meta, index, emb_dir, cfg)
+    vectors = embedding_matrix(queries)
+    if index.metric == "ip":  # cosine: unit queries (a no-op for normalized embedding sets)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.where(norms > 0, norms, 1)
+    kwargs = {}
+    if cfg.nprobe > 0:
+        if "nprobe" in inspect.signature(index.search).parameters:
+            kwargs["nprobe"] = cfg.nprobe
+        else:
+            log.warning("retrieve: %s ignores --nprobe", type(index).__name__)
+    n = len(vectors)
+    scores = np.empty((n, cfg.k), np.float32)
+    ids = np.empty((n, cfg.k), np.int64)
+    with timed("retrieve"), tqdm(total=n, unit="query", desc="retrieve", disable=None) as bar:
+        for begin in range(0, n, cfg.batch_size):
+            s, i = index.search(vectors[begin:begin + cfg.batch_size], cfg.k, **kwargs)
+            scores[begin:begin + len(s)], ids[begin:begin + len(s)] = s, i
+            bar.update(len(s))
+    table = _candidates(queries, scores, ids)
+    out = Path(cfg.out)
+    write_parquet(out / CANDIDATES_PARQUET, table)
+    info = {
+        "index": _absolute_spec(cfg.index), "index_model": index.model, "embeddings": str(emb_dir.resolve()),
+        "embeddings_model": meta.get("model"), "query_split": cfg.query_split, "k": cfg.k, "n_queries": n,
+        "n_candidates": table.num_rows, "config_hash": config_hash(cfg),
+        "inputs": {"embeddings_json_hash": json_hash(meta), "index_json_hash": _index_hash(index)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out / CANDIDATES_JSON, info)
+    missing = n * cfg.k - table.num_rows
+    if missing:
+        log.warning("retrieve: %d of %d neighbour slots came back empty (id -1); raise --nprobe for IVF indexes",
+                    missing, n * cfg.k)
+    log.info("retrieve: %d queries x k=%d -> %d candidates in %s", n, cfg.k, table.num_rows, out)
+    return {"out": str(out), "n_queries": n, "k": cfg.k, "n_candidates": table.num_rows,
+            "index_model": index.model, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _queries(emb_dir: Path, split: str) -> tuple[dict, pa.Table]:
+    """The embedding set's rows of `split` (all rows when '') with id, label, embedding."""
+    meta, table = read_embedding_set(emb_dir, columns=["id", "label", "split", "embedding"])
+    if split:
+        present = sorted(str(s) for s in pc.unique(table["split"]).to_pylist())
+        table = table.filter(pc.equal(table["split"], split))
+        if table.num_rows == 0:
+            raise InputError(f"{emb_dir}: no rows with split '{split}' to query with (splits present: "
+                             f"{', '.join(present) or 'none'}); pass --query-split NAME, or '' for all rows")
+    if table.num_rows == 0:
+        raise InputError(f"{emb_dir}: the embedding set holds no rows; there is nothing to query with")
+    return meta, table
+
+
+def _check_compatible(meta: dict, index, emb_dir: Path, cfg: RetrieveConfig) -> None:
+    """Refuse another embedding model (unless --force), another dim, or k beyond the pool."""
+    emb_model, dim = meta.get("model"), meta.get("dim")
+    if emb_model != index.model:
+        msg = (f"{emb_dir / EMBEDDINGS_JSON} was embedded with model '{emb_model}' but the index {cfg.index} holds "
+               f"'{index.model}' vectors: similarities across two embedding models are meaningless")
+        if not cfg.force:
+            raise InputError(f"{msg}; re-embed the targets with the index's model, or pass --force to query anyway")
+        log.warning("%s; querying anyway (--force)", msg)
+    if dim is not None and int(dim) != index.dim:
+        raise InputError(f"{emb_dir / EMBEDDINGS_JSON}: embeddings have dim {dim} but the index {cfg.index} holds "
+                         f"dim {index.dim}; re-embed the targets with the index's model '{index.model}' "
+                         f"(--force cannot bridge different dims)")
+    if cfg.k > index.size:
+        raise InputError(f"--k {cfg.k} asks for more neighbours than the pool holds: the index {cfg.index} holds "
+                         f"only {index.size} images; lower --k to at most {index.size}")
+
+
+def _candidates(queries: pa.Table, scores: np.ndarray, ids: np.ndarray) -> pa.Table:
+    """One row per (query, found neighbour), dropping id -1."""
+    n, k = ids.shape
+    keep = ids >= 0
+    rows = np.nonzero(keep)[0]
+    ranks = np.nonzero(keep)[1]
+    labels = queries["label"].combine_chunks() if queries.num_rows else pa.array([], pa.int64())
+    return pa.table({
+        "query_id": queries["id"].combine_chunks().cast(pa.string()).take(pa.array(rows)),
+        "query_label": labels.cast(pa.int64()).take(pa.array(rows)),
+        "rank": pa.array(ranks.astype(np.int32), pa.int32()),
+        "pool_id": pa.array(ids[keep], pa.int64()),
+        "score": pa.array(scores[keep].astype(np.float32), pa.float32()),
+    }, schema=SCHEMA)
+
+
+def _absolute_spec(spec: str) -> str:
+    """The index spec with its path made absolute (plain paths and 'scheme:path' whose path exists)."""
+    if Path(spec).exists():
+        return str(Path(spec).resolve())
+    match = _SCHEME.match(spec)
+    if match and match.group(2) and Path(match.group(2)).exists():
+        return f"{match.group(1)}:{Path(match.group(2)).resolve()}"
+    return spec
+
+
+def _index_hash(index) -> str:
+    """json_hash of the index's index.json when it has one, else of its info()."""
+    path = getattr(index, "path", None)
+    if path is not None and (Path(path) / "index.json").exists():
+        return json_hash(read_json(Path(path) / "index.json", "index description"))
+    return json_hash(index.info())
