@@ -28,7 +28,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", help="YAML file with this stage's keys (or a section named after the stage)")
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = {"help": f"{f.metadata.get('help', '')} (default: {default!r})", "default": argparse.SUPPRESS}
+        text = f.metadata.get("help", "")
+        if "default" not in text:
+            text += f" (default: {default!r})"
+        kw = {"help": text, "default": argparse.SUPPRESS}
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if isinstance(default, list):
@@ -89,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2, default=str))
         return 0
     except (ConfigError, InputError, IndexSpecError) as e:
-        log.error("%s", e)
         print(f"rakt: error: {e}", file=sys.stderr)
         return 2
 
