@@ -1,10 +1,27 @@
 """The Index protocol: what retrieval needs from any image index."""
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 class IndexSpecError(ValueError):

@@ -13,12 +13,10 @@ import datetime
 import json
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +25,7 @@ import pyarrow.parquet as pq
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing logs are noise
 import faiss  # noqa: E402
 
-from indexes.base import IndexSpecError
+from indexes.base import IndexSpecError, atomic_path
 
 log = logging.getLogger("rakt.indexes")
 
@@ -114,19 +112,6 @@ def choose_index(n: int, d: int, *, kind: str = "auto", memory_budget: str | int
 
 
 # --- building -----------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temp path beside `path`, renamed onto it when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 def prep_vectors(x: np.ndarray, normalize: bool) -> np.ndarray:
     """float32 C-contiguous copy, L2-normalized when asked (zero vectors stay zero)."""
@@ -284,7 +269,7 @@ def build_faiss_index(vectors: np.ndarray, metadata: pa.Table, out_dir: str | Pa
         index = faiss.index_gpu_to_cpu(work)
         set_nprobe(index, nprobe)
     part = "index-000.faiss"
-    with _atomic(out / part) as tmp:
+    with atomic_path(out / part) as tmp:
         faiss.write_index(index, str(tmp))
     _write_metadata(metadata, out / METADATA_DIR)
     for stale in out.glob("index-*.faiss"):
@@ -300,7 +285,7 @@ def build_faiss_index(vectors: np.ndarray, metadata: pa.Table, out_dir: str | Pa
         "seconds": {"train": round(t1 - t0, 2), "add": round(t2 - t1, 2),
                     "total": round(time.perf_counter() - start_time, 2)},
     }
-    with _atomic(out / INDEX_JSON) as tmp:
+    with atomic_path(out / INDEX_JSON) as tmp:
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     log.info("wrote %s: %s, %d vectors, %s on disk", out, choice.factory, n, _human(info["memory_bytes"]))
     return info
@@ -312,7 +297,7 @@ def _write_metadata(table: pa.Table, folder: Path) -> list[Path]:
     written = []
     for j, begin in enumerate(range(0, max(table.num_rows, 1), METADATA_ROWS_PER_FILE)):
         path = folder / f"part-{j:05d}.parquet"
-        with _atomic(path) as tmp:
+        with atomic_path(path) as tmp:
             pq.write_table(table.slice(begin, METADATA_ROWS_PER_FILE), tmp, row_group_size=METADATA_ROW_GROUP)
         written.append(path)
     for stale in set(folder.glob("part-*.parquet")) - set(written):

@@ -5,14 +5,12 @@ import argparse
 import dataclasses
 import importlib
 import json
-import logging
 import sys
 
 from pipeline.config import STAGES, ConfigError, from_dict, load_yaml
 from indexes.base import IndexSpecError
 from pipeline.io import InputError, setup_logging
 
-log = logging.getLogger("rakt")
 
 # stage name -> (module with `run(cfg) -> dict`, one-line description)
 RUNNERS = {
