@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from pipeline.config import CurateConfig, config_hash, to_dict
 from pipeline.curate_filters import empty_removed, leakage_matches, load_eval_set, near_duplicates
 from pipeline.io import InputError, json_hash, read_json, timed, write_json, write_parquet
+from pipeline.prompts import TEXT_QUERY_PREFIX
 
 log = logging.getLogger("rakt.curate")
 
@@ -41,13 +42,14 @@ def run(cfg: CurateConfig) -> dict:
         if cmeta.get("n_queries") not in (None, len(queries)):
             log.warning("%s records %s queries but %s holds %d", CANDIDATES_JSON, cmeta["n_queries"],
                         CANDIDATES_PARQUET, len(queries))
-        quotas, k, shares = plan_quotas(queries, cfg)
+        n_image = count_image_queries(queries, cmeta)
+        quotas, k, shares = plan_quotas(queries, cfg, n_image)
         spec = cfg.index or cmeta.get("index")
         if not spec:
             raise InputError(f"{cand_dir / CANDIDATES_JSON}: no 'index' recorded; pass --index")
         index = open_index(spec)
 
-        counts: dict = {"queries": len(queries)}
+        counts: dict = {"queries": len(queries), "image_queries": n_image, "text_queries": len(queries) - n_image}
         cands = cands[cands["pool_id"] >= 0]
         counts["candidates"] = len(cands)
         low = cands["score"] < cfg.min_score
@@ -137,20 +139,31 @@ def query_table(cands: pd.DataFrame, path: Path) -> pd.DataFrame:
     return q.sort_values("query_id", kind="mergesort").reset_index(drop=True)
 
 
-def plan_quotas(queries: pd.DataFrame, cfg: CurateConfig) -> tuple[pd.Series, int, dict]:
+def count_image_queries(queries: pd.DataFrame, cmeta: dict) -> int:
+    """Queries that are images (not `text:` prompts, which retrieve writes only with --query-mode text/both)."""
+    if cmeta.get("query_mode", "image") == "image":
+        return len(queries)
+    return int((~queries["query_id"].str.startswith(TEXT_QUERY_PREFIX)).sum())
+
+
+def plan_quotas(queries: pd.DataFrame, cfg: CurateConfig, n_image: int | None = None) -> tuple[pd.Series, int, dict]:
     """Pool images per query (Series by query_id), the per-query k, and the class shares (balance="class").
 
-    The budget counts the queries themselves (the paper's public splits): k = budget // queries - 1."""
+    The budget N counts the image queries themselves (the paper's public splits), text queries are not images:
+    the pool share is N - n_image, and k = (N - n_image) // queries: N // Nq - 1 for image queries only,
+    N // Nq for text queries only. `n_image` defaults to all queries."""
     nq = len(queries)
+    n_image = nq if n_image is None else n_image
     if cfg.per_query_k > 0:
         k, total = cfg.per_query_k, cfg.per_query_k * nq
     else:
-        k, total = cfg.budget // nq - 1, cfg.budget - nq
+        k, total = (cfg.budget - n_image) // nq, cfg.budget - n_image
         if k < 1:
-            raise InputError(
-                f"budget {cfg.budget} is too small for {nq} query images: the budget counts the queries "
-                f"themselves and k = budget // queries - 1 = {k}; the minimum budget is {2 * nq} "
-                "(one pool image per query), or set --per-query-k")
+            what = (f"{nq} query images: the budget counts the queries themselves and k = budget // queries - 1"
+                    if n_image == nq else f"{nq} queries ({n_image} images, counted in the budget, and "
+                    f"{nq - n_image} text prompts): k = (budget - {n_image}) // {nq}")
+            raise InputError(f"budget {cfg.budget} is too small for {what} = {k}; the minimum budget is "
+                             f"{n_image + nq} (one pool image per query), or set --per-query-k")
     if cfg.balance == "query":
         return pd.Series(k, index=queries["query_id"], dtype="int64"), k, {}
     labels = queries["query_label"]

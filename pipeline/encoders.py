@@ -8,8 +8,8 @@ retrieval refuses a mismatch, so it is stable for the same weights:
   timm:{name}:file:{basename}:{sha256[:12]}            a timm model with a local checkpoint
 `encoder_model_id(cfg)` computes it without building the model.
 
-Text encoders (for text-prompt retrieval) come in a later issue: `load_text_encoder` will reuse the
-open_clip model built by `_OpenClipImageEncoder` (both towers live in one model; never load it twice).
+`load_text_encoder` gives the text tower of the same open_clip model (same builder, same model_id: text and
+image embeddings share one space); given the image encoder of that model it reuses its model, never a copy.
 """
 from __future__ import annotations
 
@@ -64,9 +64,7 @@ class ImageEncoder:
         images = images.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype is not None else contextlib.nullcontext())
-        with autocast:
+        with _autocast(self.device, self.autocast_dtype):
             features = self._forward(images)
         return F.normalize(features.float(), dim=-1).cpu()
 
@@ -84,12 +82,66 @@ def load_image_encoder(cfg: EncoderConfig) -> ImageEncoder:
         encoder = ImageEncoder(model, encoder_model_id(cfg), int(model.num_features), preprocess, device,
                                cfg.precision)
     else:
-        model, preprocess = _build_open_clip(cfg.model, cfg.pretrained, cfg.image_size)
-        import open_clip
-        dim = int(open_clip.get_model_config(_open_clip_name(cfg.model))["embed_dim"])
+        model, preprocess, dim = _open_clip_model(cfg)
         encoder = _OpenClipImageEncoder(model, encoder_model_id(cfg), dim, preprocess, device, cfg.precision)
     log.info("encoder %s: dim %d on %s (%s)", encoder.model_id, encoder.dim, device,
              encoder.autocast_dtype or "fp32")
+    return encoder
+
+
+class TextEncoder:
+    """Texts -> L2-normalized float32 embeddings on CPU, in the space of the same model's image embeddings."""
+
+    def __init__(self, model: torch.nn.Module, model_id: str, dim: int, tokenizer: Callable,
+                 device: torch.device, precision: str, batch_size: int = 256) -> None:
+        self.model = model.eval().to(device)
+        self.model_id = model_id
+        self.dim = dim
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_size = max(1, batch_size)
+        self.autocast_dtype = _autocast_dtype(device, precision)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Embed `texts` in batches of `batch_size`; returns [len(texts), dim]."""
+        out = [torch.zeros((0, self.dim))]
+        for begin in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(list(texts[begin:begin + self.batch_size])).to(self.device)
+            with _autocast(self.device, self.autocast_dtype):
+                features = self.model.encode_text(tokens)
+            out.append(F.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(out)
+
+
+def require_text_tower(cfg: EncoderConfig) -> None:
+    """Refuse encoders without a text tower (timm image models)."""
+    if cfg.model.startswith(TIMM_PREFIX):
+        raise InputError(f"text queries need an open_clip model with a text tower; {cfg.model} is an image-only "
+                         f"timm model (pass --model NAME --pretrained TAG|FILE of an open_clip model, or use "
+                         f"--query-mode image)")
+
+
+def load_text_encoder(cfg: EncoderConfig, image_encoder: ImageEncoder | None = None) -> TextEncoder:
+    """The text tower of the open_clip model a config names; reuses `image_encoder`'s model when it is that one."""
+    require_text_tower(cfg)
+    model_id = encoder_model_id(cfg)
+    if isinstance(image_encoder, _OpenClipImageEncoder) and image_encoder.model_id == model_id:
+        model, dim, device = image_encoder.model, image_encoder.dim, image_encoder.device
+    else:
+        device = resolve_device(cfg.device)
+        model, _, dim = _open_clip_model(cfg)
+    if cfg.model.endswith(".json"):
+        _register_config(cfg.model)  # the tokenizer reads context length and kind from the registered config
+    import open_clip
+    try:
+        tokenizer = open_clip.get_tokenizer(_open_clip_name(cfg.model))
+    except Exception as e:  # an HF tokenizer offline, a missing vocab file: one clear message
+        raise InputError(f"the tokenizer of open_clip {cfg.model} cannot be loaded "
+                         f"({str(e).splitlines()[0][:300]}); it may need network access once to fill the HF cache"
+                         ) from None
+    encoder = TextEncoder(model, model_id, dim, tokenizer, device, cfg.precision, cfg.batch_size)
+    log.info("text encoder %s: dim %d on %s (%s)", model_id, dim, device, encoder.autocast_dtype or "fp32")
     return encoder
 
 
@@ -138,6 +190,10 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def _seeded(seed: int):
     """Deterministic random init without touching the caller's RNG state."""
@@ -167,6 +223,14 @@ def _register_config(path: str) -> None:
         raise InputError(f"open_clip model config {path}: needs the keys embed_dim, vision_cfg and text_cfg")
     if open_clip.get_model_config(Path(path).stem) != wanted:
         open_clip.add_model_config(path)
+
+
+def _open_clip_model(cfg: EncoderConfig) -> tuple[torch.nn.Module, Callable, int]:
+    """One open_clip model (image and text towers), its image transform and its embedding dim."""
+    import open_clip
+
+    model, preprocess = _build_open_clip(cfg.model, cfg.pretrained, cfg.image_size)
+    return model, preprocess, int(open_clip.get_model_config(_open_clip_name(cfg.model))["embed_dim"])
 
 
 def _build_open_clip(model: str, pretrained: str, image_size: int = 0) -> tuple[torch.nn.Module, Callable]:

@@ -72,7 +72,7 @@ def test_offline_tag_fails_fast_with_the_fix(tmp_path, folder_of_two):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "weights for open_clip model ViT-B-32 tag laion2b_s34b_b79k are not available offline" in proc.stderr
     assert "--pretrained /path/to/open_clip_pytorch_model.bin" in proc.stderr
-    assert elapsed < 15, elapsed
+    assert elapsed < 30, elapsed  # the hub retry it avoids takes ~46 s; imports take ~8 s
 
 
 def test_cached_tag_weights_are_used_without_the_hub(tmp_path, monkeypatch):
