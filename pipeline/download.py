@@ -1,0 +1,209 @@
+"""Transfer manifest with URLs -> WebDataset shards via img2dataset, behind an address guard; resumable per shard.
+
+Layout of `--out` (img2dataset's): `00000.tar` (samples), `00000.parquet` (every row of the shard with its
+`status` and `error_message`), `00000_stats.json` (the shard's done marker), `_input/urls.parquet` (what
+img2dataset read), and `download_report.json` (written last). Sample keys are img2dataset's
+(`shard * 10**digits + row`); each sample's `KEY.json` carries rakt's ids (`pool_id`, `id`, `query_id`,
+`query_ids`, ...), so every image traces back to its pool image and queries.
+
+Rows the address guard refuses (see `pipeline.download_guard`) keep their place in the shard split, but their
+url is replaced by `rakt-refused:CAUSE:URL`, a scheme urllib has no handler for: img2dataset fails them at
+once and no connection is made. Redirects are followed by img2dataset's urllib downloader and are not
+re-checked by the guard.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.util
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import ConfigError, DownloadConfig, config_hash, to_dict
+from pipeline.download_guard import AddressGuard, parse_networks
+from pipeline.download_report import OOM_SHARD_COUNT, REPORT_JSON, build_report, log_summary
+from pipeline.io import InputError, file_hash, read_json, timed, write_json, write_parquet
+
+log = logging.getLogger("rakt.download")
+
+MANIFEST_PARQUET = "manifest.parquet"
+INPUT_DIR = "_input"
+INPUT_PARQUET = "urls.parquet"
+RUN_JSON = "run.json"
+REFUSED_SCHEME = "rakt-refused"
+ROW_COLUMNS = ("pool_id", "id", "query_id", "query_ids", "query_label", "score", "rank")
+DISTRIBUTORS = {"local": "multiprocessing", "ray": "ray"}
+
+
+def run(cfg: DownloadConfig) -> dict:
+    """Download the manifest's URLs into `{out}` and write `{out}/download_report.json`; returns its summary."""
+    check_settings(cfg)
+    mpath = Path(cfg.manifest) / MANIFEST_PARQUET
+    out = Path(cfg.out)
+    with timed("download"):
+        rows = read_manifest(mpath)
+        mhash = file_hash(mpath)
+        out.mkdir(parents=True, exist_ok=True)
+        n_shards = math.ceil(len(rows) / cfg.shard_size)
+        done = check_previous(out, mhash, cfg.shard_size)
+        pending = rows_of_pending_shards(len(rows), cfg.shard_size, done)
+        guard = AddressGuard(cfg.allow_private, cfg.allow_network)
+        urls = rows["url"].cast(pa.string()).to_pylist()
+        verdicts = guard.check_all([urls[i] for i in pending])
+        for i, cause in zip(pending, verdicts):
+            if cause is not None:
+                urls[i] = f"{REFUSED_SCHEME}:{cause}:{urls[i] or ''}"
+        refused_now = Counter(c for c in verdicts if c is not None)
+        if refused_now:
+            log.warning("address guard refused %d of %d URLs (not fetched): %s", sum(refused_now.values()),
+                        len(verdicts), dict(sorted(refused_now.items())))
+        table = input_table(rows, urls)
+        input_path = out / INPUT_DIR / INPUT_PARQUET
+        write_parquet(input_path, table)
+        write_json(out / INPUT_DIR / RUN_JSON, {"manifest": str(mpath.resolve()), "manifest_hash": mhash,
+                                                "shard_size": cfg.shard_size, "rows": len(rows)})
+        # img2dataset takes every *.json in the output folder for a shard's stats file: the old report must go
+        (out / REPORT_JSON).unlink(missing_ok=True)
+        if len(done) < n_shards:
+            fetch(cfg, input_path, out, caption="caption" in table.column_names,
+                  columns=[c for c in table.column_names if c not in ("url", "caption")])
+        else:
+            log.info("download: all %d shards done already", n_shards)
+        report = build_report(out, n_shards, len(rows), REFUSED_SCHEME)
+        report.update(shard_size=cfg.shard_size, manifest=str(mpath.resolve()), manifest_hash=mhash,
+                      settings=to_dict(cfg), config_hash=config_hash(cfg),
+                      created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        write_json(out / REPORT_JSON, report)
+    log_summary(report, out)
+    keys = ("rows", "samples", "failed", "failed_by_cause", "refused", "refused_by_cause", "incomplete_shards")
+    return {"out": str(out), **{k: report[k] for k in keys}, "shards": n_shards}
+
+
+def check_settings(cfg: DownloadConfig) -> None:
+    """Reject values img2dataset would fail on late, or that would make it do nothing."""
+    where = "rakt download"
+    for name in ("shard_size", "threads", "image_size", "timeout"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{where}: '{name}' must be >= 1, got {getattr(cfg, name)}")
+    if cfg.processes < 0 or cfg.retries < 0 or cfg.max_image_area < 0:
+        raise ConfigError(f"{where}: 'processes', 'retries' and 'max_image_area' must be >= 0")
+    if cfg.encode_format == "png" and not 0 <= cfg.encode_quality <= 9:
+        raise ConfigError(f"{where}: for png, 'encode_quality' is the compression level 0-9, "
+                          f"got {cfg.encode_quality}")
+    if cfg.encode_format != "png" and not 0 <= cfg.encode_quality <= 100:
+        raise ConfigError(f"{where}: 'encode_quality' must be 0-100, got {cfg.encode_quality}")
+    try:
+        parse_networks(cfg.allow_network)
+    except ValueError as e:
+        raise ConfigError(f"{where}: 'allow_network': {e}") from None
+    if importlib.util.find_spec("img2dataset") is None:
+        raise ConfigError(f"{where}: img2dataset is not installed; pip install 'rakt[download]'")
+    if cfg.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(f"{where}: engine 'ray' needs Ray (pip install 'ray[default]'); img2dataset's ray "
+                          "distributor silently does nothing without it. Use --engine local")
+
+
+def read_manifest(path: Path) -> pa.Table:
+    """Manifest rows sorted by (pool_id, query_id): the order that fixes the shard split across reruns."""
+    if not path.exists():
+        raise InputError(f"{path}: transfer manifest not found; run `rakt curate ... --out {path.parent}` first")
+    table = pq.read_table(path)
+    if "pool_id" not in table.column_names:
+        raise InputError(f"{path}: no 'pool_id' column; is this a transfer manifest from `rakt curate`?")
+    if "url" not in table.column_names or table["url"].null_count == len(table):
+        raise InputError(f"{path}: the manifest has no image URLs: it points at a local pool (shard+key or path); "
+                         f"write it as shards with `rakt materialize {path.parent} --out DIR` instead")
+    order = [(c, "ascending") for c in ("pool_id", "query_id") if c in table.column_names]
+    return table.sort_by(order)  # a stable sort
+
+
+def check_previous(out: Path, mhash: str, shard_size: int) -> set[int]:
+    """Ids of shards done by an earlier run (their stats file exists); refuses one made from another manifest."""
+    stats = sorted(out.glob("*_stats.json"))
+    stray = [p.name for p in out.glob("*.json") if not p.name.endswith("_stats.json") and p.name != REPORT_JSON]
+    if stray:
+        raise InputError(f"{out}: unexpected JSON file(s) {', '.join(sorted(stray))}; img2dataset would take them "
+                         "for shard stats. Download into an empty --out")
+    if not stats:
+        return set()
+    prev = out / INPUT_DIR / RUN_JSON
+    meta = read_json(prev, "record of the previous download (delete --out to start over)")
+    if meta.get("manifest_hash") != mhash or meta.get("shard_size") != shard_size:
+        raise InputError(f"{out}: holds shards downloaded from another manifest or with another --shard-size "
+                         f"(see {prev}); download into a new --out or delete {out}")
+    done = set()
+    for p in stats:
+        stem = p.name.split("_", 1)[0]
+        if not stem.isdigit():
+            raise InputError(f"{p}: not an img2dataset stats file name (NNNNN_stats.json)")
+        done.add(int(stem))
+    return done
+
+
+def rows_of_pending_shards(n_rows: int, shard_size: int, done: set[int]) -> list[int]:
+    """Row positions in shards without a stats file: only these are checked by the guard and fetched."""
+    return [i for i in range(n_rows) if i // shard_size not in done]
+
+
+def input_table(rows: pa.Table, urls: list[str | None]) -> pa.Table:
+    """img2dataset's input: url (refused rows rewritten), caption when known, and rakt's row columns."""
+    cols: dict[str, pa.Array | pa.ChunkedArray] = {"url": pa.array(urls, pa.string())}
+    if "caption" in rows.column_names:
+        cols["caption"] = rows["caption"].cast(pa.string())
+    for name in ROW_COLUMNS:
+        if name in rows.column_names:
+            cols[name] = rows[name]
+    return pa.table(cols)
+
+
+@contextlib.contextmanager
+def worker_environment(max_image_area: int) -> Iterator[None]:
+    """Settings img2dataset's (spawned) workers inherit: OpenCV refuses images above `max_image_area` pixels
+    before allocating them, so a decompression bomb never reaches memory. Restored afterwards."""
+    name = "OPENCV_IO_MAX_IMAGE_PIXELS"
+    old = os.environ.get(name)
+    if max_image_area:
+        os.environ[name] = str(max_image_area)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)  # img2dataset installs a handler that exits with status 0
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def fetch(cfg: DownloadConfig, input_path: Path, out: Path, caption: bool, columns: list[str]) -> None:
+    """Run img2dataset over the input parquet; shards with a stats file are skipped (incremental mode)."""
+    import img2dataset
+
+    processes = cfg.processes or os.cpu_count() or 1
+    log.info("img2dataset: %d process(es) x %d threads, engine %s", processes, cfg.threads, cfg.engine)
+    with worker_environment(cfg.max_image_area), contextlib.redirect_stdout(sys.stderr):
+        try:
+            img2dataset.download(
+                url_list=str(input_path), input_format="parquet", url_col="url",
+                caption_col="caption" if caption else None, save_additional_columns=columns,
+                output_format="webdataset", output_folder=str(out), number_sample_per_shard=cfg.shard_size,
+                image_size=cfg.image_size, resize_mode=cfg.resize_mode, encode_format=cfg.encode_format,
+                encode_quality=cfg.encode_quality, processes_count=processes, thread_count=cfg.threads,
+                timeout=cfg.timeout, retries=cfg.retries, incremental_mode="incremental",
+                distributor=DISTRIBUTORS[cfg.engine], enable_wandb=False, extract_exif=False,
+                max_image_area=cfg.max_image_area or float("inf"), oom_shard_count=OOM_SHARD_COUNT,
+            )
+        except SystemExit as e:  # img2dataset's SIGINT handler
+            raise KeyboardInterrupt(f"download interrupted; rerun to finish the missing shards of {out}") from e
+

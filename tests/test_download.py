@@ -1,0 +1,359 @@
+"""`rakt download`: a loopback HTTP server serves real JPEGs and every failure case; the address guard is checked
+against the requests that reach the server. Loopback only: refused URLs must never produce traffic."""
+from __future__ import annotations
+
+import contextlib
+import http.server
+import importlib.util
+import ipaddress
+import os
+import signal
+import json
+import shutil
+import struct
+import threading
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from conftest import image_array, jpeg_bytes
+from pipeline.cli import main
+from pipeline.config import DownloadConfig
+from pipeline.download_guard import AddressGuard
+from pipeline.download_report import failure_cause
+
+if importlib.util.find_spec("img2dataset") is None:  # the `download` and `test` extras install it
+    pytest.skip("img2dataset is not installed", allow_module_level=True)
+
+N_GOOD = 6
+SHARD_SIZE = 6
+SLOW_S = 3.0  # the slow handler's delay; the client gives up after --timeout 1
+LOOPBACK = ["--allow-network", "127.0.0.0/8"]
+FAST = ["--processes", "1", "--threads", "4", "--timeout", "1", "--image-size", "48",
+        "--shard-size", str(SHARD_SIZE)]
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height, all black: about 100 kB on disk, `width*height` pixels decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    comp, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_egress():
+    """Safety net should the guard ever break: urllib (in img2dataset's spawned workers too) sends every request
+    for a non-loopback host to a closed loopback port instead of the network."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+            mp.setenv(name, "http://127.0.0.1:9")
+        for name in ("no_proxy", "NO_PROXY"):
+            mp.setenv(name, "127.0.0.1,localhost")
+        yield
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A threaded HTTP server on 127.0.0.1 (port 0) with one path per case; counts the requests per path."""
+    good = {f"/img/{i}.jpg": jpeg_bytes(image_array(i, size=32 + 8 * i)) for i in range(N_GOOD)}
+    broken = jpeg_bytes(image_array(99, size=64))
+    bodies = {**good, "/page.html": b"<html><body>not an image</body></html>",
+              "/truncated.jpg": broken[: len(broken) // 2], "/bomb.png": png_bomb(30000, 30000)}
+    hits: Counter = Counter()
+    lock, stop = threading.Lock(), threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep the test log quiet
+            pass
+
+        def send(self, code: int, body: bytes, length: int | None = None, **headers) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body) if length is None else length))
+            for name, value in headers.items():
+                self.send_header(name.replace("_", "-"), value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            with lock:
+                hits[self.path] += 1
+            if self.path in bodies:
+                kind = "text/html" if self.path.endswith(".html") else "image/jpeg"
+                self.send(200, bodies[self.path], Content_Type=kind)
+            elif self.path == "/error":
+                self.send(500, b"boom")
+            elif self.path == "/loop":
+                self.send(302, b"", Location="/loop")
+            elif self.path == "/slow":
+                stop.wait(SLOW_S)  # bounded; the client has given up long before
+                try:
+                    self.send(200, good["/img/0.jpg"])
+                except OSError:
+                    pass
+            elif self.path == "/cut.jpg":  # the connection drops halfway through the body
+                self.send(200, broken[: len(broken) // 2], length=len(broken))
+                self.close_connection = True
+            else:
+                self.send(404, b"not found")
+
+    srv = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    srv.hits, srv.lock, srv.good = hits, lock, good
+    srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    stop.set()
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+def write_manifest(path: Path, urls: list[str | None], with_url: bool = True) -> Path:
+    """A transfer manifest (contract of `rakt curate`) with one row per URL, pool_id = position."""
+    n = len(urls)
+    cols = {
+        "pool_id": pa.array(range(n), pa.int64()),
+        "id": pa.array([f"pool_{i:04d}" for i in range(n)]),
+        "url": pa.array(urls, pa.string()),
+        "caption": pa.array([f"caption {i}" for i in range(n)]),
+        "score": pa.array(np.linspace(0.9, 0.5, n, dtype=np.float32)),
+        "query_id": pa.array([f"q{i % 3}" for i in range(n)]),
+        "query_label": pa.array([i % 3 if i % 4 else None for i in range(n)], pa.int64()),
+        "rank": pa.array([i // 3 for i in range(n)], pa.int32()),
+        "query_ids": pa.array([[f"q{i % 3}", "q9"] for i in range(n)], pa.list_(pa.string())),
+    }
+    if not with_url:
+        cols.pop("url")
+        cols["path"] = pa.array([f"/pool/{i}.jpg" for i in range(n)])
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path / "manifest.parquet")
+    (path / "manifest.json").write_text(json.dumps({"counts": {"selected": n}}))
+    return path
+
+
+FAILURES = {"/missing.jpg": "http_404", "/error": "http_5xx", "/slow": "timeout", "/loop": "redirect_loop",
+            "/page.html": "undecodable", "/truncated.jpg": "undecodable", "/cut.jpg": "truncated",
+            "/bomb.png": "image_too_large"}
+REFUSED = {"http://169.254.169.254/latest/meta-data/": "blocked_address", "http://10.1.2.3/x.jpg": "blocked_address",
+           "http://[::ffff:169.254.169.254]/latest": "blocked_address", "file:///etc/passwd": "bad_scheme"}
+
+
+@pytest.fixture(scope="module")
+def downloaded(server, tmp_path_factory):
+    """One download of 6 good images, every failure case and refused URLs (loopback allowed): (out, manifest)."""
+    root = tmp_path_factory.mktemp("download")
+    urls = [server.base + p for p in server.good] + [server.base + p for p in FAILURES] + list(REFUSED)
+    urls += [f"ftp://127.0.0.1:{server.server_address[1]}/img/0.jpg", None]
+    manifest = write_manifest(root / "manifest", urls)
+    server.hits.clear()
+    assert main(["download", str(manifest), "--out", str(root / "out"), *LOOPBACK, *FAST]) == 0
+    return root / "out", manifest, Counter(server.hits)
+
+
+def read_samples(out: Path) -> list[dict]:
+    shards = sorted(str(p) for p in out.glob("*.tar"))
+    return list(wds.WebDataset(shards, shardshuffle=False).decode("rgb8"))
+
+
+def test_good_images_become_samples_traceable_to_pool_and_queries(downloaded, server):
+    out, _, _ = downloaded
+    samples = read_samples(out)
+    assert len(samples) == N_GOOD
+    by_pool = {s["json"]["pool_id"]: s for s in samples}
+    assert sorted(by_pool) == list(range(N_GOOD))
+    for pool_id, s in by_pool.items():
+        meta = s["json"]
+        assert meta["id"] == f"pool_{pool_id:04d}"
+        assert meta["url"] == server.base + f"/img/{pool_id}.jpg"
+        assert meta["query_id"] == f"q{pool_id % 3}"
+        assert meta["query_ids"] == [f"q{pool_id % 3}", "q9"]
+        assert meta["caption"] == s["txt"] == f"caption {pool_id}"
+        assert meta["query_label"] == (pool_id % 3 if pool_id % 4 else None)
+        assert type(meta["pool_id"]) is int and type(meta["query_label"]) in (int, type(None))
+        assert meta["rank"] == pool_id // 3 and meta["score"] == pytest.approx(0.9 - 0.4 * pool_id / 19, abs=1e-6)
+        assert s["jpg"].shape[:2] == (48, 48)  # decoded by webdataset at the requested size (border mode)
+
+
+def test_each_failure_is_counted_under_its_cause(downloaded):
+    out, _, _ = downloaded
+    report = json.loads((out / "download_report.json").read_text())
+    assert report["failed_by_cause"] == dict(sorted(Counter(FAILURES.values()).items()))
+    assert report["failed"] == len(FAILURES)
+    assert report["samples"] == N_GOOD and report["incomplete_shards"] == []
+    n_rows = N_GOOD + len(FAILURES) + len(REFUSED) + 2
+    assert report["rows"] == n_rows == sum(s["count"] for s in report["shards"])
+    assert [s["shard"] for s in report["shards"]] == [f"{j:05d}.tar" for j in range(-(-n_rows // SHARD_SIZE))]
+    assert sum(report["messages"].values()) == len(FAILURES)
+
+
+def test_refused_urls_are_counted_and_never_fetched(downloaded, server):
+    out, _, hits = downloaded
+    report = json.loads((out / "download_report.json").read_text())
+    assert report["refused_by_cause"] == {"bad_scheme": 2, "blocked_address": 3, "no_url": 1}
+    assert report["refused"] == 6
+    listed = {r["url"]: r["cause"] for r in report["refused_rows"]}
+    assert {u: listed[u] for u in REFUSED} == REFUSED
+    assert set(hits) == set(server.good) | set(FAILURES)  # only allowed URLs reached the server
+    assert hits["/img/0.jpg"] == 1  # the ftp:// URL to the same path was not fetched either
+
+
+def test_loopback_refused_unless_allowed(server, tmp_path):
+    port = server.server_address[1]
+    urls = [server.base + "/img/1.jpg", f"http://localhost:{port}/img/2.jpg", f"http://[::1]:{port}/img/3.jpg",
+            f"http://0.0.0.0:{port}/img/4.jpg", f"http://2130706433:{port}/img/5.jpg"]
+    manifest = write_manifest(tmp_path / "manifest", urls)
+    server.hits.clear()
+    assert main(["download", str(manifest), "--out", str(tmp_path / "out"), *FAST]) == 0
+    assert sum(server.hits.values()) == 0
+    report = json.loads((tmp_path / "out" / "download_report.json").read_text())
+    assert report["refused_by_cause"] == {"blocked_address": len(urls)}
+    assert report["samples"] == 0 and report["failed"] == 0
+
+
+def test_rerun_fetches_only_the_missing_shard(downloaded, server, tmp_path):
+    out, manifest, _ = downloaded
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json"):
+        (copy / name).unlink()
+    server.hits.clear()
+    assert main(["download", str(manifest), "--out", str(copy), *LOOPBACK, *FAST]) == 0
+    assert dict(server.hits) == {p: 1 for p in server.good}  # shard 0 holds exactly the good images
+    assert len(read_samples(copy)) == N_GOOD
+    report = json.loads((copy / "download_report.json").read_text())
+    assert report["failed_by_cause"] == json.loads((out / "download_report.json").read_text())["failed_by_cause"]
+
+    server.hits.clear()  # everything done: nothing is fetched, the report is rebuilt
+    assert main(["download", str(manifest), "--out", str(copy), *LOOPBACK, *FAST]) == 0
+    assert sum(server.hits.values()) == 0
+    assert json.loads((copy / "download_report.json").read_text())["samples"] == N_GOOD
+
+
+def test_rerun_with_another_manifest_is_refused(downloaded, tmp_path, capsys):
+    out, _, _ = downloaded
+    other = write_manifest(tmp_path / "other", ["http://10.0.0.1/a.jpg"])
+    assert main(["download", str(other), "--out", str(out), *FAST]) == 2
+    assert "another manifest" in capsys.readouterr().err
+
+
+def test_manifest_without_urls_points_to_materialize(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "manifest", [None, None], with_url=False)
+    assert main(["download", str(manifest), "--out", str(tmp_path / "out")]) == 2
+    assert "rakt materialize" in capsys.readouterr().err
+    nulls = write_manifest(tmp_path / "nulls", [None, None])
+    assert main(["download", str(nulls), "--out", str(tmp_path / "out")]) == 2
+    assert "rakt materialize" in capsys.readouterr().err
+
+
+def test_guard_causes_without_network():
+    fake_dns = {"public.example": ["93.184.216.34"], "rebind.example": ["93.184.216.34", "192.168.1.5"],
+                "v6.example": ["2606:2800:220:1:248:1893:25c8:1946"], "ll6.example": ["fe80::1%eth0"]}
+
+    def resolve(host: str, port: int) -> list[str]:
+        if host in fake_dns:
+            return fake_dns[host]
+        with contextlib.suppress(ValueError):  # an address literal resolves to itself, as with getaddrinfo
+            return [str(ipaddress.ip_address(host))]
+        raise OSError(f"no such host {host}")  # what socket.gaierror is
+
+    guard = AddressGuard(resolve=resolve)
+    urls = ["http://public.example/a.jpg", "https://v6.example/b.png", "http://rebind.example/c.jpg",
+            "http://ll6.example/d.jpg", "http://nowhere.example/e.jpg", "gopher://public.example/",
+            "http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/x", "http://224.0.0.1/x",
+            "http://100.64.0.1/x", "http://[::ffff:10.0.0.1]/x", "http:///nohost", "http://h:99999/x", None,
+            "http://127.0.0.1@public.example/x", "http://public.example\\@127.0.0.1/x", "http://public.example/a b",
+            " http://public.example/ok.jpg\n"]
+    assert guard.check_all(urls) == [None, None, "blocked_address", "blocked_address", "unresolvable_host",
+                                     "bad_scheme", "blocked_address", "blocked_address", "blocked_address",
+                                     "blocked_address", "blocked_address", "bad_url", "bad_url", "no_url",
+                                     "bad_url", "bad_url", "bad_url", None]
+    allowed = AddressGuard(allow_networks=["192.168.0.0/16", "10.0.0.0/8"], resolve=resolve)
+    assert allowed.check_all(["http://rebind.example/c.jpg", "http://[::ffff:10.0.0.1]/x", "http://10.9.9.9/",
+                              "http://169.254.169.254/"]) == [None, None, None, "blocked_address"]
+    anything = AddressGuard(allow_private=True, resolve=resolve)
+    assert anything.check_all(["http://169.254.169.254/", "ftp://public.example/"]) == [None, "bad_scheme"]
+
+
+def test_resolves_each_host_once():
+    calls = Counter()
+
+    def resolve(host: str, port: int) -> list[str]:
+        calls[(host, port)] += 1
+        return ["93.184.216.34"]
+
+    guard = AddressGuard(resolve=resolve)
+    guard.check_all([f"http://a.example/{i}.jpg" for i in range(50)] + ["https://a.example/x", "http://b.example/"])
+    guard.check_all(["http://a.example/again.jpg"])
+    assert calls == {("a.example", 80): 1, ("a.example", 443): 1, ("b.example", 80): 1}
+
+
+@pytest.mark.parametrize("message,cause", [
+    ("HTTP Error 404: Not Found", "http_404"),
+    ("HTTP Error 403: Forbidden", "http_4xx"),
+    ("HTTP Error 503: Service Unavailable", "http_5xx"),
+    ("HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite loop.\n"
+     "The last 30x error message was:\nFound", "redirect_loop"),
+    ("timed out", "timeout"),
+    ("<urlopen error timed out>", "timeout"),
+    ("IncompleteRead(759 bytes read, 759 more expected)", "truncated"),
+    ("Image decoding error", "undecodable"),
+    ("OpenCV(4.14.0) loadsave.cpp:79: error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS in function "
+     "'validateInputImageSize'\n", "image_too_large"),
+    ("image area too large", "image_too_large"),
+    ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+    ("something new", "other"),
+])
+def test_failure_cause(message, cause):
+    assert failure_cause(message) == cause
+
+
+def test_config_errors(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "manifest", ["http://10.0.0.1/a.jpg"])
+    for flags, text in ((["--allow-network", "10.0.0/33"], "CIDR"),
+                        (["--encode-format", "png"], "compression level"),
+                        (["--shard-size", "0"], "shard_size")):
+        assert main(["download", str(manifest), "--out", str(tmp_path / "out"), *flags]) == 2
+        assert text in capsys.readouterr().err
+    assert DownloadConfig().max_image_area == 89_478_485 == Image.MAX_IMAGE_PIXELS
+
+
+def test_ray_engine_without_ray_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    manifest = write_manifest(tmp_path / "manifest", ["http://10.0.0.1/a.jpg"])
+    assert main(["download", str(manifest), "--out", str(tmp_path / "out"), "--engine", "ray"]) == 2
+    assert "needs Ray" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_stray_json_in_out_is_refused_before_img2dataset_sees_it(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "manifest", ["http://10.0.0.1/a.jpg"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.json").write_text("{}")  # img2dataset would crash on int("notes.json")
+    assert main(["download", str(manifest), "--out", str(tmp_path / "out"), *FAST]) == 2
+    assert "notes.json" in capsys.readouterr().err
+
+
+def test_worker_environment_is_restored(monkeypatch):
+    from pipeline.download import worker_environment
+    monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS", raising=False)
+    before = signal.getsignal(signal.SIGINT)
+    with worker_environment(1234):
+        assert os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] == "1234"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # what img2dataset does with its own handler
+    assert "OPENCV_IO_MAX_IMAGE_PIXELS" not in os.environ
+    assert signal.getsignal(signal.SIGINT) is before
