@@ -1,5 +1,8 @@
 """`rakt retrieve`: a target embedding set + an index -> the top-k pool neighbours of every query image.
 
+With --query-mode text/both, class-name prompts encoded by the open_clip text tower are queries too
+(pipeline/prompts.py): query_id `text:{class}` (or `text:{class}:{template}`), query_label the class index.
+
 Writes `candidates.parquet` (query_id, query_label, rank, pool_id, score; one row per found neighbour) and
 `candidates.json` (what was searched with what, and the hashes of both inputs' JSON descriptions).
 """
@@ -20,6 +23,7 @@ from tqdm import tqdm
 from pipeline.config import ConfigError, RetrieveConfig, config_hash
 from pipeline.io import (EMBEDDINGS_JSON, InputError, embedding_matrix, json_hash, read_embedding_set, read_json,
                          timed, write_json, write_parquet)
+from pipeline.prompts import TextQueries, build_text_queries
 
 log = logging.getLogger("rakt")
 
@@ -35,17 +39,23 @@ def run(cfg: RetrieveConfig) -> dict:
     from indexes.registry import open_index
 
     start = time.perf_counter()
-    if not cfg.embeddings:
-        raise ConfigError("rakt retrieve: give the target embedding set directory (from `rakt embed`)")
+    if not cfg.embeddings and cfg.query_mode != "text":
+        raise ConfigError("rakt retrieve: give the target embedding set directory (from `rakt embed`), or use "
+                          "--query-mode text --classes FILE --model NAME for text queries alone")
     if not cfg.index:
         raise ConfigError("rakt retrieve: --index is required (e.g. faiss:/path/to/index or an index directory)")
     if cfg.k < 1 or cfg.batch_size < 1:
         raise ConfigError("rakt retrieve: --k and --batch-size must be >= 1")
-    emb_dir = Path(cfg.embeddings)
-    meta, queries = _queries(emb_dir, cfg.query_split)
+    emb_dir = Path(cfg.embeddings) if cfg.embeddings else None
+    if cfg.query_mode == "text":  # an embedding set given here only names the classes and the model
+        meta, queries = (read_json(emb_dir / EMBEDDINGS_JSON, "embedding set metadata") if emb_dir else {}), None
+    else:
+        meta, queries = _queries(emb_dir, cfg.query_split)
     index = open_index(cfg.index)
     _check_compatible(meta, index, emb_dir, cfg)
-    vectors = embedding_matrix(queries)
+    _set_backend(index, cfg.backend)  # after the checks: it may load the vectors onto a GPU
+    text = build_text_queries(cfg, meta, index) if cfg.query_mode != "image" else None
+    queries, vectors = _query_set(queries, text)
     if index.metric == "ip":  # cosine: unit queries (a no-op for normalized embedding sets)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = vectors / np.where(norms > 0, norms, 1)
@@ -67,10 +77,12 @@ def run(cfg: RetrieveConfig) -> dict:
     out = Path(cfg.out)
     write_parquet(out / CANDIDATES_PARQUET, table)
     info = {
-        "index": _absolute_spec(cfg.index), "index_model": index.model, "embeddings": str(emb_dir.resolve()),
+        "index": _absolute_spec(cfg.index), "index_model": index.model,
+        "embeddings": str(emb_dir.resolve()) if emb_dir else None,
         "embeddings_model": meta.get("model"), "query_split": cfg.query_split, "k": cfg.k, "n_queries": n,
         "n_candidates": table.num_rows, "config_hash": config_hash(cfg),
-        "inputs": {"embeddings_json_hash": json_hash(meta), "index_json_hash": _index_hash(index)},
+        "inputs": {"embeddings_json_hash": json_hash(meta) if meta else None, "index_json_hash": _index_hash(index)},
+        **_text_info(cfg, text, n),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(out / CANDIDATES_JSON, info)
@@ -99,7 +111,8 @@ def _queries(emb_dir: Path, split: str) -> tuple[dict, pa.Table]:
 
 def _check_compatible(meta: dict, index, emb_dir: Path, cfg: RetrieveConfig) -> None:
     """Refuse another embedding model (unless --force), another dim, or k beyond the pool."""
-    emb_model, dim = meta.get("model"), meta.get("dim")
+    # text-only queries use no image vectors: their encoder is checked against the index in build_text_queries
+    emb_model, dim = (meta.get("model"), meta.get("dim")) if cfg.query_mode != "text" else (index.model, None)
     if emb_model != index.model:
         msg = (f"{emb_dir / EMBEDDINGS_JSON} was embedded with model '{emb_model}' but the index {cfg.index} holds "
                f"'{index.model}' vectors: similarities across two embedding models are meaningless")
@@ -113,6 +126,34 @@ def _check_compatible(meta: dict, index, emb_dir: Path, cfg: RetrieveConfig) -> 
     if cfg.k > index.size:
         raise InputError(f"--k {cfg.k} asks for more neighbours than the pool holds: the index {cfg.index} holds "
                          f"only {index.size} images; lower --k to at most {index.size}")
+
+
+def _set_backend(index, backend: str) -> None:
+    """Pass --backend to indexes that offer a choice (FaissIndex.set_backend); others search their own way."""
+    if hasattr(index, "set_backend"):
+        index.set_backend(backend)
+    elif backend != "auto":
+        log.debug("retrieve: %s has no search backends; --backend %s ignored", type(index).__name__, backend)
+
+
+def _query_set(images: pa.Table | None, text: TextQueries | None) -> tuple[pa.Table, np.ndarray]:
+    """Image queries then text queries: a table of (id, label) and their vectors, row for row."""
+    tables, vectors = [], []
+    if images is not None:
+        tables.append(pa.table({"id": images["id"].cast(pa.string()), "label": images["label"].cast(pa.int64())}))
+        vectors.append(embedding_matrix(images))
+    if text is not None:
+        tables.append(pa.table({"id": pa.array(text.ids, pa.string()), "label": pa.array(text.labels, pa.int64())}))
+        vectors.append(text.vectors)
+    return pa.concat_tables(tables), np.concatenate(vectors).astype(np.float32)
+
+
+def _text_info(cfg: RetrieveConfig, text: TextQueries | None, n: int) -> dict:
+    """candidates.json fields on the query mode and the text queries."""
+    n_text = len(text.ids) if text else 0
+    return {"query_mode": cfg.query_mode, "classes": text.classes if text else None,
+            "templates": text.templates if text else None, "text_queries": cfg.text_queries if text else None,
+            "text_model": text.model_id if text else None, "n_image_queries": n - n_text, "n_text_queries": n_text}
 
 
 def _candidates(queries: pa.Table, scores: np.ndarray, ids: np.ndarray) -> pa.Table:
