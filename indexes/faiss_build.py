@@ -17,6 +17,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -214,8 +215,14 @@ def to_gpu(index: faiss.Index, ngpu: int = -1) -> faiss.Index | None:
 def build_faiss_index(vectors: np.ndarray, metadata: pa.Table, out_dir: str | Path, *, model: str,
                       metric: str = "ip", kind: str = "auto", memory_budget: str = "4G",
                       train_size: int = 100_000, nprobe: int = 16, seed: int = 0,
-                      extra_info: dict | None = None, batch_size: int = 100_000) -> dict:
-    """Build an index directory over `vectors` [n, d] with `metadata` row i describing id i; return index.json."""
+                      extra_info: dict | None = None, batch_size: int = 100_000,
+                      add_step: AddStep | None = None) -> dict:
+    """Build an index directory over `vectors` [n, d] with `metadata` row i describing id i; return index.json.
+
+    The add step runs here, in batches, unless `add_step` is given: it gets the trained empty index (on the
+    CPU) and must return it filled with all n vectors in order, e.g. by partitions added elsewhere to copies of
+    it and merged (`fill_copy`, `merge_parts`); `vectors` then only feed training and the recall check.
+    """
     start_time = time.perf_counter()
     if getattr(vectors, "ndim", 0) != 2:
         raise IndexSpecError(f"vectors must be a 2-D array [n, dim], got shape {getattr(vectors, 'shape', None)}")
@@ -251,8 +258,15 @@ def build_faiss_index(vectors: np.ndarray, metadata: pa.Table, out_dir: str | Pa
         sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
         work.train(prep_vectors(vectors[sample], normalize))
     t1 = time.perf_counter()
-    for begin in range(0, n, batch_size):
-        work.add(prep_vectors(vectors[begin:begin + batch_size], normalize))
+    if add_step is None:
+        for begin in range(0, n, batch_size):
+            work.add(prep_vectors(vectors[begin:begin + batch_size], normalize))
+    else:
+        trained = faiss.index_gpu_to_cpu(work) if device == "gpu" else work
+        check_mergeable(trained, choice.factory)
+        index = work = add_step(trained, normalize)  # a CPU index, whichever device trained it
+        if work.ntotal != n:
+            raise IndexSpecError(f"the add step returned an index of {work.ntotal} vectors for {n}")
     t2 = time.perf_counter()
     set_nprobe(work, nprobe)
     recall = 1.0
@@ -265,7 +279,7 @@ def build_faiss_index(vectors: np.ndarray, metadata: pa.Table, out_dir: str | Pa
                  nprobe, len(queries))
     else:
         log.info("recall@10 = 1.0 (exact search)")
-    if device == "gpu":
+    if device == "gpu" and add_step is None:
         index = faiss.index_gpu_to_cpu(work)
         set_nprobe(index, nprobe)
     part = "index-000.faiss"
@@ -282,6 +296,7 @@ def build_faiss_index(vectors: np.ndarray, metadata: pa.Table, out_dir: str | Pa
         "memory_bytes": (out / part).stat().st_size, "built_with": f"faiss {faiss.__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "normalized": normalize, "device": device, "train_size": min(n, train_size), "seed": seed,
+        "add": "in parts, merged" if add_step is not None else "in process",
         "seconds": {"train": round(t1 - t0, 2), "add": round(t2 - t1, 2),
                     "total": round(time.perf_counter() - start_time, 2)},
     }
@@ -289,6 +304,47 @@ def build_faiss_index(vectors: np.ndarray, metadata: pa.Table, out_dir: str | Pa
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     log.info("wrote %s: %s, %d vectors, %s on disk", out, choice.factory, n, _human(info["memory_bytes"]))
     return info
+
+
+# --- the add step in parts (e.g. one per embedding-set partition, on a cluster) ----------------------------
+
+AddStep = Callable[[faiss.Index, bool], faiss.Index]  # (trained empty CPU index, normalize) -> filled index
+
+
+def fill_copy(empty: np.ndarray, batches: Iterable[np.ndarray], normalize: bool) -> np.ndarray:
+    """One part of the add step: the vector `batches` added in order (as ids 0..n-1) to a copy of the serialized
+    empty trained index (`faiss.serialize_index`); returns the filled copy, serialized. Batches stream: only
+    one is in memory at a time. On a GPU when faiss-gpu sees one, as the in-process build adds."""
+    index = faiss.deserialize_index(empty)
+    work = to_gpu(index, ngpu=1) or index
+    for vectors in batches:
+        work.add(prep_vectors(vectors, normalize))
+    return faiss.serialize_index(faiss.index_gpu_to_cpu(work) if work is not index else index)
+
+
+def merge_parts(empty: faiss.Index, parts: Iterable[np.ndarray]) -> faiss.Index:
+    """A copy of `empty` holding the serialized filled parts in order: ids continue from part to part, so it
+    searches exactly as one index filled in that order (IVF: lists appended with ids shifted; flat: codes
+    concatenated)."""
+    index = _copy(empty)
+    ivf = faiss.try_extract_index_ivf(index) is not None
+    for blob in parts:
+        index.merge_from(faiss.deserialize_index(blob), index.ntotal if ivf else 0)  # flat ids are positions
+    return index
+
+
+def _copy(index: faiss.Index) -> faiss.Index:
+    """A copy of the class the parts deserialize to (clone_index gives IndexFlat for IndexFlatIP: unmergeable)."""
+    return faiss.deserialize_index(faiss.serialize_index(index))
+
+
+def check_mergeable(empty: faiss.Index, factory: str) -> None:
+    """Raise before any work if parts of this kind of index cannot be merged (e.g. HNSW graphs)."""
+    try:
+        _copy(empty).merge_from(_copy(empty), 0)
+    except RuntimeError as e:
+        raise IndexSpecError(f"'{factory}' indexes cannot be built in parts ({str(e).strip().splitlines()[-1]}); "
+                             f"build it with --engine local, or use flat, ivfpq or another IVF index") from None
 
 
 def _write_metadata(table: pa.Table, folder: Path) -> list[Path]:

@@ -19,6 +19,7 @@ RUNNERS = {
     "retrieve": ("pipeline.retrieve", "query an index with a target embedding set: top-k neighbours per query"),
     "curate": ("pipeline.curate", "turn candidates into a transfer manifest under a budget"),
     "materialize": ("pipeline.materialize", "write a transfer manifest over a local pool into WebDataset shards"),
+    "download": ("pipeline.download", "download a transfer manifest's URLs into WebDataset shards (img2dataset)"),
 }
 
 

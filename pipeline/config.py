@@ -40,7 +40,16 @@ class EncoderConfig:
 
 
 @dataclass
-class EmbedConfig(EncoderConfig):
+class EngineConfig:
+    """Where a stage's partitions run (pipeline/engines.py); the same flags on every stage that has them."""
+    engine: str = _f("local", "local (in this process) | ray (Ray Data actors on a Ray cluster; pip install "
+                              "'rakt[ray]')", choices=("local", "ray"))
+    ray_address: str = _f("", "with --engine ray: '' = start (or join this process's) local Ray, 'auto' = the "
+                              "cluster this node belongs to, or ray://HOST:10001")
+
+
+@dataclass
+class EmbedConfig(EngineConfig, EncoderConfig):
     source: list[str] = _f([], "image folder (class subfolders), CSV/parquet manifest (path,label), or "
                                "WebDataset shards (files, brace patterns or a folder of .tar/.tar.gz)",
                            positional=True)
@@ -53,7 +62,7 @@ class EmbedConfig(EncoderConfig):
 
 
 @dataclass
-class IndexBuildConfig(EncoderConfig):
+class IndexBuildConfig(EngineConfig, EncoderConfig):
     source: list[str] = _f([], "pool images (folder, manifest or shards) or an existing embedding set directory",
                            positional=True)
     out: str = _f("", "output index directory")
@@ -77,6 +86,20 @@ class RetrieveConfig:
     batch_size: int = _f(4096, "queries per search call")
     nprobe: int = _f(0, "IVF lists to visit (0 = the index's default)")
     force: bool = _f(False, "query even if the embedding model differs from the index's")
+    backend: str = _f("auto", "search backend for FAISS indexes: auto (faiss-gpu, else torch exact search on CUDA "
+                              "for flat indexes, else faiss CPU) | faiss | torch (exact, flat only; CPU too)",
+                      choices=("auto", "faiss", "torch"))
+    query_mode: str = _f("image", "image: the embedding set's images | text: class-name prompts (open_clip text "
+                                  "tower) | both: images and prompts together", choices=("image", "text", "both"))
+    classes: str = _f("", "classes file for text queries, one name per line (default: the classes recorded in "
+                          "the embedding set)")
+    templates: str = _f("default", "prompt templates for text queries: 'default' or a file, one template with "
+                                   "'{}' per line")
+    text_queries: str = _f("class", "class: one query per class (normalized mean of its prompts) | prompt: one "
+                                    "query per class x template", choices=("class", "prompt"))
+    model: str = _f("", "open_clip model for text queries (default: model_name recorded in the embedding set)")
+    pretrained: str = _f("", "its pretrained tag or checkpoint (default: the embedding set's, when --model is "
+                             "not given; '' with --model = random init)")
 
 
 @dataclass
@@ -105,12 +128,35 @@ class MaterializeConfig:
     pool_root: str = _f("", "directory to resolve the pool's relative paths/shards against (if it moved)")
 
 
+@dataclass
+class DownloadConfig:
+    manifest: str = _f("", "transfer-manifest directory with a 'url' column (from `rakt curate`)", positional=True)
+    out: str = _f("", "output WebDataset shard directory (img2dataset layout: 00000.tar, 00000_stats.json, ...)")
+    image_size: int = _f(256, "output image size in px")
+    resize_mode: str = _f("border", "border | keep_ratio | center_crop | no (img2dataset's resize modes)",
+                          choices=("border", "keep_ratio", "center_crop", "no"))
+    encode_format: str = _f("jpg", "jpg | png | webp", choices=("jpg", "png", "webp"))
+    encode_quality: int = _f(95, "jpg/webp quality 0-100 (png: compression 0-9)")
+    processes: int = _f(0, "download processes (0 = one per CPU core)")
+    threads: int = _f(32, "download threads per process")
+    timeout: int = _f(10, "seconds before a connection or read gives up")
+    retries: int = _f(0, "extra attempts per failed URL")
+    shard_size: int = _f(10000, "samples (manifest rows) per output shard")
+    max_image_area: int = _f(89_478_485, "refuse images with more pixels than this, before decoding them "
+                                         "(decompression bombs); 0 = no limit")
+    allow_private: bool = _f(False, "fetch URLs whose host resolves to a private/loopback/link-local address")
+    allow_network: list[str] = _f([], "CIDRs exempted from the address guard, e.g. 127.0.0.0/8 10.0.0.0/8")
+    engine: str = _f("local", "local (img2dataset multiprocessing) | ray (img2dataset's ray distributor)",
+                     choices=("local", "ray"))
+
+
 STAGES: dict[str, type] = {
     "embed": EmbedConfig,
     "index": IndexBuildConfig,
     "retrieve": RetrieveConfig,
     "curate": CurateConfig,
     "materialize": MaterializeConfig,
+    "download": DownloadConfig,
 }
 
 

@@ -3,7 +3,9 @@
 Per partition: read samples (sources.py), decode + preprocess in DataLoader workers, encode in batches,
 write `part-NAME.parquet` then `part-NAME.stats.json`. The stats file marks the partition done, so a
 rerun after a crash embeds only the rest. `run.json` (written first) records what the output directory
-was made from; a run with another model or source is refused. `embeddings.json` is written last.
+was made from; a run with another model or source is refused. `embeddings.json` is written last, by the
+driver. Partitions run on the engine named by `--engine` (in process, or on Ray actors: docs/scale.md);
+every engine calls `embed_partition`, so the files do not depend on where a partition was embedded.
 """
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, EmbedConfig, config_hash
-from pipeline.encoders import encoder_model_id, load_image_encoder
-from pipeline.engines import get_engine, raise_if_failed
+from pipeline.encoders import ImageEncoder, encoder_model_id, load_image_encoder
+from pipeline.engines import EngineOptions, get_engine, raise_if_failed
 from pipeline.io import (EMBEDDINGS_JSON, InputError, embedding_table, read_json, timed, write_json,
                          write_parquet)
 from pipeline.sources import Partition, Sample, Source, open_source
@@ -42,6 +44,7 @@ def run(cfg: EmbedConfig) -> dict:
     """Embed every image of `cfg.source` into the embedding set at `cfg.out`; returns a summary."""
     start = time.perf_counter()
     _check(cfg)
+    engine = get_engine(cfg.engine, engine_options(cfg))  # an unknown or unavailable engine fails here
     out = Path(cfg.out)
     source = open_source(cfg.source, classes_file=cfg.classes, per_class=cfg.per_class, seed=cfg.seed,
                          partition_size=cfg.partition_size)
@@ -50,8 +53,8 @@ def run(cfg: EmbedConfig) -> dict:
     todo = [p for p in source.partitions if not _stats_path(out, p).exists()]
     log.info("embed: %d partitions, %d done before, %d to embed with %s",
              len(source.partitions), len(source.partitions) - len(todo), len(todo), model_id)
-    with timed("embed"):
-        failed = get_engine("local").run(todo, EmbedWorkerBuilder(cfg, source, str(out)), MAX_RETRIES)
+    with timed("embed"):  # workers write to out, so with a cluster it must be a path every node sees
+        failed = engine.run(todo, EmbedWorkerBuilder(cfg, source, str(out.resolve())), MAX_RETRIES)
     raise_if_failed(failed, "partitions")
 
     parts = [read_json(_stats_path(out, p), "partition stats") for p in source.partitions]
@@ -75,6 +78,11 @@ def run(cfg: EmbedConfig) -> dict:
     return {"out": str(out), "model": model_id, "dim": meta["dim"], "count": count,
             "skipped": meta["skipped"], "partitions": len(parts), "resumed": len(parts) - len(todo),
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def engine_options(cfg: EmbedConfig) -> EngineOptions:
+    """An embed worker: the CPUs of its DataLoader workers, and a GPU unless the device is the CPU."""
+    return EngineOptions(address=cfg.ray_address, num_cpus=max(1, cfg.workers), use_gpu=cfg.device != "cpu")
 
 
 def _check(cfg: EmbedConfig) -> None:
@@ -136,32 +144,39 @@ class EmbedWorkerBuilder:
 
 
 class EmbedWorker:
-    """Embeds one partition and writes its parquet file, then its stats file (the done marker)."""
+    """Embeds one partition per call (see `embed_partition`), with the encoder it was built with."""
 
-    def __init__(self, cfg: EmbedConfig, source: Source, out: Path, encoder) -> None:
+    def __init__(self, cfg: EmbedConfig, source: Source, out: Path, encoder: ImageEncoder) -> None:
         self.cfg, self.source, self.out, self.encoder = cfg, source, out, encoder
         self.progress = tqdm(unit="img", desc="embed", disable=None)
 
     def __call__(self, partition: Partition) -> dict:
-        start = time.perf_counter()
-        loader = image_batches(self.source, partition, self.encoder.preprocess, self.cfg.batch_size,
-                               self.cfg.workers, self.cfg.split)
-        rows: list[tuple] = []
-        vectors: list[np.ndarray] = []
-        skipped: collections.Counter = collections.Counter()
-        for item in loader:
-            skipped.update(item["skipped"])
-            if item["rows"]:
-                vectors.append(self.encoder.encode(item["pixels"]).numpy())
-                rows += item["rows"]
-                self.progress.update(len(item["rows"]))
-        matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.encoder.dim), np.float32)
-        write_parquet(self.out / f"part-{partition.name}.parquet",
-                      _table(rows, matrix, self.source.locator_columns))
-        stats = {"partition": partition.name, "count": len(rows), "skipped": dict(sorted(skipped.items())),
-                 "seconds": round(time.perf_counter() - start, 3), "dim": self.encoder.dim}
-        write_json(_stats_path(self.out, partition), stats)
-        return stats
+        return embed_partition(self.encoder, self.source, partition, self.out, batch_size=self.cfg.batch_size,
+                               workers=self.cfg.workers, split=self.cfg.split, progress=self.progress)
+
+
+def embed_partition(encoder: ImageEncoder, source: Source, partition: Partition, out: Path, *, batch_size: int,
+                    workers: int, split: str = "", progress: tqdm | None = None) -> dict:
+    """Embed one partition: write `part-NAME.parquet`, then `part-NAME.stats.json` (the done marker); both
+    atomically. Every engine runs this, so outputs do not depend on where a partition was embedded."""
+    start = time.perf_counter()
+    loader = image_batches(source, partition, encoder.preprocess, batch_size, workers, split)
+    rows: list[tuple] = []
+    vectors: list[np.ndarray] = []
+    skipped: collections.Counter = collections.Counter()
+    for item in loader:
+        skipped.update(item["skipped"])
+        if item["rows"]:
+            vectors.append(encoder.encode(item["pixels"]).numpy())
+            rows += item["rows"]
+            if progress is not None:
+                progress.update(len(item["rows"]))
+    matrix = np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), np.float32)
+    write_parquet(out / f"part-{partition.name}.parquet", _table(rows, matrix, source.locator_columns))
+    stats = {"partition": partition.name, "count": len(rows), "skipped": dict(sorted(skipped.items())),
+             "seconds": round(time.perf_counter() - start, 3), "dim": encoder.dim}
+    write_json(_stats_path(out, partition), stats)
+    return stats
 
 
 def image_batches(source: Source, partition: Partition, preprocess: Callable, batch_size: int, workers: int,
