@@ -39,14 +39,27 @@ FAISS_GPU_MAX_K = 2048  # faiss GPU k-selection limit; larger k is searched on t
 
 
 def _read_part(path: Path, mmap: bool) -> tuple[faiss.Index, bool]:
-    """Read one FAISS file, memory-mapped when asked and supported; returns (index, mapped)."""
+    """Read one FAISS file, memory-mapped when asked and supported; returns (index, mapped).
+
+    faiss 1.15 maps IVF inverted lists (IVF-PQ parts) only with IO_FLAG_MMAP (OnDiskInvertedLists over the file);
+    IO_FLAG_MMAP_IFC maps flat codes but reads IVF lists into RAM, so the file's fourcc picks the order.
+    """
     if mmap:
-        flags = [getattr(faiss, name) for name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP") if hasattr(faiss, name)]
-        for flag in flags:
+        names = ("IO_FLAG_MMAP", "IO_FLAG_MMAP_IFC") if _looks_ivf(path) else ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP")
+        for name in names:
+            if not hasattr(faiss, name):
+                continue
             try:
-                return faiss.read_index(str(path), flag), True
+                index = faiss.read_index(str(path), getattr(faiss, name))
             except RuntimeError as e:
-                log.debug("mmap flag %#x failed for %s: %s", flag, path, e)
+                log.debug("%s failed for %s: %s", name, path, str(e).strip().splitlines()[-1])
+                continue
+            ivf = ivf_of(index)
+            if ivf is None or isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists):
+                log.debug("%s: memory-mapped with faiss.%s", path, name)
+                return index, True
+            log.info("%s: faiss.%s read the IVF lists into RAM (not mapped)", path, name)
+            return index, False
         log.info("%s: this index type cannot be memory-mapped by faiss %s; reading it into RAM", path,
                  faiss.__version__)
     try:
@@ -56,11 +69,20 @@ def _read_part(path: Path, mmap: bool) -> tuple[faiss.Index, bool]:
                              f"rebuild it with `rakt index build`") from None
 
 
+def _looks_ivf(path: Path) -> bool:
+    """Whether a FAISS file's 4-byte tag names an IVF index ("Iw.." / "Iv..")."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) in (b"Iw", b"Iv")
+    except OSError:
+        return False
+
+
 class FaissIndex:
     """An index directory opened for search: one or more FAISS parts plus parquet metadata."""
 
     def __init__(self, path: Path, info: dict, parts: list[faiss.Index], mapped: bool, gpu: bool | None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", meta_files: list[Path] | None = None) -> None:
         self.path, self._info, self._parts, self.mapped = path, info, parts, mapped
         self.dim, self.metric, self.model = int(info["dim"]), str(info["metric"]), str(info["model"])
         self.size = int(info["count"])
@@ -75,7 +97,10 @@ class FaissIndex:
             set_nprobe(p, self.nprobe)
         self._current_nprobe = self.nprobe
         self._direct_map = False
-        self._files = [pq.ParquetFile(f) for f in sorted((path / METADATA_DIR).glob("part-*.parquet"))]
+        if meta_files is None:
+            meta_files = sorted((path / METADATA_DIR).glob("part-*.parquet"))
+        self._files = [pq.ParquetFile(f) for f in meta_files]
+        self._synth_id = "id" not in self._files[0].schema_arrow.names  # published metadata: id = the FAISS id
         groups = [(fi, g, f.metadata.row_group(g).num_rows) for fi, f in enumerate(self._files)
                   for g in range(f.metadata.num_row_groups)]
         self._groups = [(fi, g) for fi, g, _ in groups]
@@ -86,19 +111,28 @@ class FaissIndex:
 
     @classmethod
     def open(cls, path: str | Path, mmap: bool = True, gpu: bool | None = None,
-             backend: str = "auto") -> "FaissIndex":
+             backend: str = "auto", model: str | None = None) -> "FaissIndex":
         """Open and validate an index directory (index.json, every part, metadata row count).
 
-        gpu=False keeps search on the CPU whatever the backend; `backend` is one of BACKENDS (module doc).
+        A folder without index.json in the published layout (indexes/published.py) opens too; `model` declares
+        its embedding model. gpu=False keeps search on the CPU whatever the backend; `backend` is one of
+        BACKENDS (module doc).
         """
+        from indexes.published import describe_published, is_published, split_spec
+
+        path, options = split_spec(str(path))
         path = Path(path)
         jpath = path / INDEX_JSON
         fix = f"build one with `rakt index build POOL --out {path}`"
         if not path.is_dir():
             raise IndexSpecError(f"{path}: no such index directory; {fix}")
+        model = model or options.get("model")
+        if is_published(path):
+            info, meta_files = describe_published(path, model)
+            return cls._open_described(path, info, f"{path} (published index)", meta_files, mmap, gpu, backend)
         if not jpath.exists():
             raise IndexSpecError(f"{jpath} not found: {path} is not an index directory or its build did not "
-                                 f"finish; {fix}")
+                                 f"finish; {fix} (a published index needs FAISS parts: see docs/formats.md)")
         try:
             info = json.loads(jpath.read_text())
         except json.JSONDecodeError as e:
@@ -108,38 +142,65 @@ class FaissIndex:
             raise IndexSpecError(f"{jpath}: missing key(s) {', '.join(missing)}; add them or rebuild the index")
         if info["metric"] not in METRICS:
             raise IndexSpecError(f"{jpath}: metric must be one of {', '.join(METRICS)}, got {info['metric']!r}")
-        parts, mapped = [], bool(info["parts"]) and mmap
-        for name in info["parts"]:
-            file = path / name
-            if not file.exists():
-                raise IndexSpecError(f"{file}: index part listed in {jpath} is missing; restore the file or "
-                                     f"rebuild the index with `rakt index build`")
-            index, was_mapped = _read_part(file, mmap)
-            mapped = mapped and was_mapped
-            if index.d != int(info["dim"]):
-                raise IndexSpecError(f"{file}: part has dim {index.d} but {jpath} says dim {info['dim']}; the part "
-                                     f"belongs to another index: fix index.json or rebuild the index")
-            if index.metric_type != METRICS[info["metric"]]:
-                raise IndexSpecError(f"{file}: part metric differs from {jpath} (metric {info['metric']!r}); fix "
-                                     f"index.json or rebuild the index")
-            parts.append(index)
-        if not parts:
-            raise IndexSpecError(f"{jpath}: 'parts' lists no FAISS files; rebuild the index ({fix})")
-        total = sum(p.ntotal for p in parts)
-        if total != int(info["count"]):
-            raise IndexSpecError(f"{jpath}: count is {info['count']} but its parts hold {total} vectors; fix "
-                                 f"index.json or rebuild the index")
+        if model and model != info["model"]:
+            log.warning("%s records model %r; ignoring the declared model %r", jpath, info["model"], model)
         meta_files = sorted((path / METADATA_DIR).glob("part-*.parquet"))
         if not meta_files:
             raise IndexSpecError(f"{path / METADATA_DIR}: no part-*.parquet metadata; each FAISS id needs a row "
                                  f"(id, url / path / shard+key); rebuild the index ({fix})")
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in meta_files)
-        if rows != total:
-            raise IndexSpecError(f"{path / METADATA_DIR}: metadata has {rows} rows but the index holds {total} "
-                                 f"vectors; row i must describe FAISS id i: rebuild the index or its metadata")
         if "id" not in pq.ParquetFile(meta_files[0]).schema_arrow.names:
             raise IndexSpecError(f"{meta_files[0]}: metadata has no 'id' column; rebuild the index")
-        return cls(path, info, parts, mapped, gpu, backend)
+        return cls._open_described(path, info, str(jpath), meta_files, mmap, gpu, backend)
+
+    @classmethod
+    def _open_described(cls, path: Path, info: dict, source: str, meta_files: list[Path], mmap: bool,
+                        gpu: bool | None, backend: str) -> "FaissIndex":
+        """Read and check the parts `info` names; dim / metric / count left None are taken from the parts."""
+        published = info["dim"] is None
+        parts, mapped = [], bool(info["parts"]) and mmap
+        for name in info["parts"]:
+            file = path / name
+            if not file.exists():
+                raise IndexSpecError(f"{file}: index part listed in {source} is missing; restore the file or "
+                                     + ("fix the part list in rakt.json" if published else
+                                        "rebuild the index with `rakt index build`"))
+            index, was_mapped = _read_part(file, mmap)
+            mapped = mapped and was_mapped
+            if info["dim"] is None:
+                metric = {v: k for k, v in METRICS.items()}.get(index.metric_type)
+                if metric is None:
+                    raise IndexSpecError(f"{file}: faiss metric type {index.metric_type} is neither inner product "
+                                         f"nor L2; rakt searches ip or l2 indexes only")
+                info = {**info, "dim": index.d, "metric": metric}
+                first = file
+            elif index.d != int(info["dim"]):
+                raise IndexSpecError(f"{file}: part has dim {index.d} but " + (
+                    f"{first} has dim {info['dim']}; the parts of one index must agree: remove the stray part"
+                    if published else f"{source} says dim {info['dim']}; the part belongs to another index: fix "
+                                      f"index.json or rebuild the index"))
+            if index.metric_type != METRICS[info["metric"]]:
+                raise IndexSpecError(f"{file}: part metric differs from " + (
+                    f"{first} (metric {info['metric']!r}); the parts of one index must agree" if published else
+                    f"{source} (metric {info['metric']!r}); fix index.json or rebuild the index"))
+            parts.append(index)
+        if not parts:
+            raise IndexSpecError(f"{source}: 'parts' lists no FAISS files; rebuild the index")
+        total = sum(p.ntotal for p in parts)
+        if info["count"] is None:
+            info = {**info, "count": total, "factory": _factory_name(parts[0]), "ivf_lists": _ivf_lists(parts[0])}
+        elif total != int(info["count"]):
+            raise IndexSpecError(f"{source}: count is {info['count']} but its parts hold {total} vectors; fix "
+                                 f"index.json or rebuild the index")
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in meta_files)
+        meta_dir = meta_files[0].parent
+        if rows < total or (rows > total and not published):
+            raise IndexSpecError(f"{meta_dir}: metadata has {rows} rows but the index holds {total} vectors; row i "
+                                 f"must describe FAISS id i: " + ("the metadata folder is incomplete or belongs to "
+                                 "another index" if published else "rebuild the index or its metadata"))
+        if rows > total:
+            log.warning("%s: metadata has %d rows for %d vectors; rows past the last FAISS id are never read",
+                        meta_dir, rows, total)
+        return cls(path, info, parts, mapped, gpu, backend, meta_files)
 
     # --- search backends ------------------------------------------------------------------------------
 
@@ -239,8 +300,19 @@ class FaissIndex:
         return ids
 
     def metadata(self, ids: np.ndarray, columns: list[str] | None = None) -> pa.Table:
-        """Metadata rows for `ids` in order (repeats allowed), reading only the row groups they fall in."""
+        """Metadata rows for `ids` in order (repeats allowed), reading only the row groups they fall in.
+
+        Metadata without an `id` column (published indexes) gets one: the FAISS id as a decimal string.
+        """
         ids = self._check_ids(ids)
+        if self._synth_id:
+            read = [c for c in columns if c != "id"] if columns is not None else None
+            table = self._read_rows(ids, read)
+            table = table.add_column(0, "id", pa.array([str(i) for i in ids.tolist()], pa.string()))
+            return table.select(columns) if columns is not None else table
+        return self._read_rows(ids, columns)
+
+    def _read_rows(self, ids: np.ndarray, columns: list[str] | None) -> pa.Table:
         if len(ids) == 0:
             return self._files[0].schema_arrow.empty_table().select(columns or self._files[0].schema_arrow.names)
         group_of = np.searchsorted(self._group_starts, ids, side="right") - 1
@@ -285,6 +357,24 @@ class FaissIndex:
 
     def __repr__(self) -> str:
         return f"FaissIndex({str(self.path)!r}, {self._info.get('factory')}, size={self.size}, dim={self.dim})"
+
+
+def _factory_name(index: faiss.Index) -> str:
+    """A short description of a part read from disk, e.g. 'IndexIVFPQ(nlist=64, M=8)'."""
+    ivf = ivf_of(index)
+    name = type(faiss.downcast_index(index)).__name__
+    if ivf is None:
+        return name
+    pq_m = f", M={ivf.pq.M}" if hasattr(ivf, "pq") else ""
+    return f"{name}(nlist={ivf.nlist}{pq_m})"
+
+
+def _ivf_lists(index: faiss.Index) -> str:
+    """How the IVF lists of a part are held: 'ondisk' (mapped) or 'ram'; 'n/a' without IVF."""
+    ivf = ivf_of(index)
+    if ivf is None:
+        return "n/a"
+    return "ondisk" if isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists) else "ram"
 
 
 def _check_backend(backend: str) -> str:

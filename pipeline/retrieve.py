@@ -113,7 +113,14 @@ def _check_compatible(meta: dict, index, emb_dir: Path, cfg: RetrieveConfig) -> 
     """Refuse another embedding model (unless --force), another dim, or k beyond the pool."""
     # text-only queries use no image vectors: their encoder is checked against the index in build_text_queries
     emb_model, dim = (meta.get("model"), meta.get("dim")) if cfg.query_mode != "text" else (index.model, None)
-    if emb_model != index.model:
+    if index.model == "unknown":  # a published index (indexes/published.py) whose model nobody declared
+        name = emb_model if emb_model not in (None, "unknown") else "open_clip:NAME:PRETRAINED"
+        msg = f"the index {cfg.index} does not record its embedding model ('unknown'), so queries cannot be checked"
+        if not cfg.force:
+            raise InputError(f"{msg}; declare it in the index folder's rakt.json as {{\"model\": \"{name}\"}} "
+                             f"or open the index as 'faiss:DIR?model={name}', or pass --force to query anyway")
+        log.warning("%s; querying anyway (--force)", msg)
+    elif emb_model != index.model:
         msg = (f"{emb_dir / EMBEDDINGS_JSON} was embedded with model '{emb_model}' but the index {cfg.index} holds "
                f"'{index.model}' vectors: similarities across two embedding models are meaningless")
         if not cfg.force:
