@@ -114,6 +114,24 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     return col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), col.type.list_size)
 
 
+def check_index_model(model: str | None, index_model: str, index_label: str, what: str, fix: str,
+                      force: bool) -> None:
+    """Refuse queries from an embedding model other than the index's (or an undeclared one) unless forced."""
+    if index_model == "unknown":  # a published index (indexes/published.py) whose model nobody declared
+        name = model if model not in (None, "unknown") else "open_clip:NAME:PRETRAINED"
+        msg = f"the index {index_label} does not record its embedding model ('unknown'), so queries cannot be checked"
+        fix = (f"declare it in the index folder's rakt.json as {{\"model\": \"{name}\"}} "
+               f"or open the index as 'faiss:DIR?model={name}'")
+    elif model != index_model:
+        msg = (f"{what} '{model}' but the index {index_label} holds '{index_model}' vectors: "
+               f"similarities across two embedding models are meaningless")
+    else:
+        return
+    if not force:
+        raise InputError(f"{msg}; {fix}, or pass --force to query anyway")
+    log.warning("%s; querying anyway (--force)", msg)
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

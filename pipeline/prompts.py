@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.io import InputError
+from pipeline.io import InputError, check_index_model
+from pipeline.sources import read_classes
 
 if TYPE_CHECKING:
     from pipeline.config import EncoderConfig, RetrieveConfig
@@ -58,12 +59,7 @@ class TextQueries:
 def load_classes(path: str | Path) -> list[str]:
     """Class names, one per line (blank lines skipped), e.g. the kit's classes.txt; duplicates are refused."""
     path = Path(path)
-    try:
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise InputError(f"classes file {path}: cannot read it ({e.strerror or e})") from None
-    if not names:
-        raise InputError(f"classes file {path}: empty; write one class name per line")
+    names = read_classes(path)
     seen: set[str] = set()
     for name in names:
         if name in seen:
@@ -170,12 +166,8 @@ def build_text_queries(cfg: RetrieveConfig, meta: dict, index) -> TextQueries:
     enc_cfg = text_encoder_config(cfg, meta, index.model)
     require_text_tower(enc_cfg)
     model_id = encoder_model_id(enc_cfg)
-    if model_id != index.model:
-        msg = (f"text queries would be encoded with model '{model_id}' but the index {cfg.index} holds "
-               f"'{index.model}' vectors: similarities across two embedding models are meaningless")
-        if not cfg.force:
-            raise InputError(f"{msg}; pass the index's model as --model/--pretrained, or --force to query anyway")
-        log.warning("%s; querying anyway (--force)", msg)
+    check_index_model(model_id, index.model, cfg.index, "text queries would be encoded with model",
+                      "pass the index's model as --model/--pretrained", cfg.force)
     encoder = load_text_encoder(enc_cfg)
     if encoder.dim != index.dim:
         raise InputError(f"text encoder {model_id} gives dim {encoder.dim} but the index {cfg.index} holds dim "

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, RetrieveConfig, config_hash
-from pipeline.io import (EMBEDDINGS_JSON, InputError, embedding_matrix, json_hash, read_embedding_set, read_json,
+from pipeline.io import (EMBEDDINGS_JSON, InputError, check_index_model, embedding_matrix, json_hash, read_embedding_set, read_json,
                          timed, write_json, write_parquet)
 from pipeline.prompts import TextQueries, build_text_queries
 
@@ -113,19 +113,9 @@ def _check_compatible(meta: dict, index, emb_dir: Path, cfg: RetrieveConfig) -> 
     """Refuse another embedding model (unless --force), another dim, or k beyond the pool."""
     # text-only queries use no image vectors: their encoder is checked against the index in build_text_queries
     emb_model, dim = (meta.get("model"), meta.get("dim")) if cfg.query_mode != "text" else (index.model, None)
-    if index.model == "unknown":  # a published index (indexes/published.py) whose model nobody declared
-        name = emb_model if emb_model not in (None, "unknown") else "open_clip:NAME:PRETRAINED"
-        msg = f"the index {cfg.index} does not record its embedding model ('unknown'), so queries cannot be checked"
-        if not cfg.force:
-            raise InputError(f"{msg}; declare it in the index folder's rakt.json as {{\"model\": \"{name}\"}} "
-                             f"or open the index as 'faiss:DIR?model={name}', or pass --force to query anyway")
-        log.warning("%s; querying anyway (--force)", msg)
-    elif emb_model != index.model:
-        msg = (f"{emb_dir / EMBEDDINGS_JSON} was embedded with model '{emb_model}' but the index {cfg.index} holds "
-               f"'{index.model}' vectors: similarities across two embedding models are meaningless")
-        if not cfg.force:
-            raise InputError(f"{msg}; re-embed the targets with the index's model, or pass --force to query anyway")
-        log.warning("%s; querying anyway (--force)", msg)
+    what = f"{emb_dir / EMBEDDINGS_JSON} was embedded with model" if emb_dir else "the queries use model"
+    check_index_model(emb_model, index.model, cfg.index, what,
+                      "re-embed the targets with the index's model", cfg.force)
     if dim is not None and int(dim) != index.dim:
         raise InputError(f"{emb_dir / EMBEDDINGS_JSON}: embeddings have dim {dim} but the index {cfg.index} holds "
                          f"dim {index.dim}; re-embed the targets with the index's model '{index.model}' "

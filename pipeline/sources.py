@@ -206,7 +206,7 @@ def open_source(specs: list[str], *, classes_file: str = "", per_class: int = 0,
         raise InputError(f"no source given; {ACCEPTED}")
     if partition_size < 1:
         raise InputError(f"partition_size must be at least 1, got {partition_size}")
-    classes = _read_classes(Path(classes_file)) if classes_file else None
+    classes = read_classes(Path(classes_file)) if classes_file else None
     found = [(spec, *_detect(spec)) for spec in specs]
     if not classes_file:
         for spec, kind, paths in found:
@@ -274,10 +274,11 @@ def _detect(spec: str) -> tuple[str, list[str]]:
 
 def _beside(path: str) -> list[str] | None:
     txt = Path(path).parent / "classes.txt"
-    return _read_classes(txt) if txt.is_file() else None
+    return read_classes(txt) if txt.is_file() else None
 
 
-def _read_classes(path: Path) -> list[str]:
+def read_classes(path: Path) -> list[str]:
+    """Class names, one per line (blank lines skipped); an unreadable or empty file is an InputError."""
     try:
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except OSError as e:
