@@ -8,8 +8,9 @@ img2dataset read), and `download_report.json` (written last). Sample keys are im
 
 Rows the address guard refuses (see `pipeline.download_guard`) keep their place in the shard split, but their
 url is replaced by `rakt-refused:CAUSE:URL`, a scheme urllib has no handler for: img2dataset fails them at
-once and no connection is made. Redirects are followed by img2dataset's urllib downloader and are not
-re-checked by the guard.
+once and no connection is made. The rows it lets through are fetched through rakt's filtering proxy
+(`pipeline.download_proxy`), which checks every request again -- each redirect hop, with a fresh resolution --
+and connects only to the address it checked; its refusals count as failures under the guard's cause.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, DownloadConfig, config_hash, to_dict
 from pipeline.download_guard import AddressGuard, parse_networks
+from pipeline.download_proxy import filtering_proxy, proxy_environment
 from pipeline.download_report import OOM_SHARD_COUNT, REPORT_JSON, build_report, log_summary
 from pipeline.io import InputError, file_hash, read_json, timed, write_json, write_parquet
 
@@ -75,7 +77,7 @@ def run(cfg: DownloadConfig) -> dict:
         # img2dataset takes every *.json in the output folder for a shard's stats file: the old report must go
         (out / REPORT_JSON).unlink(missing_ok=True)
         if len(done) < n_shards:
-            fetch(cfg, input_path, out, caption="caption" in table.column_names,
+            fetch(cfg, guard, input_path, out, caption="caption" in table.column_names,
                   columns=[c for c in table.column_names if c not in ("url", "caption")])
         else:
             log.info("download: all %d shards done already", n_shards)
@@ -186,13 +188,20 @@ def worker_environment(max_image_area: int) -> Iterator[None]:
             os.environ[name] = old
 
 
-def fetch(cfg: DownloadConfig, input_path: Path, out: Path, caption: bool, columns: list[str]) -> None:
-    """Run img2dataset over the input parquet; shards with a stats file are skipped (incremental mode)."""
+def fetch(cfg: DownloadConfig, guard: AddressGuard, input_path: Path, out: Path, caption: bool,
+          columns: list[str]) -> None:
+    """Run img2dataset over the input parquet, its workers behind the filtering proxy; shards with a stats file
+    are skipped (incremental mode)."""
     import img2dataset
 
     processes = cfg.processes or os.cpu_count() or 1
     log.info("img2dataset: %d process(es) x %d threads, engine %s", processes, cfg.threads, cfg.engine)
-    with worker_environment(cfg.max_image_area), contextlib.redirect_stdout(sys.stderr):
+    if cfg.engine == "ray":
+        log.warning("download: with --engine ray only workers that inherit this process's environment and reach "
+                    "its loopback (a local Ray started by this run) use the filtering proxy; workers on other "
+                    "nodes follow redirects unchecked (the address guard still checks every manifest URL)")
+    with filtering_proxy(guard, cfg.timeout) as proxy, proxy_environment(proxy), \
+            worker_environment(cfg.max_image_area), contextlib.redirect_stdout(sys.stderr):
         try:
             img2dataset.download(
                 url_list=str(input_path), input_format="parquet", url_col="url",

@@ -5,10 +5,9 @@ A URL is refused when its scheme is not http/https, its host does not resolve, o
 private, loopback, link-local (169.254.0.0/16 with the cloud metadata service, fe80::/10), multicast, reserved,
 unspecified or otherwise not global -- unless `allow_private` is set or the address lies in an allowed network.
 
-Limits: the downloader (img2dataset's urllib workers) resolves the host again when it connects, and follows
-HTTP redirects without asking this guard, so a public host that redirects to (or re-resolves to) a private
-address is not caught here. To close that gap, run the download behind an egress-filtering proxy (urllib in
-img2dataset's workers honours the http_proxy/https_proxy environment variables).
+The downloader (img2dataset's urllib workers) resolves hosts again when it connects and follows HTTP redirects;
+`pipeline.download_proxy` closes that gap: its filtering proxy judges every request (each redirect hop) with
+`AddressGuard.judge`, the same policy, and connects to the address it checked.
 """
 from __future__ import annotations
 
@@ -97,21 +96,26 @@ class AddressGuard:
             return BAD_URL, None
         return None, (parts.hostname, port or DEFAULT_PORTS[scheme])
 
+    def judge(self, host: str, port: int) -> tuple[str | None, list[str]]:
+        """Resolve `host` now (no cache) and judge every address: (None, addresses to connect to) or
+        (cause, the refused addresses)."""
+        try:
+            addresses = self.resolve(host, port)
+        except (OSError, UnicodeError) as e:  # socket.gaierror, an IDNA name that cannot be encoded
+            log.debug("cannot resolve %s: %s", host, e)
+            addresses = []
+        if not addresses:
+            return UNRESOLVABLE, []
+        bad = [a for a in addresses if not self.address_ok(a)]
+        if bad:
+            log.debug("host %s resolves to refused address(es) %s", host, ", ".join(bad))
+            return BLOCKED, bad
+        return None, addresses
+
     def host_verdict(self, host: tuple[str, int]) -> str | None:
-        """Resolve one host (cached) and judge all its addresses: None or the refusal cause."""
+        """Judge one host (cached): None or the refusal cause."""
         if host not in self.hosts:
-            try:
-                addresses = self.resolve(*host)
-            except (OSError, UnicodeError) as e:  # socket.gaierror, an IDNA name that cannot be encoded
-                log.debug("cannot resolve %s: %s", host[0], e)
-                addresses = []
-            if not addresses:
-                self.hosts[host] = UNRESOLVABLE
-            else:
-                bad = [a for a in addresses if not self.address_ok(a)]
-                self.hosts[host] = BLOCKED if bad else None
-                if bad:
-                    log.debug("host %s resolves to refused address(es) %s", host[0], ", ".join(bad))
+            self.hosts[host] = self.judge(*host)[0]
         return self.hosts[host]
 
     def check_all(self, urls: list[str | None], threads: int = RESOLVE_THREADS) -> list[str | None]:

@@ -17,9 +17,15 @@ OOM_SHARD_COUNT = 5  # img2dataset's default: shard names have 5 digits
 MAX_EXAMPLES = 3  # error messages kept per cause in the report
 MAX_MESSAGES = 100  # distinct error messages kept (most frequent first)
 
+# A refusal by rakt's filtering proxy (pipeline.download_proxy), as urllib reports it: "HTTP Error 403: rakt proxy
+# refused: CAUSE (...)", or "<urlopen error Tunnel connection failed: 403 rakt proxy refused: CAUSE (...)>" (HTTPS)
+PROXY_REFUSAL = re.compile(r"\b403:? rakt proxy refused: ([a-z_]+)")
 # (cause, pattern over img2dataset's error message), first match wins. The messages are those of urllib
-# (HTTPError, URLError, socket timeouts, http.client.IncompleteRead) and of img2dataset's resizer (OpenCV).
+# (HTTPError, URLError, socket timeouts, http.client.IncompleteRead), of img2dataset's resizer (OpenCV) and of
+# the proxy when it cannot connect ("HTTP Error 502: rakt proxy: cannot connect to HOST:PORT: ...").
 CAUSES: tuple[tuple[str, re.Pattern], ...] = tuple((c, re.compile(p, re.I)) for c, p in (
+    ("timeout", r"\brakt proxy: cannot connect .*timed out"),
+    ("connection_error", r"\brakt proxy: cannot connect"),
     ("redirect_loop", r"redirect error that would lead to an infinite loop"),
     ("http_404", r"^HTTP Error 404\b"),
     ("http_4xx", r"^HTTP Error 4\d\d\b"),
@@ -37,7 +43,11 @@ CAUSES: tuple[tuple[str, re.Pattern], ...] = tuple((c, re.compile(p, re.I)) for 
 
 
 def failure_cause(message: str) -> str:
-    """Map one img2dataset error message to a cause name ('other' when no rule matches)."""
+    """Map one img2dataset error message to a cause name ('other' when no rule matches); a proxy refusal
+    counts under the address guard's cause (blocked_address, unresolvable_host, bad_scheme, bad_url)."""
+    refusal = PROXY_REFUSAL.search(message)
+    if refusal:
+        return refusal.group(1)
     for cause, pattern in CAUSES:
         if pattern.search(message):
             return cause

@@ -3,6 +3,7 @@ against the requests that reach the server. Loopback only: refused URLs must nev
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.server
 import importlib.util
 import ipaddress
@@ -12,9 +13,12 @@ import json
 import shutil
 import struct
 import threading
+import urllib.error
+import urllib.request
 import zlib
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +30,7 @@ from PIL import Image
 from conftest import image_array, jpeg_bytes
 from pipeline.cli import main
 from pipeline.config import DownloadConfig
+from pipeline import download_proxy
 from pipeline.download_guard import AddressGuard
 from pipeline.download_report import failure_cause
 
@@ -36,6 +41,7 @@ N_GOOD = 6
 SHARD_SIZE = 6
 SLOW_S = 3.0  # the slow handler's delay; the client gives up after --timeout 1
 LOOPBACK = ["--allow-network", "127.0.0.0/8"]
+ONLY_127_0_0_1 = ["--allow-network", "127.0.0.1/32"]
 FAST = ["--processes", "1", "--threads", "4", "--timeout", "1", "--image-size", "48",
         "--shard-size", str(SHARD_SIZE)]
 
@@ -53,8 +59,16 @@ def png_bomb(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module", autouse=True)
 def no_egress():
     """Safety net should the guard ever break: urllib (in img2dataset's spawned workers too) sends every request
-    for a non-loopback host to a closed loopback port instead of the network."""
+    for a non-loopback host to a closed loopback port instead of the network, and rakt's proxy (in this process)
+    cannot connect to anything but loopback."""
+    real_open = download_proxy.open_connection
+
+    def loopback_only(address: str, port: int, timeout: float):
+        assert ipaddress.ip_address(address.split("%", 1)[0]).is_loopback, f"test egress to {address}"
+        return real_open(address, port, timeout)
+
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(download_proxy, "open_connection", loopback_only)
         for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
             mp.setenv(name, "http://127.0.0.1:9")
         for name in ("no_proxy", "NO_PROXY"):
@@ -66,13 +80,24 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
 
-@pytest.fixture(scope="module")
-def server():
-    """A threaded HTTP server on 127.0.0.1 (port 0) with one path per case; counts the requests per path."""
-    good = {f"/img/{i}.jpg": jpeg_bytes(image_array(i, size=32 + 8 * i)) for i in range(N_GOOD)}
-    broken = jpeg_bytes(image_array(99, size=64))
+@functools.lru_cache(maxsize=1)
+def bodies_of_server() -> tuple[dict[str, bytes], bytes]:
+    """(good images by path, a broken JPEG), built once for all servers."""
+    return {f"/img/{i}.jpg": jpeg_bytes(image_array(i, size=32 + 8 * i)) for i in range(N_GOOD)}, \
+        jpeg_bytes(image_array(99, size=64))
+
+
+@functools.lru_cache(maxsize=1)
+def bomb_png() -> bytes:
+    return png_bomb(30000, 30000)
+
+
+@contextlib.contextmanager
+def serve(host: str):
+    """A threaded HTTP server on `host` (port 0) with one path per case; counts the requests per path."""
+    good, broken = bodies_of_server()
     bodies = {**good, "/page.html": b"<html><body>not an image</body></html>",
-              "/truncated.jpg": broken[: len(broken) // 2], "/bomb.png": png_bomb(30000, 30000)}
+              "/truncated.jpg": broken[: len(broken) // 2], "/bomb.png": bomb_png()}
     hits: Counter = Counter()
     lock, stop = threading.Lock(), threading.Event()
 
@@ -98,6 +123,8 @@ def server():
                 self.send(500, b"boom")
             elif self.path == "/loop":
                 self.send(302, b"", Location="/loop")
+            elif self.path.startswith("/redirect?to="):
+                self.send(302, b"", Location=unquote(self.path.split("=", 1)[1]))
             elif self.path == "/slow":
                 stop.wait(SLOW_S)  # bounded; the client has given up long before
                 try:
@@ -110,16 +137,32 @@ def server():
             else:
                 self.send(404, b"not found")
 
-    srv = Server(("127.0.0.1", 0), Handler)
+    srv = Server((host, 0), Handler)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     srv.hits, srv.lock, srv.good = hits, lock, good
-    srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
-    yield srv
-    stop.set()
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
+    srv.port = srv.server_address[1]
+    srv.base = f"http://{host}:{srv.port}"
+    try:
+        yield srv
+    finally:
+        stop.set()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve("127.0.0.1") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def other_server():
+    """A second server on 127.0.0.2: loopback, but outside `--allow-network 127.0.0.1/32`."""
+    with serve("127.0.0.2") as srv:
+        yield srv
 
 
 def write_manifest(path: Path, urls: list[str | None], with_url: bool = True) -> Path:
@@ -224,6 +267,82 @@ def test_loopback_refused_unless_allowed(server, tmp_path):
     assert report["samples"] == 0 and report["failed"] == 0
 
 
+def test_redirects_are_checked_by_the_proxy(server, other_server, tmp_path):
+    """Only 127.0.0.1 is allowed: redirects to 127.0.0.2 (http, and https via CONNECT) and to ftp:// are refused
+    by the proxy without a connection; a redirect to an allowed address still downloads."""
+    to = {"http": f"{other_server.base}/img/0.jpg", "https": f"https://127.0.0.2:{other_server.port}/img/1.jpg",
+          "ftp": f"ftp://127.0.0.1:{server.port}/img/3.jpg", "ok": "/img/2.jpg"}
+    urls = [f"{server.base}/redirect?to={quote(u, safe='')}" for u in to.values()]
+    urls.append(f"{other_server.base}/img/4.jpg")  # direct: refused by the guard before the download
+    manifest = write_manifest(tmp_path / "manifest", urls)
+    server.hits.clear()
+    other_server.hits.clear()
+    assert main(["download", str(manifest), "--out", str(tmp_path / "out"), *ONLY_127_0_0_1, *FAST]) == 0
+    assert sum(other_server.hits.values()) == 0
+    assert set(server.hits) == {f"/redirect?to={quote(u, safe='')}" for u in to.values()} | {"/img/2.jpg"}
+    report = json.loads((tmp_path / "out" / "download_report.json").read_text())
+    assert report["samples"] == 1 and [s["json"]["pool_id"] for s in read_samples(tmp_path / "out")] == [3]
+    assert report["failed_by_cause"] == {"bad_scheme": 1, "blocked_address": 2}
+    assert report["refused_by_cause"] == {"blocked_address": 1}
+    blocked = report["failed_examples"]["blocked_address"]
+    assert any(m.startswith("HTTP Error 403: rakt proxy refused: blocked_address (127.0.0.2") for m in blocked)
+    assert any("Tunnel connection failed: 403 rakt proxy refused: blocked_address" in m for m in blocked)
+
+
+def test_proxy_resolves_every_request_and_connects_to_the_checked_address(server, other_server):
+    """DNS rebinding: the proxy resolves each request afresh and connects to the address it judged (the fake
+    names do not resolve on this machine, so a second lookup would fail)."""
+    answers = {"pinned.test": [["127.0.0.1"], ["127.0.0.1"]], "flip.test": [["127.0.0.1"], ["127.0.0.2"]],
+               "mixed.test": [["127.0.0.1", "127.0.0.2"]], "private.test": [["127.0.0.2"]]}
+    calls = Counter()
+
+    def resolve(host: str, port: int) -> list[str]:
+        calls[host] += 1
+        if host not in answers:
+            raise OSError(f"no such host {host}")
+        return answers[host][min(calls[host], len(answers[host])) - 1]
+
+    guard = AddressGuard(allow_networks=["127.0.0.1/32"], resolve=resolve)
+    server.hits.clear()
+    other_server.hits.clear()
+    with download_proxy.filtering_proxy(guard, timeout=2) as url:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": url, "https": url}))
+
+        def fetch(target: str) -> bytes | str:
+            try:
+                with opener.open(target, timeout=5) as r:
+                    return r.read()
+            except (urllib.error.HTTPError, urllib.error.URLError) as e:
+                return str(e)
+
+        image = server.good["/img/0.jpg"]
+        assert fetch(f"http://pinned.test:{server.port}/img/0.jpg") == image
+        assert fetch(f"http://flip.test:{server.port}/img/0.jpg") == image
+        results = {host: fetch(f"http://{host}:{other_server.port}/img/0.jpg")
+                   for host in ("flip.test", "mixed.test", "private.test", "nowhere.test")}
+        results["https"] = fetch(f"https://private.test:{other_server.port}/img/0.jpg")
+        assert fetch(f"http://pinned.test:{server.port}/img/0.jpg") == image
+    assert sum(other_server.hits.values()) == 0 and server.hits["/img/0.jpg"] == 3
+    assert {k: failure_cause(v) for k, v in results.items()} == {
+        "flip.test": "blocked_address", "mixed.test": "blocked_address", "private.test": "blocked_address",
+        "nowhere.test": "unresolvable_host", "https": "blocked_address"}
+    assert "127.0.0.2" in results["flip.test"] and "Tunnel connection failed" in results["https"]
+    assert calls["pinned.test"] == 2 and calls["flip.test"] == 2  # no cache: every request is resolved again
+
+
+def test_proxy_environment_is_set_for_the_run_and_restored(monkeypatch):
+    monkeypatch.setenv("https_proxy", "http://corp:3128")
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    with download_proxy.proxy_environment("http://127.0.0.1:5555"):
+        proxies = urllib.request.getproxies()
+        assert {k: proxies.get(k) for k in ("http", "https", "ftp")} == dict.fromkeys(
+            ("http", "https", "ftp"), "http://127.0.0.1:5555")
+        assert not urllib.request.proxy_bypass("127.0.0.1") and not urllib.request.proxy_bypass("localhost")
+    assert os.environ["https_proxy"] == "http://corp:3128" and "HTTP_PROXY" not in os.environ
+    assert os.environ["no_proxy"] == "127.0.0.1,localhost"
+
+
 def test_rerun_fetches_only_the_missing_shard(downloaded, server, tmp_path):
     out, manifest, _ = downloaded
     copy = tmp_path / "out"
@@ -315,6 +434,13 @@ def test_resolves_each_host_once():
      "'validateInputImageSize'\n", "image_too_large"),
     ("image area too large", "image_too_large"),
     ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+    ("HTTP Error 403: rakt proxy refused: blocked_address (internal.example 10.0.0.5)", "blocked_address"),
+    ("<urlopen error Tunnel connection failed: 403 rakt proxy refused: blocked_address (x 10.0.0.5)>",
+     "blocked_address"),
+    ("HTTP Error 403: rakt proxy refused: bad_scheme (ftp://10.0.0.5/x)", "bad_scheme"),
+    ("HTTP Error 502: rakt proxy: cannot connect to a.example:80: [Errno 111] Connection refused",
+     "connection_error"),
+    ("HTTP Error 504: rakt proxy: cannot connect to a.example:80: timed out", "timeout"),
     ("something new", "other"),
 ])
 def test_failure_cause(message, cause):
