@@ -129,7 +129,8 @@ class MaterializeConfig:
 
 
 @dataclass
-class DownloadConfig:
+class DownloadConfig(EngineConfig):
+    """engine local = img2dataset's multiprocessing distributor; ray = its ray distributor on the Ray cluster."""
     manifest: str = _f("", "transfer-manifest directory with a 'url' column (from `rakt curate`)", positional=True)
     out: str = _f("", "output WebDataset shard directory (img2dataset layout: 00000.tar, 00000_stats.json, ...)")
     image_size: int = _f(256, "output image size in px")
@@ -146,8 +147,6 @@ class DownloadConfig:
                                          "(decompression bombs); 0 = no limit")
     allow_private: bool = _f(False, "fetch URLs whose host resolves to a private/loopback/link-local address")
     allow_network: list[str] = _f([], "CIDRs exempted from the address guard, e.g. 127.0.0.0/8 10.0.0.0/8")
-    engine: str = _f("local", "local (img2dataset multiprocessing) | ray (img2dataset's ray distributor)",
-                     choices=("local", "ray"))
 
 
 STAGES: dict[str, type] = {

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError, DownloadConfig, config_hash, to_dict
 from pipeline.download_guard import AddressGuard, parse_networks
 from pipeline.download_proxy import filtering_proxy, proxy_environment
+from pipeline.engines import connect_ray, import_ray
 from pipeline.download_report import OOM_SHARD_COUNT, REPORT_JSON, build_report, log_summary
 from pipeline.io import InputError, file_hash, read_json, timed, write_json, write_parquet
 
@@ -110,9 +111,8 @@ def check_settings(cfg: DownloadConfig) -> None:
         raise ConfigError(f"{where}: 'allow_network': {e}") from None
     if importlib.util.find_spec("img2dataset") is None:
         raise ConfigError(f"{where}: img2dataset is not installed; pip install 'rakt[download]'")
-    if cfg.engine == "ray" and importlib.util.find_spec("ray") is None:
-        raise ConfigError(f"{where}: engine 'ray' needs Ray (pip install 'ray[default]'); img2dataset's ray "
-                          "distributor silently does nothing without it. Use --engine local")
+    if cfg.engine == "ray":
+        import_ray()  # img2dataset's ray distributor silently does nothing without Ray: say how to install it
 
 
 def read_manifest(path: Path) -> pa.Table:
@@ -202,6 +202,8 @@ def fetch(cfg: DownloadConfig, guard: AddressGuard, input_path: Path, out: Path,
                     "nodes follow redirects unchecked (the address guard still checks every manifest URL)")
     with filtering_proxy(guard, cfg.timeout) as proxy, proxy_environment(proxy), \
             worker_environment(cfg.max_image_area), contextlib.redirect_stdout(sys.stderr):
+        if cfg.engine == "ray":
+            connect_ray(cfg.ray_address)  # a local Ray started here inherits the proxy environment
         try:
             img2dataset.download(
                 url_list=str(input_path), input_format="parquet", url_col="url",

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import http.server
 import importlib.util
+import sys
 import ipaddress
 import os
 import signal
@@ -458,11 +459,10 @@ def test_config_errors(tmp_path, capsys):
 
 
 def test_ray_engine_without_ray_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as where Ray is not installed
     manifest = write_manifest(tmp_path / "manifest", ["http://10.0.0.1/a.jpg"])
     assert main(["download", str(manifest), "--out", str(tmp_path / "out"), "--engine", "ray"]) == 2
-    assert "needs Ray" in capsys.readouterr().err
+    assert "pip install 'rakt[ray]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -483,3 +483,22 @@ def test_worker_environment_is_restored(monkeypatch):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # what img2dataset does with its own handler
     assert "OPENCV_IO_MAX_IMAGE_PIXELS" not in os.environ
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ray_engine_downloads_what_the_local_engine_downloads(downloaded, server, tmp_path):
+    """img2dataset's ray distributor on a local Ray (started by rakt, so its workers use rakt's proxy)."""
+    import ray
+
+    urls = [server.base + p for p in server.good] + [server.base + "/404"]
+    manifest = write_manifest(tmp_path / "manifest", urls)
+    try:
+        assert main(["download", str(manifest), "--out", str(tmp_path / "ray"), *LOOPBACK, *FAST,
+                     "--engine", "ray"]) == 0
+    finally:
+        ray.shutdown()
+    local = {s["json"]["pool_id"]: s["jpg"].tobytes() for s in read_samples(downloaded[0])}
+    on_ray = {s["json"]["pool_id"]: s["jpg"].tobytes() for s in read_samples(tmp_path / "ray")}
+    assert sorted(on_ray) == list(range(len(server.good)))
+    assert all(on_ray[i] == local[i] for i in on_ray)
+    report = json.loads((tmp_path / "ray" / "download_report.json").read_text())
+    assert report["failed_by_cause"] == {"http_404": 1}
