@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.io import InputError, read_json
+from pipeline.io import EMBEDDINGS_JSON, InputError, read_json
 
 BAR = "▇"
 BAR_WIDTH = 40
@@ -41,7 +41,8 @@ def _manifest_text(path: Path) -> str:
         lines.append(f"  leakage guard OFF: {guard.get('reason', '')}")
     hits = df[["query_id", "query_label", "query_ids"]].explode("query_ids") if "query_ids" in df else df
     per_query = hits.groupby("query_ids" if "query_ids" in hits else "query_id").size()
-    lines += _per_class(df), _spread("images per query (all hits)", per_query), _histogram(df["score"])
+    names = _class_names(meta.get("lineage", {}).get("embeddings"), meta)
+    lines += _per_class(df, names), _spread("images per query (all hits)", per_query), _histogram(df["score"])
     return "\n".join(lines)
 
 
@@ -56,12 +57,22 @@ def _candidates_text(path: Path) -> str:
     if len(by_rank):
         lines.append(f"  mean score at rank 0: {by_rank.iloc[0]:.4f}  at rank {by_rank.index[-1]}: "
                      f"{by_rank.iloc[-1]:.4f}")
-    lines += _per_class(valid.drop_duplicates("query_id")), _spread(
+    lines += _per_class(valid.drop_duplicates("query_id"), _class_names(meta.get("embeddings"), meta)), _spread(
         "candidates per query", valid.groupby("query_id").size()), _histogram(valid["score"])
     return "\n".join(lines)
 
 
-def _per_class(df: pd.DataFrame, top: int = 12) -> str:
+def _class_names(embeddings_dir: str | None, meta: dict) -> list[str]:
+    """Class names recorded with the queries (text-query classes, or the query embedding set's), if any."""
+    if meta.get("classes"):
+        return list(meta["classes"])
+    emb_json = Path(embeddings_dir) / EMBEDDINGS_JSON if embeddings_dir else None
+    if emb_json is not None and emb_json.exists():
+        return list(read_json(emb_json).get("classes") or [])
+    return []
+
+
+def _per_class(df: pd.DataFrame, names: list[str] | None = None, top: int = 12) -> str:
     labels = df["query_label"].astype("Int64")
     labels = labels.astype(object).where(labels.notna(), UNLABELLED).map(str)
     counts = labels.value_counts()
@@ -69,11 +80,16 @@ def _per_class(df: pd.DataFrame, top: int = 12) -> str:
         return "per class: (none)"
     order = sorted(counts.index, key=lambda s: (s == UNLABELLED, int(s) if s != UNLABELLED else 0))
     shown = order[:top]
-    rows = [f"    {name:>10}  {counts[name]:>8}" for name in shown]
+    names = names or []
+
+    def label(s: str) -> str:
+        return f"{s} {names[int(s)]}" if s != UNLABELLED and int(s) < len(names) else s
+
+    rows = [f"    {label(name):>16}  {counts[name]:>8}" for name in shown]
     if len(order) > top:
         rows.append(f"    ... {len(order) - top} more classes")
     return "\n".join([f"per class ({len(order)} classes; min {counts.min()} median {int(counts.median())} "
-                      f"max {counts.max()}):", f"    {'class':>10}  {'rows':>8}", *rows])
+                      f"max {counts.max()}):", f"    {'class':>16}  {'rows':>8}", *rows])
 
 
 def _spread(title: str, per: pd.Series, show: int = 3) -> str:
