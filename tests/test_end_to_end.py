@@ -51,6 +51,7 @@ def world(kit, tmp_path_factory):
     pool += [{"__key__": f"r{i:03d}", "jpg": jpeg_bytes(a), "json": {"kind": "other"}}
              for i, (a, _) in enumerate(distractors)]
     write_shard(root / "pool" / "pool-000000.tar", pool)
+    (root / "classes.txt").write_text((kit / "target/cifar10/classes.txt").read_text())  # found beside the shards
     write_shard(root / "target-000000.tar", [{"__key__": f"t{i:03d}", "jpg": jpeg_bytes(a), "cls": c}
                                              for i, (a, c) in enumerate(targets)])
     write_shard(root / "eval-000000.tar", [{"__key__": f"e{i:03d}", "jpg": b, "cls": targets[i][1]}
@@ -66,7 +67,7 @@ def world(kit, tmp_path_factory):
     assert main(["curate", str(w / "candidates"), "--budget", str(N_TARGETS * 3), "--near-dup", "0.99",
                  "--eval-embeddings", str(w / "eval"), "--leakage-threshold", "0.97", "--out", str(w / "manifest")]) == 0
     assert main(["materialize", str(w / "manifest"), "--out", str(w / "shards"), "--shard-size", "8"]) == 0
-    return {"root": root, "work": w, "group": group}
+    return {"root": root, "work": w, "group": group, "labels": {c for _, c in targets}}
 
 
 def test_retrieval_returns_the_group(world):
@@ -105,3 +106,5 @@ def test_inspect_summarizes_the_manifest(world, capsys):
     assert main(["inspect", str(world["work"] / "manifest")]) == 0
     out = capsys.readouterr().out
     assert str(N_TARGETS * 2) in out
+    names = (world["root"] / "classes.txt").read_text().split()
+    assert all(f"{c} {names[c]}" in out for c in world["labels"])  # per-class rows carry the class names
