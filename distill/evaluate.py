@@ -1,0 +1,150 @@
+"""Accuracy, per-class accuracy and confusion matrix of a classifier on the labelled target test set.
+
+`evaluate_model` works on any model mapping [0, 1] image batches to logits; `run(cfg)` is `rakt evaluate`:
+it loads a student checkpoint (distill/students.py), reads labelled images with `pipeline.sources`, decodes
+them with PIL (RGB, resized to the student's input size), and writes the report JSON atomically.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import logging
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import EvaluateConfig, to_dict
+from pipeline.io import InputError, timed, write_json
+from pipeline.sources import Source, open_source
+
+log = logging.getLogger("rakt")
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def evaluate_model(model: torch.nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], num_classes: int,
+                   *, device: str | torch.device = "cpu", batch_size: int = 256) -> dict:
+    """Top-1 accuracy, per-class accuracy (None for a class without samples), confusion matrix, count.
+
+    data: an iterable of (images, labels) batches (e.g. a DataLoader), or one (images, labels) pair of
+    tensors, evaluated in chunks of `batch_size`. confusion[i][j] counts samples of true class i predicted
+    as j. The model runs in eval mode under no_grad and is put back in its previous mode.
+    """
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        images, labels = data
+        data = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for images, labels in data:
+                labels = torch.as_tensor(labels).to("cpu", torch.int64)
+                if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+                    raise InputError(f"labels must lie in 0..{num_classes - 1}, got {int(labels.min())}.."
+                                     f"{int(labels.max())}")
+                logits = model(images.to(device))
+                if logits.shape[-1] != num_classes:
+                    raise InputError(f"the model gives {logits.shape[-1]} class scores but the task has "
+                                     f"{num_classes} classes")
+                pred = logits.argmax(dim=-1).cpu()
+                confusion += torch.bincount(labels * num_classes + pred,
+                                            minlength=num_classes ** 2).view(num_classes, num_classes)
+    finally:
+        model.train(was_training)
+    return metrics_from_confusion(confusion.numpy())
+
+
+def metrics_from_confusion(confusion: np.ndarray) -> dict:
+    """accuracy, per_class_accuracy, confusion (lists), count from a [true, predicted] count matrix."""
+    count = int(confusion.sum())
+    per_class_total = confusion.sum(axis=1)
+    diag = np.diag(confusion)
+    per_class = [float(d / n) if n else None for d, n in zip(diag, per_class_total)]
+    return {"accuracy": float(diag.sum() / count) if count else 0.0, "per_class_accuracy": per_class,
+            "confusion": confusion.astype(int).tolist(), "count": count}
+
+
+def decode_rgb(data: bytes, size: int) -> torch.Tensor:
+    """Encoded image bytes -> float [3, size, size] tensor in [0, 1] (size 0 keeps the image's own size)."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = img.convert("RGB")
+    if size and rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def labelled_batches(source: Source, split: str, size: int, batch_size: int,
+                     skipped: collections.Counter) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Decoded (images, labels) batches of a source's labelled samples of `split` ('' = all splits)."""
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    for partition in source.partitions:
+        for sample in source.read(partition, skipped):
+            if split and sample.split != split:
+                skipped["other_split"] += 1
+                continue
+            if sample.label is None:
+                skipped["unlabelled"] += 1
+                continue
+            try:
+                images.append(decode_rgb(sample.image, size))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                skipped["undecodable"] += 1
+                log.warning("%s: cannot decode image (%s); skipped", sample.locator, e)
+                continue
+            labels.append(sample.label)
+            if len(images) == batch_size:
+                yield torch.stack(images), torch.tensor(labels)
+                images, labels = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_model(cfg: EvaluateConfig, num_classes: int):
+    """The student of cfg.checkpoint: a rakt student checkpoint, or bare weights for cfg.model."""
+    from distill.students import create_student, load_student
+
+    if cfg.model:
+        if num_classes < 1:
+            raise InputError("--model with bare weights needs the class count: pass --classes classes.txt")
+        model = create_student(cfg.model, num_classes, checkpoint=cfg.checkpoint, small_input=cfg.small_input)
+        return model.eval(), {}
+    return load_student(cfg.checkpoint)
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    """`rakt evaluate`: accuracy of a student checkpoint on labelled target images; writes cfg.out (JSON)."""
+    if not cfg.checkpoint:
+        raise InputError("rakt evaluate: a student checkpoint is required (from the trainer or save_student)")
+    with timed("evaluate"):
+        source = open_source(cfg.source, classes_file=cfg.classes)
+        classes = source.classes
+        model, meta = _load_model(cfg, len(classes) if classes else 0)
+        num_classes = model.num_classes
+        if classes is not None and len(classes) != num_classes:
+            raise InputError(f"the source has {len(classes)} classes but the student {model.arch} predicts "
+                             f"{num_classes}; evaluate on the target task it was trained for")
+        device = _device(cfg.device)
+        model.to(device)
+        skipped: collections.Counter = collections.Counter()
+        batches = labelled_batches(source, cfg.split, model.image_size, cfg.batch_size, skipped)
+        metrics = evaluate_model(model, batches, num_classes, device=device)
+        if metrics["count"] == 0:
+            raise InputError(f"{', '.join(cfg.source)}: no labelled images"
+                             f"{' in split ' + repr(cfg.split) if cfg.split else ''} to evaluate on "
+                             f"(skipped: {dict(skipped) or 'none'})")
+    report = {**metrics, "classes": classes, "arch": model.arch, "checkpoint": cfg.checkpoint,
+              "checkpoint_meta": meta, "source": cfg.source, "split": cfg.split, "skipped": dict(skipped),
+              "config": to_dict(cfg)}
+    write_json(cfg.out, report)
+    log.info("evaluate: accuracy %.4f on %d images (%s)", metrics["accuracy"], metrics["count"], cfg.out)
+    return {"accuracy": metrics["accuracy"], "count": metrics["count"], "skipped": dict(skipped), "out": cfg.out}
