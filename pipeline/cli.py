@@ -20,6 +20,10 @@ RUNNERS = {
     "curate": ("pipeline.curate", "turn candidates into a transfer manifest under a budget"),
     "materialize": ("pipeline.materialize", "write a transfer manifest over a local pool into WebDataset shards"),
     "download": ("pipeline.download", "download a transfer manifest's URLs into WebDataset shards (img2dataset)"),
+    "adapt": ("distill.teacher", "adapt the teacher to the target task: linear probe, zero-shot head, reprogram, "
+                                 "finetune"),
+    "evaluate": ("distill.evaluate", "accuracy, per-class accuracy and confusion matrix of a student on labelled "
+                                     "target test images"),
 }
 
 

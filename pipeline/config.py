@@ -149,6 +149,47 @@ class DownloadConfig(EngineConfig):
     allow_network: list[str] = _f([], "CIDRs exempted from the address guard, e.g. 127.0.0.0/8 10.0.0.0/8")
 
 
+@dataclass
+class EvaluateConfig:
+    source: list[str] = _f([], "labelled target test images: image folder (class subfolders), CSV/parquet "
+                               "manifest (path,label) or WebDataset shards with .cls", positional=True)
+    checkpoint: str = _f("", "student checkpoint file (from the trainer / distill.students.save_student), or "
+                             "bare weights with --model")
+    model: str = _f("", "timm model name when --checkpoint holds bare weights ('' = read it from the checkpoint)")
+    small_input: bool = _f(False, "with --model: the student uses the 32-px (CIFAR-style) ResNet stem")
+    classes: str = _f("", "classes.txt (one name per line) naming label indices; default: found beside the source")
+    split: str = _f("", "evaluate only samples whose split field is this (e.g. test); '' = every sample")
+    batch_size: int = _f(256, "images per forward pass")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    out: str = _f("", "output report JSON (accuracy, per-class accuracy, confusion matrix)")
+
+
+@dataclass
+class AdaptConfig(EncoderConfig):
+    """`rakt adapt`: fit the teacher to the target task (distill/teacher.py); batch_size also sets training batches."""
+    mode: str = _f("linear", "linear: logistic-regression probe on frozen embeddings | zeroshot: open_clip text "
+                             "head from class names x templates | reprogram: frozen backbone + learned padding "
+                             "visual prompt + linear output mapping (TDMR) | finetune: backbone + linear head",
+                   choices=("linear", "zeroshot", "reprogram", "finetune"))
+    train: list[str] = _f([], "labelled target images (folder, manifest or shards, as for `rakt embed`)")
+    embeddings: str = _f("", "linear: the train embedding set from `rakt embed` with the same model (reused, "
+                             "not recomputed)")
+    eval: list[str] = _f([], "test images (source specs) and/or, for linear/zeroshot, an eval embedding set")
+    eval_split: str = _f("", "rows/samples of this split in --eval ('' = all)")
+    split: str = _f("", "train rows/samples of this split ('' = all)")
+    per_class: int = _f(0, "few-shot: keep N training images per class (draw with --seed); 0 keeps all")
+    seed: int = _f(0, "seed of the few-shot draw, the holdout split and training")
+    classes: str = _f("", "classes.txt (one name per line); default: recorded with the source / embedding set")
+    templates: str = _f("default", "zeroshot prompt templates: 'default' or a file, one template with '{}' a line")
+    epochs: int = _f(10, "reprogram/finetune: passes over the training images")
+    lr: float = _f(0.0, "learning rate of head and prompt (0 = the mode's default, 0.01)")
+    backbone_lr: float = _f(0.01, "finetune: backbone learning rate as a fraction of lr")
+    weight_decay: float = _f(-1.0, "L2 penalty; -1 = linear: chosen on the holdout split, others: 0")
+    prompt_size: int = _f(30, "reprogram: width in px of the learnable border around the downscaled image")
+    holdout: float = _f(0.2, "linear: fraction of train held out to choose the weight decay (never the test set)")
+    out: str = _f("", "teacher checkpoint path (e.g. teacher.pt); the report goes to OUT.json")
+
+
 STAGES: dict[str, type] = {
     "embed": EmbedConfig,
     "index": IndexBuildConfig,
@@ -156,6 +197,8 @@ STAGES: dict[str, type] = {
     "curate": CurateConfig,
     "materialize": MaterializeConfig,
     "download": DownloadConfig,
+    "adapt": AdaptConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

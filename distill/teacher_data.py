@@ -1,0 +1,107 @@
+"""What `rakt adapt` reads: labelled images from source specs, labelled embedding sets, and accuracy reports."""
+from __future__ import annotations
+
+import collections
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from PIL import Image
+
+from pipeline.io import EMBEDDINGS_JSON, InputError, embedding_matrix, read_embedding_set
+from pipeline.sources import open_source
+
+log = logging.getLogger("rakt")
+
+
+@dataclass
+class Labelled:
+    """Labelled examples: `x` uint8 images [N, 3, H, W] or float32 embeddings [N, dim]; `y` int64 [N]."""
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str] | None
+    ids: list[str]
+
+
+def is_embedding_set(spec: str) -> bool:
+    return Path(spec, EMBEDDINGS_JSON).is_file()
+
+
+def load_images(specs: list[str], *, classes_file: str = "", per_class: int = 0, seed: int = 0, split: str = "",
+                size: int = 224) -> Labelled:
+    """Decode the labelled images of source specs (unlabelled ones are left out; `split` filters by the sample's
+    own split). Images of one common size are kept as they are, otherwise resized to `size` x `size`."""
+    source = open_source(specs, classes_file=classes_file, per_class=per_class, seed=seed)
+    stats: collections.Counter = collections.Counter()
+    arrays, labels, ids = [], [], []
+    for partition in source.partitions:
+        for sample in source.read(partition, stats):
+            if sample.label is None or (split and (sample.split or "train") != split):
+                stats["unlabelled_or_other_split"] += 1
+                continue
+            try:
+                with Image.open(io.BytesIO(sample.image)) as img:
+                    arrays.append(np.asarray(img.convert("RGB")))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                stats["undecodable_image"] += 1
+                log.warning("%s: undecodable image (%s); skipped", sample.id, e)
+                continue
+            labels.append(sample.label)
+            ids.append(sample.id)
+    if not arrays:
+        raise InputError(f"{', '.join(specs)}: no labelled images{f' of split {split!r}' if split else ''} "
+                         f"({dict(stats) or 'no samples'})")
+    if len({a.shape for a in arrays}) > 1:
+        arrays = [np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC)) for a in arrays]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    if stats:
+        log.info("%s: left out %s", ", ".join(specs), dict(stats))
+    log.info("loaded %d labelled images %s from %s", len(ids), tuple(x.shape[1:]), ", ".join(specs))
+    return Labelled(x, torch.tensor(labels, dtype=torch.long), source.classes, ids)
+
+
+def load_embeddings(path: str, model_id: str, split: str = "") -> Labelled:
+    """The labelled rows of an embedding set (of `split` when given); refuses one made by another model."""
+    meta, table = read_embedding_set(path)
+    if meta.get("model") != model_id:
+        raise InputError(f"embedding set {path} was made with model '{meta.get('model')}' but the teacher is "
+                         f"'{model_id}'; embed the images with the teacher's --model/--pretrained/--image-size")
+    if split:
+        table = table.filter(pc.equal(table["split"], split))
+    table = table.filter(pc.is_valid(table["label"]))
+    if table.num_rows == 0:
+        raise InputError(f"embedding set {path}: no labelled rows{f' of split {split!r}' if split else ''}")
+    x = torch.from_numpy(embedding_matrix(table))
+    x = torch.nn.functional.normalize(x, dim=-1)
+    y = torch.tensor(table["label"].to_pylist(), dtype=torch.long)
+    return Labelled(x, y, meta.get("classes"), table["id"].to_pylist())
+
+
+def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Top-1 accuracy, per-class accuracy (by class name) and counts."""
+    pred = logits.argmax(dim=1)
+    correct = (pred == labels)
+    per_class = {}
+    for i, name in enumerate(classes):
+        mask = labels == i
+        if mask.any():
+            per_class[name] = round(float(correct[mask].float().mean()), 4)
+    return {"accuracy": round(float(correct.float().mean()), 4), "count": int(labels.numel()),
+            "per_class_accuracy": per_class}
+
+
+def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified (train, held-out) index tensors: about `fraction` of each class, at least one row kept to train."""
+    gen = torch.Generator().manual_seed(seed)
+    train, held = [], []
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().flatten()
+        rows = rows[torch.randperm(len(rows), generator=gen)]
+        n = min(len(rows) - 1, round(len(rows) * fraction))
+        held.append(rows[:n])
+        train.append(rows[n:])
+    return torch.cat(train).sort().values, torch.cat(held).sort().values

@@ -1,0 +1,232 @@
+"""The adapted teacher: a backbone from pipeline.encoders + a head (+ a visual prompt), and its checkpoint.
+
+`AdaptedTeacher(x)` takes float images in [0, 1] of any size ([B, 3, H, W]); it resizes and normalizes them
+itself, so the same augmented view can be fed to the teacher and to a student. Pixels go through the tensor
+counterpart of the encoder's own eval transform (resize the shorter side, center crop, normalize), so the
+features match the embedding sets `rakt embed` wrote with that encoder (up to PIL vs. torch resampling).
+
+Heads act on L2-normalized features: logits = logit_scale * head(normalize(features)).
+Reprogram (TDMR) uses a *padding* visual prompt: the image is resized into the central
+(size - 2 * prompt_size) square and a learnable border `prompt_size` px wide surrounds it (VP, Bahng et al.);
+the prompt lives in normalized pixel units and starts at 0 (mid grey).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms as T
+
+from pipeline.config import EncoderConfig
+from pipeline.encoders import TIMM_PREFIX, ImageEncoder, encoder_model_id, load_image_encoder
+from pipeline.io import InputError, atomic_path
+
+log = logging.getLogger("rakt")
+
+MODES = ("linear", "zeroshot", "reprogram", "finetune")
+ENCODER_KEYS = ("model", "pretrained", "image_size")
+FORMAT = "rakt-teacher/1"
+
+
+@dataclasses.dataclass
+class PixelPipeline:
+    """The tensor version of an encoder's eval transform."""
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_transform(cls, preprocess: Callable) -> "PixelPipeline":
+        steps = getattr(preprocess, "transforms", [])
+        resize = next((t.size for t in steps if isinstance(t, T.Resize)), None)
+        crop = next((t.size for t in steps if isinstance(t, T.CenterCrop)), None)
+        norm = next((t for t in steps if isinstance(t, T.Normalize)), None)
+        if crop is None or norm is None:
+            raise InputError(f"cannot read the input size and normalization from the encoder's transform {preprocess}")
+        crop = int(crop[0] if isinstance(crop, (tuple, list)) else crop)
+        resize = int(resize[0] if isinstance(resize, (tuple, list)) else resize or crop)
+        mean = tuple(float(v) for v in torch.as_tensor(norm.mean).flatten())
+        std = tuple(float(v) for v in torch.as_tensor(norm.std).flatten())
+        return cls(resize, crop, mean, std)
+
+
+def _resize_short(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if min(h, w) == size:
+        return x
+    scale = size / min(h, w)
+    new = (max(size, round(h * scale)), max(size, round(w * scale)))
+    return F.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+class PaddingPrompt(nn.Module):
+    """A learnable border of `width` px around the image resized into the center (normalized units)."""
+
+    def __init__(self, size: int, width: int) -> None:
+        super().__init__()
+        if width < 1 or 2 * width >= size:
+            raise InputError(f"prompt_size {width} must be at least 1 and below half the input size {size}")
+        self.size, self.width = size, width
+        self.prompt = nn.Parameter(torch.zeros(1, 3, size, size))
+        mask = torch.ones(1, 1, size, size)
+        mask[..., width:size - width, width:size - width] = 0
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, inner: torch.Tensor) -> torch.Tensor:
+        """`inner`: normalized images [B, 3, size - 2*width, size - 2*width] -> prompted [B, 3, size, size]."""
+        w = self.width
+        return F.pad(inner, (w, w, w, w)) + self.prompt * self.mask
+
+
+class AdaptedTeacher(nn.Module):
+    """Backbone + head (+ prompt): forward(x) -> logits, features(x) -> L2-normalized embedding."""
+
+    def __init__(self, backbone: nn.Module, encode: str, dim: int, num_classes: int, pixels: PixelPipeline,
+                 *, mode: str, logit_scale: float = 1.0, prompt_size: int = 0, bias: bool = True,
+                 model_id: str = "") -> None:
+        super().__init__()
+        self.backbone, self.encode, self.dim, self.pixels, self.mode = backbone, encode, dim, pixels, mode
+        self.model_id = model_id  # the backbone's embedding-space id (pipeline.encoders.encoder_model_id)
+        self.head = nn.Linear(dim, num_classes, bias=bias)
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.prompt = PaddingPrompt(pixels.crop, prompt_size) if mode == "reprogram" else None
+        self.register_buffer("mean", torch.tensor(pixels.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(pixels.std).view(1, 3, 1, 1), persistent=False)
+        self.backbone_trainable = mode == "finetune"
+        self.backbone.requires_grad_(self.backbone_trainable)
+        self.train(False)
+
+    @property
+    def input_size(self) -> int:
+        return self.pixels.crop
+
+    def train(self, mode: bool = True) -> "AdaptedTeacher":
+        """A frozen backbone stays in eval mode whatever the caller asks; a finetuned one keeps its batch-norm
+        statistics frozen too (few-shot batches would overwrite them)."""
+        super().train(mode)
+        self.backbone.train(mode and self.backbone_trainable)
+        for module in self.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images of any size -> the backbone's normalized input (with the prompt when reprogramming)."""
+        x = x.float()
+        if self.prompt is not None:
+            inner = self.input_size - 2 * self.prompt.width
+            x = F.interpolate(x, size=(inner, inner), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+            return self.prompt((x - self.mean) / self.std)
+        x = _center_crop(_resize_short(x, self.pixels.resize), self.pixels.crop)
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalized backbone embedding of [0, 1] images."""
+        inputs = self.normalize(x)
+        out = self.backbone.encode_image(inputs) if self.encode == "encode_image" else self.backbone(inputs)
+        return F.normalize(out.float(), dim=-1)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_features(self.features(x))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: head (+ prompt), and the whole backbone when it was finetuned."""
+        keep = ("head.", "logit_scale", "prompt.") + (("backbone.",) if self.backbone_trainable else ())
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(keep)}
+
+
+def encoder_config(cfg: EncoderConfig) -> EncoderConfig:
+    """The plain encoder part of a (stage) config."""
+    return EncoderConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EncoderConfig)})
+
+
+def build_teacher(cfg: EncoderConfig, num_classes: int, mode: str, *, logit_scale: float = 1.0,
+                  prompt_size: int = 0, bias: bool = True, encoder: ImageEncoder | None = None) -> AdaptedTeacher:
+    """An AdaptedTeacher around the encoder `cfg` names (built once through pipeline.encoders, or the given
+    `encoder` of that config), on its device."""
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    encoder = encoder or load_image_encoder(encoder_config(cfg))
+    is_timm = cfg.model.startswith(TIMM_PREFIX)
+    teacher = AdaptedTeacher(encoder.model, "forward" if is_timm else "encode_image", encoder.dim, num_classes,
+                             PixelPipeline.from_transform(encoder.preprocess), mode=mode,
+                             logit_scale=logit_scale, prompt_size=prompt_size, bias=bias, model_id=encoder.model_id)
+    return teacher.to(encoder.device)
+
+
+def save_teacher(path: str | Path, teacher: AdaptedTeacher, meta: dict) -> None:
+    """Write meta (encoder config, mode, classes, ...) + the trainable state atomically to `path`."""
+    payload = {"format": FORMAT, "meta": dict(meta), "state": teacher.trainable_state()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    log.info("saved %s teacher (%d classes) to %s", teacher.mode, teacher.head.out_features, path)
+
+
+def read_teacher_meta(path: str | Path) -> dict:
+    """The meta dict of a teacher checkpoint (loads no backbone)."""
+    return _read(path)["meta"]
+
+
+def _read(path: str | Path) -> dict:
+    if not Path(path).is_file():
+        raise InputError(f"teacher checkpoint {path} not found; write one with `rakt adapt --out {path}`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors alike: one clear message
+        raise InputError(f"{path}: not a readable teacher checkpoint ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"{path}: not a rakt teacher checkpoint (written by `rakt adapt`)")
+    return payload
+
+
+def load_teacher(path: str | Path, device: str = "auto", classes: list[str] | None = None) -> AdaptedTeacher:
+    """Rebuild a teacher from its checkpoint: the backbone through pipeline.encoders, then the saved state.
+
+    The result is in eval mode with every parameter frozen (a teacher to distill from). With `classes`,
+    a checkpoint made for another class list is refused."""
+    payload = _read(path)
+    meta, state = payload["meta"], payload["state"]
+    enc = meta["encoder"]
+    saved = meta.get("classes") or []
+    if classes is not None and list(classes) != list(saved):
+        raise InputError(f"teacher {path} was adapted to {len(saved)} classes ({', '.join(saved[:4])}, ...) but "
+                         f"{len(classes)} classes ({', '.join(classes[:4])}, ...) were asked for; adapt a teacher "
+                         f"on this class list")
+    for key in ("model", "pretrained"):
+        value = enc.get(key) or ""
+        if (value.endswith((".json", ".safetensors", ".pt", ".pth", ".bin")) or os.sep in value) \
+                and not os.path.exists(value):
+            raise InputError(f"teacher {path} was built on {key} {value}, which no longer exists; the checkpoint "
+                             f"stores only the adapted parts, so restore that file (or adapt again)")
+    cfg = EncoderConfig(model=enc["model"], pretrained=enc["pretrained"], image_size=int(enc["image_size"]),
+                        device=device)
+    model_id = encoder_model_id(cfg)
+    if meta.get("model_id") and model_id != meta["model_id"]:
+        raise InputError(f"teacher {path} was adapted on backbone {meta['model_id']}, but {model_id} is what those "
+                         f"settings load now (the checkpoint file changed?); adapt again")
+    teacher = build_teacher(cfg, len(saved), meta["mode"], prompt_size=int(meta.get("prompt_size") or 0),
+                            bias="head.bias" in state)
+    missing, unexpected = teacher.load_state_dict(state, strict=False)
+    expected = set(teacher.trainable_state())
+    if unexpected or expected - set(state):
+        raise InputError(f"teacher {path}: its state does not fit the rebuilt model "
+                         f"(missing {sorted(expected - set(state))[:3]}, unexpected {unexpected[:3]})")
+    teacher.requires_grad_(False)
+    return teacher.eval()
