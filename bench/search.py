@@ -10,8 +10,6 @@ Recall is measured against the flat index's exact results.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from indexes.faiss_index import choose_index, prepare_ivfpq, recall_at, set_nprobe, to_gpu  # noqa: E402
+from bench._device import cpu_name  # noqa: E402
 
 
 def clustered(n: int, rng: np.random.Generator, centers: np.ndarray, lift: np.ndarray, noise: float = 0.6,
@@ -42,12 +41,7 @@ def clustered(n: int, rng: np.random.Generator, centers: np.ndarray, lift: np.nd
 
 
 def device() -> str:
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    text = f"CPU: {cpu} ({os.cpu_count()} logical cores)"
+    text = f"CPU: {cpu_name()}"
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if ngpu:
         try:

@@ -17,8 +17,6 @@ x vector: both floors are printed (measured matmul peak), and the binding one is
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,6 +30,7 @@ import faiss  # noqa: E402
 
 from indexes.faiss_index import choose_index, prepare_ivfpq, recall_at, set_nprobe, to_gpu  # noqa: E402
 from indexes.torch_search import TorchExactSearch, _block_scores, cuda_available  # noqa: E402
+from bench._device import cpu_name  # noqa: E402
 
 GPU_DEFAULTS = {"sizes": "16000000", "dim": 768, "queries": 32768, "batch": 8192, "ivfpq_sizes": "100000000"}
 CPU_DEFAULTS = {"sizes": "200000", "dim": 512, "queries": 2048, "batch": 1024, "ivfpq_sizes": ""}
@@ -123,12 +122,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def describe_device(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    text = f"CPU: {cpu} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+    text = f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}"
     if device.type == "cuda":
         names = [torch.cuda.get_device_name(j) for j in range(torch.cuda.device_count())]
         text += f"; GPU: {len(names)} x {names[0]}"

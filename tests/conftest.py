@@ -89,6 +89,17 @@ def write_shard(path: Path, samples: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny CPU models: one intra-op thread avoids OpenMP oversubscription on shared cores (10x swings)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_images():
     return image_array

@@ -13,13 +13,7 @@ from distill.students import create_student, save_student
 from pipeline.cli import main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny CPU models: one intra-op thread avoids OpenMP oversubscription on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class LabelReader(nn.Module):

@@ -12,13 +12,7 @@ from pipeline.io import InputError
 COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny CPU models: one intra-op thread avoids OpenMP oversubscription on shared cores (10x swings)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def colour_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
