@@ -24,6 +24,8 @@ RUNNERS = {
                                  "finetune"),
     "evaluate": ("distill.evaluate", "accuracy, per-class accuracy and confusion matrix of a student on labelled "
                                      "target test images"),
+    "distill": ("distill.distill_stage", "distill the adapted teacher into a small timm student on the transfer set"),
+    "finetune": ("distill.distill_stage", "finetune a distilled student on the labelled target images"),
 }
 
 

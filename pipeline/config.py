@@ -190,6 +190,57 @@ class AdaptConfig(EncoderConfig):
     out: str = _f("", "teacher checkpoint path (e.g. teacher.pt); the report goes to OUT.json")
 
 
+@dataclass
+class TrainConfig:
+    """Loop settings shared by `rakt distill` and `rakt finetune` (distill/trainer.py)."""
+    epochs: int = _f(10, "passes over the training data")
+    batch_size: int = _f(128, "images per step and process")
+    lr: float = _f(1e-3, "peak AdamW learning rate")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases/norms)")
+    warmup: int = _f(0, "linear warm-up steps before the cosine decay")
+    clip: float = _f(1.0, "max gradient norm (0 = no clipping)")
+    ema: float = _f(0.0, "EMA decay of the saved student (e.g. 0.999; 0 = off)")
+    workers: int = _f(2, "DataLoader worker processes (0 = in process)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
+    seed: int = _f(0, "seed of initialisation, shuffling, augmentation and the few-shot draw")
+    checkpoint_every: int = _f(100, "write OUT/checkpoint.pt every N steps (and at the end)")
+    resume: bool = _f(True, "continue from OUT/checkpoint.pt when it exists")
+    compile: bool = _f(False, "torch.compile the training module")
+    out: str = _f("", "output folder: checkpoint.pt, metrics.jsonl, student.pt, summary.json")
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """`rakt distill`: the adapted teacher -> a timm student on the transfer shards."""
+    transfer: list[str] = _f([], "transfer-set WebDataset shards (files, brace patterns or a folder)",
+                             positional=True)
+    teacher: str = _f("", "adapted teacher checkpoint (from `rakt adapt`)")
+    student: str = _f("resnet18", "timm model name of the student")
+    small_input: bool = _f(False, "CIFAR-style 32-px stem (timm ResNets)")
+    image_size: int = _f(0, "training resolution in px (0 = 32 with --small-input, else 224)")
+    mode: str = _f("task", "task: KD on teacher logits | agnostic: feature KD | progressive: TDMR schedule",
+                   choices=("task", "agnostic", "progressive"))
+    temperature: float = _f(4.0, "KD temperature")
+    target: list[str] = _f([], "optional labelled target images mixed into every step with hard-label CE")
+    target_per_class: int = _f(0, "few-shot draw of N target images per class (0 = all)")
+    hard_weight: float = _f(1.0, "weight of the hard-label CE on target images")
+    classes: str = _f("", "classes.txt of the target task (default: recorded with the target images)")
+    cache_teacher: bool = _f(False, "compute teacher outputs once for --cache-views fixed views per image "
+                                    "(beside the shards, in teacher-cache/); epoch e reuses view (e mod V)")
+    cache_views: int = _f(4, "augmented views per image in the teacher cache")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """`rakt finetune`: a distilled student -> cross-entropy on the labelled target images."""
+    lr: float = _f(1e-4, "peak AdamW learning rate (small: the student is already distilled)")
+    student: str = _f("", "student checkpoint (OUT/student.pt of `rakt distill`)")
+    target: list[str] = _f([], "labelled target images (folder, manifest or shards)", positional=True)
+    classes: str = _f("", "classes.txt (default: recorded with the target images)")
+    per_class: int = _f(0, "few-shot draw of N images per class (0 = all)")
+    split: str = _f("", "target samples of this split ('' = all)")
+
+
 STAGES: dict[str, type] = {
     "embed": EmbedConfig,
     "index": IndexBuildConfig,
@@ -199,6 +250,8 @@ STAGES: dict[str, type] = {
     "download": DownloadConfig,
     "adapt": AdaptConfig,
     "evaluate": EvaluateConfig,
+    "distill": DistillConfig,
+    "finetune": FinetuneConfig,
 }
 
 

@@ -1,0 +1,228 @@
+"""The trainer: distill / finetune runs, kill-and-resume, bad shards, wrong checkpoints, class-count checks.
+
+Tiny and CPU-only: a resnet10t student with the 32-px stem, a teacher made with distill.teacher over the
+tiny (random-init, seeded) open_clip config, shards of generated images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import image_array, jpeg_bytes, write_shard
+from distill.data import TransferSet, list_shards
+from distill.distill_stage import run_distill, run_finetune
+from distill.students import load_student
+from distill.teacher_model import build_teacher, save_teacher
+from pipeline.config import DistillConfig, EncoderConfig, FinetuneConfig
+from pipeline.io import InputError
+
+CLASSES = ["ant", "bee", "cat"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tiny_clip, tmp_path_factory) -> dict[str, Path]:
+    """teacher.pt (3 classes), transfer/ (2 shards x 24 images), target/ (labelled shard + classes.txt)."""
+    root = tmp_path_factory.mktemp("trainer")
+    torch.manual_seed(0)
+    teacher = build_teacher(EncoderConfig(model=tiny_clip, pretrained="", device="cpu"), len(CLASSES), "linear",
+                            logit_scale=10.0)
+    with torch.no_grad():
+        teacher.head.weight.copy_(torch.randn_like(teacher.head.weight))
+    save_teacher(root / "teacher.pt", teacher, {"encoder": {"model": tiny_clip, "pretrained": "", "image_size": 0},
+                                                "model_id": teacher.model_id, "mode": "linear", "classes": CLASSES})
+    for s in range(2):
+        write_shard(root / "transfer" / f"shard-{s:05d}.tar",
+                    [{"__key__": f"{s}-{i:04d}", "jpg": jpeg_bytes(image_array(100 * s + i, 40)), "json": {"i": i}}
+                     for i in range(24)])
+    write_shard(root / "target" / "train.tar",
+                [{"__key__": f"t{i:03d}", "jpg": jpeg_bytes(image_array(1000 + i, 32)), "cls": i % 3}
+                 for i in range(12)])
+    (root / "target" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return {"root": root, "teacher": root / "teacher.pt", "transfer": root / "transfer", "target": root / "target"}
+
+
+def distill_cfg(world: dict, out: Path, **kw) -> DistillConfig:
+    base = dict(transfer=[str(world["transfer"])], teacher=str(world["teacher"]), student="resnet10t",
+                small_input=True, image_size=32, epochs=3, batch_size=16, lr=3e-3, warmup=1, workers=0,
+                device="cpu", checkpoint_every=2, out=str(out))
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def distilled(world, tmp_path_factory, one_torch_thread) -> Path:
+    out = tmp_path_factory.mktemp("distill") / "run"
+    summary = run_distill(distill_cfg(world, out, epochs=4))
+    assert summary["steps"] == 12 and summary["transfer_samples"] == 48
+    return out
+
+
+def test_distill_runs_and_loss_decreases(distilled):
+    rows = metrics(distilled)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {"kd", "loss", "lr", "images_per_s", "grad_norm"} <= set(rows[0])
+    first, last = sum(r["kd"] for r in rows[:3]) / 3, sum(r["kd"] for r in rows[-3:]) / 3
+    assert last < first, (first, last)
+    student, meta = load_student(distilled / "student.pt")
+    assert student.arch == "resnet10t" and student.num_classes == 3 and meta["stage"] == "distill"
+    assert (distilled / "checkpoint.pt").is_file() and (distilled / "summary.json").is_file()
+
+
+def test_distill_with_labelled_target_mixed_in(world, tmp_path, one_torch_thread):
+    out = tmp_path / "mixed"
+    summary = run_distill(distill_cfg(world, out, epochs=1, target=[str(world["target"])], mode="progressive",
+                                      workers=1))
+    assert summary["steps"] == 3
+    rows = metrics(out)
+    assert {"kd", "feature", "ce"} <= set(rows[0]) and rows[0]["ce"] > 0
+
+
+def test_finetune_from_the_distilled_student(distilled, world, tmp_path, one_torch_thread):
+    out = tmp_path / "ft"
+    summary = run_finetune(FinetuneConfig(student=str(distilled / "student.pt"), target=[str(world["target"])],
+                                          epochs=2, batch_size=4, lr=1e-4, workers=0, device="cpu", out=str(out)))
+    assert summary["steps"] == 6 and summary["target_images"] == 12
+    rows = metrics(out)
+    assert all("ce" in r for r in rows)
+    student, meta = load_student(out / "student.pt")
+    assert meta["stage"] == "finetune" and student.num_classes == 3
+    before, _ = load_student(distilled / "student.pt")
+    assert not torch.equal(before.state_dict()["net.fc.weight"], student.state_dict()["net.fc.weight"])
+
+
+RESUME_RUN = dict(epochs=2, batch_size=4, lr=3e-3, warmup=2, ema=0.9, checkpoint_every=3)  # 24 steps
+
+
+def _cli(world: dict, out: Path) -> list[str]:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in RESUME_RUN.items()]
+    return [sys.executable, "-m", "pipeline.cli", "distill", str(world["transfer"]), "--teacher", str(world["teacher"]),
+            "--student", "resnet10t", "--small-input", "--image-size", "32", "--workers", "0", "--device", "cpu",
+            *flags, "--out", str(out)]
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(world, tmp_path, one_torch_thread):
+    """SIGKILL the CLI after its first checkpoint, rerun it: the same student as one uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    proc = subprocess.Popen(_cli(world, killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    at_kill = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < at_kill < 24
+    subprocess.run(_cli(world, killed), cwd=ROOT, env=env, check=True, capture_output=True)
+    run_distill(distill_cfg(world, full, workers=0, **RESUME_RUN))  # uninterrupted, in process (1 thread)
+    a, _ = load_student(full / "student.pt")
+    b, _ = load_student(killed / "student.pt")
+    for name, value in a.state_dict().items():
+        assert torch.allclose(value.float(), b.state_dict()[name].float(), atol=1e-4, rtol=1e-3), name
+    steps = [r["step"] for r in metrics(killed)]
+    assert steps[-1] == 24 and set(steps) == set(range(1, 25))
+
+
+def test_corrupt_and_empty_shards_are_counted_skips(world, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "shard-00000.tar").write_bytes(b"this is not a tar file" * 50)
+    write_shard(bad / "shard-00001.tar", [])
+    good = sorted(str(p) for p in world["transfer"].glob("*.tar"))[:1]
+    data = TransferSet(good + [str(bad / "shard-00000.tar"), str(bad / "shard-00001.tar")], 32, seed=0)
+    samples = list(data)
+    assert len(samples) == 24 and samples[0]["images"].shape == (3, 32, 32)
+    assert sum(data.errors.values()) >= 1
+    with pytest.raises(InputError, match="no samples could be read from the transfer shards .*shard-00000.tar"):
+        run_distill(distill_cfg(world, tmp_path / "out", transfer=[str(bad)], epochs=1))
+
+
+def test_augmented_views_are_seeded_by_epoch_and_key(world):
+    data = TransferSet(list_shards([str(world["transfer"])]), 32, seed=3)
+    data.set_epoch(1)
+    a = {s["keys"]: s["images"] for s in data}
+    b = {s["keys"]: s["images"] for s in data}
+    data.set_epoch(2)
+    c = {s["keys"]: s["images"] for s in data}
+    assert a.keys() == b.keys() == c.keys() and len(a) == 48
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_checkpoint_of_another_architecture_is_refused(distilled, world):
+    with pytest.raises(InputError, match="checkpoint of student resnet10t"):
+        run_distill(distill_cfg(world, distilled, student="resnet18"))
+
+
+def test_teacher_class_count_must_match_the_target(world, tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("a\nb\nc\nd\n")
+    with pytest.raises(InputError, match="predicts 3 classes but the target task has 4"):
+        run_distill(distill_cfg(world, tmp_path / "out", classes=str(classes)))
+
+
+def test_ddp_two_processes_gloo(world, tmp_path):
+    """torchrun with 2 CPU processes (gloo): sharded data, one checkpoint and one metrics log from rank 0."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "pipeline.cli",
+           "distill", str(world["transfer"]), "--teacher", str(world["teacher"]), "--student", "resnet10t",
+           "--small-input", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+           "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "student.pt", "summary.json"]
+    blob = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert blob["step"] == 3  # 48 samples, 2 ranks x 1 shard x 24 samples, batches of 8
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_teacher_cache_equals_fresh_teacher_outputs(world, tmp_path, one_torch_thread):
+    """Cached outputs = the teacher on the regenerated views; a cached run = an online run in epoch 0 (view 0)."""
+    import shutil
+
+    import numpy as np
+
+    from distill.teacher_model import load_teacher
+    from distill.trainer_cache import CACHE_DIR, CachedTransferSet, cache_path
+
+    shards = tmp_path / "shards"
+    shutil.copytree(world["transfer"], shards)
+    cached = run_distill(distill_cfg(world, tmp_path / "cached", transfer=[str(shards)], epochs=1,
+                                     cache_teacher=True, cache_views=2))
+    online = run_distill(distill_cfg(world, tmp_path / "online", transfer=[str(shards)], epochs=1))
+    ident = cached["teacher_cache"]
+    assert len(list((shards / CACHE_DIR / ident).glob("shard-*.npz"))) == 2
+    a, b = metrics(tmp_path / "cached"), metrics(tmp_path / "online")
+    assert len(a) == len(b) == 3 and cached["steps"] == online["steps"] == 3
+    assert all(abs(x["kd"] - y["kd"]) < 1e-4 for x, y in zip(a, b))
+
+    teacher = load_teacher(world["teacher"], device="cpu", classes=CLASSES)
+    shard = sorted(str(p) for p in shards.glob("*.tar"))[0]
+    with np.load(cache_path(shard, ident)) as z:
+        keys, logits, feats = list(z["keys"]), z["logits"], z["features"]
+    assert logits.shape == (2, 24, 3) and feats.shape == (2, 24, teacher.dim)
+    data = CachedTransferSet([shard], 32, ident, 2, seed=0, shuffle=False)
+    data.set_epoch(3)  # epoch 3 shows view 1
+    samples = list(data)
+    assert [s["keys"] for s in samples] == keys
+    with torch.no_grad():
+        images = torch.stack([s["images"] for s in samples])
+        fresh_logits, fresh_feats = teacher(images), teacher.features(images)
+    assert torch.allclose(torch.from_numpy(logits[1]), fresh_logits, atol=1e-4)
+    assert torch.allclose(torch.from_numpy(feats[1]), fresh_feats, atol=1e-5)
+    assert not torch.allclose(torch.from_numpy(logits[0]), fresh_logits, atol=1e-3)  # the views differ
