@@ -121,6 +121,19 @@ class CurateConfig:
 
 
 @dataclass
+class SampleConfig:
+    """`rakt sample`: a uniform random transfer manifest (the paper's random-pool and target-unlabelled baselines)."""
+    source: list[str] = _f([], "index directory (sample its pool metadata) or WebDataset shards (files, brace "
+                               "patterns or a folder) to sample from", positional=True)
+    out: str = _f("", "output transfer-manifest directory (same layout as `rakt curate`'s)")
+    n: int = _f(0, "images to draw (0 = as many as --like's manifest holds)")
+    like: str = _f("", "a transfer-manifest directory whose row count sets n (same-size baselines)")
+    exclude: list[str] = _f([], "embedding sets (or manifests) whose image ids are never drawn, e.g. the "
+                                "labelled target images")
+    seed: int = _f(0, "seed of the draw")
+
+
+@dataclass
 class MaterializeConfig:
     manifest: str = _f("", "transfer-manifest directory (from `rakt curate`)", positional=True)
     out: str = _f("", "output WebDataset shard directory")
@@ -203,6 +216,8 @@ class TrainConfig:
     workers: int = _f(2, "DataLoader worker processes (0 = in process)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
     seed: int = _f(0, "seed of initialisation, shuffling, augmentation and the few-shot draw")
+    draw_seed: int = _f(-1, "seed of the few-shot draw of labelled target images (-1 = --seed); fix it to keep "
+                            "the teacher's labelled images across training seeds")
     checkpoint_every: int = _f(100, "write OUT/checkpoint.pt every N steps (and at the end)")
     resume: bool = _f(True, "continue from OUT/checkpoint.pt when it exists")
     compile: bool = _f(False, "torch.compile the training module")
@@ -228,6 +243,7 @@ class DistillConfig(TrainConfig):
     cache_teacher: bool = _f(False, "compute teacher outputs once for --cache-views fixed views per image "
                                     "(beside the shards, in teacher-cache/); epoch e reuses view (e mod V)")
     cache_views: int = _f(4, "augmented views per image in the teacher cache")
+    cache_seed: int = _f(-1, "seed of the cached views (-1 = --seed); fix it to share one cache across seeds")
 
 
 @dataclass
@@ -246,6 +262,7 @@ STAGES: dict[str, type] = {
     "index": IndexBuildConfig,
     "retrieve": RetrieveConfig,
     "curate": CurateConfig,
+    "sample": SampleConfig,
     "materialize": MaterializeConfig,
     "download": DownloadConfig,
     "adapt": AdaptConfig,
