@@ -178,10 +178,11 @@ class LabelledSet(Dataset):
 
 
 def load_labelled(specs: list[str], image_size: int, *, classes_file: str = "", per_class: int = 0, seed: int = 0,
-                  split: str = "") -> LabelledSet:
-    """The labelled target images of source specs (few-shot draw of `per_class` with `seed`), in memory."""
-    data = load_images(specs, classes_file=classes_file, per_class=per_class, seed=seed, split=split,
-                       size=max(image_size, 32))
+                  split: str = "", draw_seed: int | None = None) -> LabelledSet:
+    """The labelled target images of source specs (few-shot draw of `per_class` with `draw_seed`, default `seed`;
+    augmentation with `seed`), in memory."""
+    data = load_images(specs, classes_file=classes_file, per_class=per_class,
+                       seed=seed if draw_seed is None else draw_seed, split=split, size=max(image_size, 32))
     return LabelledSet(data.x, data.y, data.classes, image_size, seed=seed)
 
 

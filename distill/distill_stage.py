@@ -106,7 +106,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     rank, world = init_distributed(cfg.device)
     size = cfg.image_size or (32 if cfg.small_input else 224)
     target = (load_labelled(cfg.target, size, classes_file=cfg.classes, per_class=cfg.target_per_class,
-                            seed=cfg.seed) if cfg.target else None)
+                            seed=cfg.seed, draw_seed=_draw_seed(cfg)) if cfg.target else None)
     classes = _target_classes(cfg, target)
     if classes is not None and len(classes) != len(teacher_classes):
         raise InputError(f"teacher {cfg.teacher} predicts {len(teacher_classes)} classes but the target task has "
@@ -121,9 +121,10 @@ def run_distill(cfg: DistillConfig) -> dict:
                        hard_weight=cfg.hard_weight if target is not None else 0.0, teacher_dim=teacher.dim)
     if cfg.cache_teacher:
         with timed("teacher cache"):
-            ident = build_cache(teacher, shards, cfg.teacher, image_size=size, views=cfg.cache_views, seed=cfg.seed,
+            vseed = cfg.cache_seed if cfg.cache_seed >= 0 else cfg.seed
+            ident = build_cache(teacher, shards, cfg.teacher, image_size=size, views=cfg.cache_views, seed=vseed,
                                 device=device, batch_size=max(cfg.batch_size, 64))
-        transfer = CachedTransferSet(shards, size, ident, cfg.cache_views, seed=cfg.seed)
+        transfer = CachedTransferSet(shards, size, ident, cfg.cache_views, seed=cfg.seed, view_seed=vseed)
         prepare = _with_cached_teacher(teacher)
     else:
         transfer, prepare = TransferSet(shards, size, seed=cfg.seed), _move
@@ -184,7 +185,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     seed_everything(cfg.seed)
     student, _ = load_student(cfg.student)
     target = load_labelled(cfg.target, student.image_size, classes_file=cfg.classes, per_class=cfg.per_class,
-                           seed=cfg.seed, split=cfg.split)
+                           seed=cfg.seed, draw_seed=_draw_seed(cfg), split=cfg.split)
     if target.classes is not None and len(target.classes) != student.num_classes:
         raise InputError(f"student {cfg.student} predicts {student.num_classes} classes but the target images "
                          f"have {len(target.classes)}; finetune on the task it was distilled for")
@@ -207,6 +208,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if rank == 0:
         write_json(os.path.join(cfg.out, "summary.json"), {**summary, "config": to_dict(cfg)})
     return summary
+
+
+def _draw_seed(cfg: DistillConfig | FinetuneConfig) -> int:
+    return cfg.draw_seed if cfg.draw_seed >= 0 else cfg.seed
 
 
 def run(cfg: DistillConfig | FinetuneConfig) -> dict:

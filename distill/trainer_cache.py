@@ -107,9 +107,11 @@ def build_cache(teacher, shards: list[str], teacher_path: str, *, image_size: in
 class CachedTransferSet(TransferSet):
     """A TransferSet whose epoch e shows view e % V of each sample, with the cached teacher outputs attached."""
 
-    def __init__(self, shards: list[str], image_size: int, ident: str, views: int, **kw) -> None:
+    def __init__(self, shards: list[str], image_size: int, ident: str, views: int, *, view_seed: int | None = None,
+                 **kw) -> None:
         super().__init__(shards, image_size, **kw)
         self.ident, self.views = ident, views
+        self.view_seed = self.seed if view_seed is None else view_seed  # the cache's; shuffling keeps `seed`
         self._tables: collections.OrderedDict[str, tuple[dict[str, int], np.ndarray, np.ndarray]] = \
             collections.OrderedDict()
 
@@ -126,7 +128,7 @@ class CachedTransferSet(TransferSet):
 
     def sample_seed(self, key: str) -> int:
         """View epoch % V of `key`: the seed the cache was built with."""
-        return view_seed(self.seed, self.epoch % self.views, key)
+        return view_seed(self.view_seed, self.epoch % self.views, key)
 
     def _sample(self, record: dict) -> dict:
         view = self.epoch % self.views

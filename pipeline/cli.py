@@ -18,6 +18,8 @@ RUNNERS = {
     "index": ("pipeline.index_build", "build a FAISS index directory from a pool of images or embeddings"),
     "retrieve": ("pipeline.retrieve", "query an index with a target embedding set: top-k neighbours per query"),
     "curate": ("pipeline.curate", "turn candidates into a transfer manifest under a budget"),
+    "sample": ("pipeline.sample", "draw a uniform random transfer manifest from an index's pool or from shards "
+                                  "(random-pool and target-unlabelled baselines)"),
     "materialize": ("pipeline.materialize", "write a transfer manifest over a local pool into WebDataset shards"),
     "download": ("pipeline.download", "download a transfer manifest's URLs into WebDataset shards (img2dataset)"),
     "adapt": ("distill.teacher", "adapt the teacher to the target task: linear probe, zero-shot head, reprogram, "
@@ -67,7 +69,51 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_flags(sub.add_parser(name, help=desc, description=desc), STAGES[name])
     inspect = sub.add_parser("inspect", help="counts per class/query and a score histogram of a manifest")
     inspect.add_argument("manifest", help="transfer-manifest directory or candidates directory")
+    run = sub.add_parser("run", help="the whole pipeline (and experiment arms) from one config, skipping "
+                                     "finished steps", description=RUN_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("config", nargs="?", default="", help="run config YAML, or the name of an embedded one: "
+                     "default (the main job) | experiment (all arms, 3 seeds); see --show-config")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set distill.epochs=3 --set 'experiment.seeds=[0,1,2]'")
+    run.add_argument("--run-dir", default="", help="run directory (default: the config's run_dir)")
+    run.add_argument("--only", default="", help="run only this step (or the steps under it, e.g. arms/retrieved-task-s0) and the "
+                          "steps it needs, e.g. --only shards builds just the transfer set")
+    run.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    status = sub.add_parser("status", help="what a run directory has done: every step's state, seconds, result")
+    status.add_argument("run_dir", help="run directory of `rakt run`")
+    report = sub.add_parser("report", help="(re)write report.md and report.html of a run directory")
+    report.add_argument("run_dir", help="run directory of `rakt run`")
     return parser
+
+
+RUN_HELP = """Run every stage from one config: embed -> index -> retrieve -> curate -> materialize/download ->
+adapt -> (per experiment arm and seed) distill -> finetune -> evaluate, then results.csv and report.html.
+Each step records its config hash in RUN_DIR/steps/; a rerun skips unchanged finished steps, reruns changed
+ones (and what depends on them) and resumes a step that was killed. Without CONFIG the embedded default runs:
+CIFAR-10 (10 labels/class) from the offline data kit ($RAKT_DATA or ../shared/data)."""
+
+
+def _run_commands(args: argparse.Namespace) -> int:
+    from pipeline import run
+    if args.command == "status":
+        print(run.status_text(args.run_dir))
+        return 0
+    if args.command == "report":
+        from pipeline.report import write_report
+        print(json.dumps(write_report(args.run_dir), indent=2, default=str))
+        return 0
+    cfg = run.load_run_config(args.config, args.overrides, args.run_dir)
+    if args.show_config:
+        import yaml
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return 0
+    out = run.execute(cfg, only=args.only)
+    from pipeline.results import results_text
+    print(results_text(out["results"]))
+    print(f"ran {len(out['ran'])} step(s), skipped {len(out['skipped'])} finished; `rakt status {out['run_dir']}`"
+          + (f"; report: {out['results']['report']['html']}" if out["results"].get("report") else ""))
+    return 0
 
 
 def stage_config(stage: str, args: argparse.Namespace):
@@ -87,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             from indexes.registry import open_index
             print(json.dumps(open_index(args.path).info(), indent=2, default=str))
             return 0
+        if args.command in ("run", "status", "report"):
+            return _run_commands(args)
         if args.command == "inspect":
             from pipeline.inspect import inspect_text
             print(inspect_text(args.manifest))

@@ -1,0 +1,167 @@
+"""`rakt run` / `rakt status`: the whole pipeline from one config on a tiny real world (tiny open_clip teacher,
+WebDataset shards, a FAISS index, timm students), step skipping by config hash, reruns, and kill-resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import image_array, jpeg_bytes, write_shard
+from pipeline import cli
+from pipeline.config import ConfigError
+from pipeline.run import execute, load_run_config, status
+
+CLASSES = ["ant", "bee", "cat", "dog"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Target train/test shards (4 classes) and a 60-image pool with per-image source metadata."""
+    root = tmp_path_factory.mktemp("world")
+    bases = [image_array(100 + c) for c in range(len(CLASSES))]
+
+    def samples(prefix, n, split, seed):
+        return [{"__key__": f"{prefix}{c}_{i:03d}", "cls": c, "json": {"split": split},
+                 "jpg": jpeg_bytes(image_array(seed + 50 * c + i, base=bases[c], noise=25))}
+                for c in range(len(CLASSES)) for i in range(n)]
+
+    write_shard(root / "target" / "train-000000.tar", samples("tr", 6, "train", 0))
+    write_shard(root / "target" / "test-000000.tar", samples("te", 4, "test", 1000))
+    (root / "target" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    pool = [{"__key__": f"pool_{i:04d}", "json": {"source": "near" if i % 2 else "far", "orig_label": i % 4},
+             "jpg": jpeg_bytes(image_array(5000 + i, base=bases[i % 4] if i % 2 else None, noise=30))}
+            for i in range(60)]
+    write_shard(root / "pool" / "pool-000000.tar", pool)
+    return root
+
+
+def config(world: Path, tiny_clip: str, run_dir: Path, arms=("labelled", "retrieved/task"), **sets) -> dict:
+    over = [f"run_dir={run_dir}", f"data={world}", f"teacher.model={tiny_clip}", "teacher.pretrained=''",
+            "teacher.image_size=32", "teacher.workers=0", "teacher.batch_size=16",
+            "target.train=['${data}/target/train-000000.tar']", "target.test=['${data}/target/test-000000.tar']",
+            "target.per_class=3", "pool=['${data}/pool/pool-000000.tar']", "retrieve.k=8",
+            "curate={budget: 36, balance: class, leakage_threshold: 1.01}", "distill.student=resnet10t", "distill.image_size=32",
+            "distill.epochs=1", "distill.batch_size=16", "distill.workers=0", "distill.warmup=0",
+            "distill.cache_views=2", "finetune.epochs=1", "finetune.workers=0",
+            "experiment.labelled={epochs: 2, lr: 0.001}", f"experiment.arms={list(arms)}",
+            "experiment.report=false", *[f"{k}={v}" for k, v in sets.items()]]
+    return load_run_config(None, over)
+
+
+def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_path, one_torch_thread):
+    cfg = config(world, tiny_clip, tmp_path / "run")
+    first = execute(cfg)
+    names = [r["step"] for r in status(tmp_path / "run")]
+    assert names[:7] == ["target", "eval", "index", "candidates", "manifest", "shards", "teacher"]
+    assert set(first["ran"]) == set(names) and all(r["state"] == "done" for r in status(tmp_path / "run"))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [a["arm"] for a in results["arms"]] == ["labelled-none-s0", "retrieved-task-s0"]
+    assert all(0.0 <= a["accuracy"] <= 1.0 for a in results["arms"]) and results["teacher"]["accuracy"] is not None
+    assert results["arms"][1]["transfer_samples"] == pq.read_metadata(tmp_path / "run/manifest/manifest.parquet").num_rows
+
+    again = execute(cfg)
+    assert again["ran"] == [] and set(again["skipped"]) == set(names)
+
+    changed = execute(config(world, tiny_clip, tmp_path / "run", **{"distill.epochs": 2}))
+    assert changed["ran"] == ["arms/retrieved-task-s0/distill", "arms/retrieved-task-s0/finetune",
+                              "arms/retrieved-task-s0/evaluate"]
+    summary = json.loads((tmp_path / "run/arms/retrieved-task-s0/distill/summary.json").read_text())
+    assert summary["epochs"] == 2
+
+    changed = execute(config(world, tiny_clip, tmp_path / "run", **{"curate": "{budget: 24, balance: class, leakage_threshold: 1.01}",
+                                                                    "distill.epochs": 2}))
+    assert changed["ran"][0] == "manifest" and "shards" in changed["ran"] and "teacher" not in changed["ran"]
+    assert pq.read_metadata(tmp_path / "run/manifest/manifest.parquet").num_rows == 24 - 12
+
+
+def test_status_command_and_config_errors(world, tiny_clip, tmp_path, capsys, one_torch_thread):
+    cfg = config(world, tiny_clip, tmp_path / "run")
+    execute(cfg, only="teacher")
+    rows = {r["step"]: r["state"] for r in status(tmp_path / "run")}
+    assert rows["teacher"] == "done" and rows["arms/retrieved-task-s0/distill"] == "pending"
+    assert cli.main(["status", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher" in out and "pending" in out and "steps done" in out
+
+    with pytest.raises(ConfigError, match="did you mean 'distill'"):
+        load_run_config(None, ["distil.epochs=3"])
+    with pytest.raises(ConfigError, match="experiment arm 'retrieved/fancy'"):
+        load_run_config(None, ["experiment.arms=[retrieved/fancy]"])
+    with pytest.raises(ConfigError, match="KEY.SUB=VALUE"):
+        load_run_config(None, ["distill.epochs"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"distill": {"epoks": 3}}))
+    assert cli.main(["run", str(bad), "--run-dir", str(tmp_path / "bad")]) == 2
+    assert "unknown key 'epoks'" in capsys.readouterr().err
+
+
+def _all_files_whole(run_dir: Path) -> None:
+    """No half-written file under a final name: every JSON parses, every parquet and tar reads."""
+    import tarfile
+    for path in run_dir.rglob("*"):
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".parquet":
+            pq.read_table(path)
+        elif path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                tar.getmembers()
+
+
+def test_killed_in_every_stage_then_rerun_finishes_with_the_same_results(world, tiny_clip, tmp_path):
+    """SIGKILL the real `rakt run` process once inside each step; rerunning finishes with the results of an
+    uninterrupted run."""
+    runs = {}
+    for name in ("whole", "killed"):
+        cfg = config(world, tiny_clip, tmp_path / name)
+        cfg_path = tmp_path / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        runs[name] = cfg_path
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pipeline.cli", "run"]
+    subprocess.run(cmd + [str(runs["whole"])], check=True, env=env, capture_output=True, cwd=ROOT)
+
+    steps_dir = tmp_path / "killed" / "steps"
+    kills = []
+    for _ in range(40):
+        proc = subprocess.Popen(cmd + [str(runs["killed"])], env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        victim = None
+        while proc.poll() is None and victim is None:
+            started = [p for p in steps_dir.rglob("*.started.json")] if steps_dir.exists() else []
+            fresh = [p for p in started if p.relative_to(steps_dir).as_posix().removesuffix(".started.json")
+                     not in kills]
+            if fresh:
+                victim = fresh[0].relative_to(steps_dir).as_posix().removesuffix(".started.json")
+                time.sleep(0.1)  # inside the stage's work
+            else:
+                time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills.append(victim)
+            _all_files_whole(tmp_path / "killed")
+        else:
+            assert proc.returncode == 0
+            break
+    assert {"target", "index", "candidates", "manifest", "shards", "teacher"} <= set(kills), kills
+    assert any(k.endswith("/distill") for k in kills) and any(k.endswith("/evaluate") for k in kills)
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    killed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert [a["arm"] for a in killed["arms"]] == [a["arm"] for a in whole["arms"]]
+    assert killed["teacher"]["accuracy"] == whole["teacher"]["accuracy"]
+    for a, b in zip(killed["arms"], whole["arms"]):
+        assert abs(a["accuracy"] - b["accuracy"]) <= 0.0625 + 1e-9, (a, b)  # one of 16 test images
+    for name in ("manifest/manifest.parquet", "shards/shard-00000.tar"):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert np.all([r["state"] == "done" for r in status(tmp_path / "killed")])
