@@ -1,0 +1,436 @@
+"""`rakt run`'s report: RUN_DIR/report.md, report.html and report/*.png, from whatever the run directory holds."""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline import report_plots as plots
+from pipeline.io import atomic_path
+
+log = logging.getLogger("rakt.report")
+
+STEPS = ["target", "eval", "index", "candidates", "manifest", "shards", "teacher", "random-manifest",
+         "random-shards", "target-manifest", "target-shards"]
+TRANSFER_ORDER = ["labelled", "target", "random", "retrieved"]
+METHOD_ORDER = ["none", "agnostic", "task", "progressive"]
+METHOD_TEXT = {"task": "task-oriented KD", "agnostic": "task-agnostic KD", "progressive": "progressive KD",
+               "none": "no distillation"}
+MANIFESTS = {"retrieved": ("manifest", "shards"), "random": ("random-manifest", "random-shards"),
+             "target": ("target-manifest", "target-shards")}
+KEY_SETTINGS = ("model", "image_size", "per_class", "pool", "index_spec", "k", "budget", "mode", "student",
+                "epochs", "seeds", "arms", "device")
+POOL_ROWS_MAX = 200_000  # read the whole pool's sources only up to this many index rows
+UNKNOWN = "unknown"
+
+
+def pool_sources(manifest_df: pd.DataFrame) -> pd.Series:
+    """The pool `source` of each manifest row (index = pool_id), from KEY.json in its pool shard (each shard read
+    once). Rows of unreadable shards are left out; `.attrs["unreadable_shards"]` counts those shards."""
+    found, bad = _read_sources(manifest_df)
+    keys = zip(manifest_df["shard"], manifest_df["key"])
+    series = pd.Series([found.get(k) for k in keys], index=manifest_df["pool_id"].to_numpy(), name="source")
+    series = series.dropna()
+    series.attrs["unreadable_shards"] = bad
+    return series
+
+
+def _read_sources(df: pd.DataFrame) -> tuple[dict, int]:
+    """{(shard, key): source} for the rows' shard+key locators, and the count of shards that could not be read."""
+    if not {"shard", "key"} <= set(df.columns):
+        return {}, 0
+    wanted: dict[str, set] = {}
+    for shard, key in zip(df["shard"], df["key"]):
+        if isinstance(shard, str) and isinstance(key, str):
+            wanted.setdefault(shard, set()).add(key)
+    found, bad = {}, 0
+    for shard, keys in wanted.items():
+        left = set(keys)
+        try:
+            with tarfile.open(shard, "r|*") as tar:
+                for m in tar:
+                    key, _, ext = m.name.partition(".")
+                    if ext == "json" and key in left:
+                        found[(shard, key)] = json.loads(tar.extractfile(m).read()).get("source")
+                        left.discard(key)
+                        if not left:
+                            break
+        except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
+            bad += 1
+            log.warning("%s: unreadable pool shard (%s); its images count as '%s' source", shard, e, UNKNOWN)
+    return found, bad
+
+
+# --- reading the run directory -------------------------------------------------------------------------------
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (json.JSONDecodeError, OSError) as e:
+        log.warning("%s: unreadable (%s); left out of the report", path, e)
+        return None
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flatten(val, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): obj}
+
+
+def _parse_arm(name: str) -> dict:
+    parts = name.split("-")
+    seed = int(parts[-1][1:]) if len(parts) >= 3 and parts[-1][1:].isdigit() else None
+    return {"transfer_set": parts[0], "method": parts[1] if len(parts) > 1 else "", "seed": seed}
+
+
+def _gather(run: Path) -> dict:
+    ctx = {"config": None, "results": _json(run / "results.json") or {}, "arms": [], "manifests": {}}
+    if (run / "run.yaml").exists():
+        try:
+            ctx["config"] = yaml.safe_load((run / "run.yaml").read_text()) or {}
+        except yaml.YAMLError as e:
+            log.warning("run.yaml unreadable (%s)", e)
+    ctx["steps"] = [r for p in sorted((run / "steps").rglob("*.json")) if not p.name.endswith(".started.json")
+                    and (r := _json(p))]
+    recorded = {r.get("step") for r in ctx["steps"]}
+    for p in sorted((run / "steps").rglob("*.started.json")):  # a step that began but has no record yet
+        if (r := _json(p)) and r.get("step") not in recorded:
+            ctx["steps"].append({**r, "status": "running or interrupted"})
+    order = {s: i for i, s in enumerate(STEPS)}
+    phase = {"init": 0, "distill": 0, "finetune": 1, "evaluate": 2}
+
+    def when(r):  # the shared steps in pipeline order, then each arm's steps in theirs
+        name = str(r.get("step"))
+        return (order.get(name, len(STEPS)), name.rsplit("/", 1)[0], phase.get(name.rsplit("/", 1)[-1], 3), name)
+    ctx["steps"].sort(key=when)
+    res = ctx["results"]
+    arms = {a["arm"]: dict(a) for a in res.get("arms", []) if "arm" in a}
+    for d in sorted((run / "arms").glob("*/")) if (run / "arms").exists() else []:
+        arms.setdefault(d.name, {"arm": d.name})
+    for name, arm in arms.items():
+        for k, v in _parse_arm(name).items():
+            arm.setdefault(k, v)
+        arm["eval"] = _json(run / "arms" / name / "eval.json")
+        if arm.get("accuracy") is None and arm["eval"]:
+            arm["accuracy"] = arm["eval"].get("accuracy")
+        ctx["arms"].append(arm)
+    emb = _json(run / "target" / "embeddings.json") or {}
+    first_eval = next((a["eval"] for a in ctx["arms"] if a["eval"]), {}) or {}
+    ctx["classes"] = list(res.get("classes") or emb.get("classes") or first_eval.get("classes") or [])
+    for ts, (mdir, sdir) in MANIFESTS.items():
+        if (run / mdir / "manifest.parquet").exists():
+            df = pq.read_table(run / mdir / "manifest.parquet").to_pandas()
+            removed = run / mdir / "removed.parquet"
+            ctx["manifests"][ts] = {"df": df, "meta": _json(run / mdir / "manifest.json") or {},
+                                    "removed": pq.read_table(removed).to_pandas() if removed.exists() else None,
+                                    "shards": _json(run / sdir / "materialize.json")}
+    ctx["index"] = _json(run / "index" / "index.json") or {}
+    return ctx
+
+
+def _sources(run: Path, ctx: dict) -> tuple[dict, int]:
+    """{row name: {source: share}} for each manifest (+ the whole pool when small), reading each shard once."""
+    frames = {ts: m["df"] for ts, m in ctx["manifests"].items()}
+    parts = sorted((run / "index" / "metadata").glob("part-*.parquet"))
+    if parts and sum(pq.ParquetFile(p).metadata.num_rows for p in parts) <= POOL_ROWS_MAX:
+        cols = [c for c in ("shard", "key") if c in pq.ParquetFile(parts[0]).schema_arrow.names]
+        if cols == ["shard", "key"]:
+            frames["whole pool"] = pd.concat([pq.read_table(p, columns=cols).to_pandas() for p in parts])
+    found, bad = _read_sources(pd.concat([f[["shard", "key"]] for f in frames.values()
+                                          if {"shard", "key"} <= set(f.columns)] or [pd.DataFrame()]))
+    shares = {}
+    for name, df in frames.items():
+        if not len(df) or not {"shard", "key"} <= set(df.columns):
+            continue
+        src = pd.Series([found.get(k) or UNKNOWN for k in zip(df["shard"], df["key"])])
+        shares[name] = (src.value_counts() / len(src)).to_dict()
+    return shares, bad
+
+
+# --- the document ---------------------------------------------------------------------------------------------
+
+def _pct(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _num(x) -> str:
+    return f"{x:,}" if isinstance(x, (int, np.integer)) else ("—" if x is None else str(x))
+
+
+def _summary_rows(ctx: dict) -> list[dict]:
+    """One row per (transfer_set, method): results.json's summary, else computed from the arms; labelled first."""
+    arms = [a for a in ctx["arms"] if a.get("accuracy") is not None]
+    rows = [dict(r) for r in ctx["results"].get("summary", []) if r.get("mean") is not None]
+    for r in rows:
+        r["std"] = r.get("std") or 0.0
+        r["values"] = [a["accuracy"] for a in arms if (a.get("transfer_set"), a.get("method")) ==
+                       (r.get("transfer_set"), r.get("method"))]
+    if not rows:
+        groups: dict[tuple, list] = {}
+        for a in arms:
+            groups.setdefault((a.get("transfer_set"), a.get("method")), []).append(a)
+        for (ts, method), group in groups.items():
+            acc = np.array([a["accuracy"] for a in group])
+            secs = [sum((a.get("seconds") or {}).values()) for a in group]
+            rows.append({"transfer_set": ts, "method": method, "seeds": len(acc), "mean": acc.mean(),
+                         "std": acc.std(ddof=1) if len(acc) > 1 else 0.0, "min": acc.min(), "max": acc.max(),
+                         "seconds_mean": float(np.mean(secs)), "values": list(acc)})
+
+    def rank(r):
+        ts, m = r.get("transfer_set"), r.get("method")
+        return (TRANSFER_ORDER.index(ts) if ts in TRANSFER_ORDER else 9, METHOD_ORDER.index(m)
+                if m in METHOD_ORDER else 9, str(ts), str(m))
+    for r in rows:
+        r["label"] = f"{r.get('transfer_set')} / {r.get('method')}"
+    return sorted(rows, key=rank)
+
+
+def _what_happened(ctx: dict, rows: list[dict], shares: dict) -> str:
+    cfg, res, out = _flatten(ctx["config"] or {}), ctx["results"], []
+    pick = {}  # leaf name -> value; the teacher's / target's settings win over same-named others
+    for k, v in sorted(cfg.items(), key=lambda kv: "teacher" in kv[0] or "target" in kv[0]):
+        pick[k.rsplit(".", 1)[-1]] = v
+    if pick:
+        n_cls = f" ({len(ctx['classes'])} classes)" if ctx["classes"] else ""
+        out.append(f"Teacher {pick.get('model', '?')} at {pick.get('image_size', '?')} px, "
+                   f"{pick.get('per_class', '?')} labelled images per class{n_cls}, "
+                   f"student {pick.get('student', '?')}.")
+    if "retrieved" in ctx["manifests"]:
+        m = ctx["manifests"]["retrieved"]
+        c = m["meta"].get("counts", {})
+        pool = ctx["index"].get("count")
+        text = (f"The retrieved transfer set holds {len(m['df']):,} images"
+                f"{f' chosen from a pool of {pool:,}' if pool else ''} ({_num(c.get('dedup_merged'))} duplicate "
+                f"hits merged, {_num(c.get('near_dup_removed'))} near-duplicates and "
+                f"{_num(c.get('leakage_removed'))} images too close to the test set removed)")
+        if shares.get("retrieved"):
+            top = sorted(shares["retrieved"].items(), key=lambda kv: -kv[1])[:3]
+            text += "; they come " + ", ".join(f"{_pct(v)} from {k}" for k, v in top)
+        out.append(text + ".")
+    best = max((r for r in rows if r.get("transfer_set") != "labelled"), key=lambda r: r["mean"], default=None)
+    base = next((r for r in rows if r.get("transfer_set") == "labelled"), None)
+    if best:
+        text = (f"The best student, trained on the {best['transfer_set']} transfer set with "
+                f"{METHOD_TEXT.get(best['method'], best['method'])}, reached {100 * best['mean']:.1f} ± "
+                f"{100 * best['std']:.1f}% over {best['seeds']} seed(s)")
+        if base:
+            text += f" vs {100 * base['mean']:.1f}% for the labelled-only student"
+        rand = max((r for r in rows if r.get("transfer_set") == "random"), key=lambda r: r["mean"], default=None)
+        if rand and best is not rand:
+            text += f" and {100 * rand['mean']:.1f}% with a random pool sample of the same size"
+        out.append(text + ".")
+    elif base:
+        out.append(f"The labelled-only student reached {100 * base['mean']:.1f}%.")
+    teacher = res.get("teacher") or {}
+    if teacher.get("accuracy") is not None:
+        out.append(f"The adapted teacher ({teacher.get('mode', '?')}) reaches {100 * teacher['accuracy']:.1f}%.")
+    steps = ctx["steps"]
+    if steps:
+        done = sum(s.get("status") == "done" for s in steps)
+        secs = sum(s.get("seconds") or 0 for s in steps)
+        out.append(f"{done} of {len(steps)} recorded steps are done, {secs / 60:.1f} min of compute in all"
+                   f"{' on ' + res['device'] if res.get('device') else ''}.")
+        other = [f"{s.get('step')} ({s.get('status')})" for s in steps if s.get("status") != "done"]
+        if other:
+            out.append("Not done: " + ", ".join(other) + ".")
+    if not res:
+        out.append("There is no results.json yet: the run has not finished (or not reached) evaluation.")
+    return " ".join(out)
+
+
+class _Doc:
+    """Report blocks, rendered as Markdown and as HTML."""
+
+    def __init__(self, run: Path):
+        self.run, self.blocks, self.plots = run, [], []
+
+    def add(self, kind: str, *payload) -> None:
+        self.blocks.append((kind, *payload))
+
+    def plot(self, name: str, alt: str, fn, *args, **kwargs) -> None:
+        """Make report/NAME.png with `fn(*args, path, **kwargs)`; a failure becomes a line in the report."""
+        try:
+            self.plots.append(fn(*args, self.run / "report" / f"{name}.png", **kwargs))
+            self.add("img", f"report/{name}.png", alt)
+        except Exception as e:  # noqa: BLE001 - one odd input must not cost the whole report
+            log.warning("plot %s failed: %s", name, e, exc_info=True)
+            self.add("missing", f"plot {name} failed: {e}")
+
+    def markdown(self) -> str:
+        def md(x) -> str:
+            return str(x).replace("*", "\\*").replace("|", "\\|")
+
+        out = []
+        for kind, *a in self.blocks:
+            if kind == "table":
+                out += ["| " + " | ".join(map(md, a[0])) + " |", "|" + "---|" * len(a[0])]
+                out += ["| " + " | ".join(map(md, row)) + " |" for row in a[1]]
+                out.append("")
+            else:
+                text = [a[0], a[1]] if kind == "img" else [md(a[0])]
+                out.append({"h1": "# {}", "h2": "## {}", "p": "{}", "missing": "_Missing: {}_",
+                            "img": "![{1}]({0})"}[kind].format(*text) + "\n")
+        return "\n".join(out)
+
+    def html(self) -> str:
+        e, out = html.escape, []
+        for kind, *a in self.blocks:
+            if kind == "table":
+                head = "".join(f"<th>{e(str(c))}</th>" for c in a[0])
+                body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in a[1])
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif kind == "img":
+                out.append(f'<p><img src="{e(a[0])}" alt="{e(a[1])}"></p>')
+            elif kind == "missing":
+                out.append(f'<p class="missing">Missing: {e(a[0])}</p>')
+            else:
+                out.append(f"<{kind}>{e(a[0])}</{kind}>")
+        return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{e(self.run.name)} report</title>"
+                f"<style>{CSS}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.45}"
+       "table{border-collapse:collapse;margin:.8em 0}th,td{border:1px solid #ccc;padding:3px 9px;text-align:right}"
+       "th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+       ".missing{color:#a33;font-style:italic}h2{border-bottom:1px solid #ddd;margin-top:1.6em}")
+
+
+def _label_names(classes: list[str]) -> dict:
+    return {-1: "unlabelled", **{i: c for i, c in enumerate(classes)}}
+
+
+def _results(doc: _Doc, ctx: dict, rows: list[dict]) -> None:
+    doc.add("h2", "Results")
+    teacher = ctx["results"].get("teacher") or {}
+    if not rows and teacher.get("accuracy") is None:
+        doc.add("missing", "no results.json and no arms/*/eval.json: no student was evaluated yet")
+        return
+    table = [(r["label"], f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}%", r.get("seeds"),
+              f"{_pct(r.get('min'))} – {_pct(r.get('max'))}", f"{r.get('seconds_mean') or 0:.0f}") for r in rows]
+    if teacher.get("accuracy") is not None:
+        table.append((f"adapted teacher ({teacher.get('mode', '?')})", _pct(teacher["accuracy"]), "—", "—",
+                      f"{teacher.get('seconds') or 0:.0f}"))
+    doc.add("table", ["transfer set / method", "accuracy (mean ± std)", "seeds", "min – max",
+                      "compute s per seed"], table)
+    arms = sorted(ctx["arms"], key=lambda a: a["arm"])
+    doc.add("table", ["arm", "accuracy", "transfer images", "distill s", "finetune s", "evaluate s"],
+            [(a["arm"], _pct(a.get("accuracy")), _num(a.get("transfer_samples")),
+              *(f"{(a.get('seconds') or {}).get(k, 0):.0f}" for k in ("distill", "finetune", "evaluate")))
+             for a in arms])
+    if rows:
+        doc.plot("accuracy", "accuracy per transfer set and method", plots.accuracy_bars, rows,
+                 teacher.get("accuracy"))
+
+
+def _transfer_sets(doc: _Doc, ctx: dict, shares: dict, bad_shards: int) -> None:
+    doc.add("h2", "Transfer sets")
+    mans = ctx["manifests"]
+    if not mans:
+        doc.add("missing", "no manifest/, random-manifest/ or target-manifest/ (no transfer set was curated yet)")
+        return
+    keys = [("available", "images to draw from (random sample)"), ("excluded", "excluded (labelled images)"),
+            ("selected", "selected"), ("dedup_merged", "duplicate hits merged"),
+            ("near_dup_removed", "near-duplicates removed"), ("leakage_removed", "leakage removed"),
+            ("empty_slots", "empty slots")]
+    rows = [("manifest rows", *(f"{len(m['df']):,}" for m in mans.values()))]
+    rows += [(label, *(_num(m["meta"].get("counts", {}).get(k)) for m in mans.values())) for k, label in keys
+             if any(k in m["meta"].get("counts", {}) for m in mans.values())]
+    rows.append(("materialized images", *(_num((m["shards"] or {}).get("samples")) for m in mans.values())))
+    rows.append(("leakage guard", *(_guard(m["meta"]) for m in mans.values())))
+    doc.add("table", ["", *mans], rows)
+    removed = [(ts, reason, f"{n:,}") for ts, m in mans.items() if m["removed"] is not None and len(m["removed"])
+               for reason, n in m["removed"]["reason"].value_counts().sort_index().items()]
+    doc.add("table", ["transfer set", "removed because", "images"], removed) if removed else doc.add(
+        "p", "removed.parquet lists no removed images.")
+    names = _label_names(ctx["classes"])
+    per_class = {}
+    for ts, m in mans.items():
+        labels = m["df"]["query_label"].astype("Int64").fillna(-1) if "query_label" in m["df"] else None
+        if labels is not None and (labels >= 0).any():
+            per_class[ts] = labels.astype(int).value_counts().to_dict()
+    if per_class:
+        labels = sorted({k for c in per_class.values() for k in c})
+        doc.add("table", ["query class", *per_class],
+                [(names.get(lab, str(lab)), *(_num(c.get(lab, 0)) for c in per_class.values())) for lab in labels])
+        doc.plot("images_per_class", "images per query class", plots.grouped_bars,
+                 [names.get(lab, str(lab)) for lab in labels],
+                 {ts: [c.get(lab, 0) for lab in labels] for ts, c in per_class.items()}, ylabel="images",
+                 title="Transfer-set images per query class")
+    scores = mans.get("retrieved", {}).get("df", pd.DataFrame()).get("score")
+    if scores is not None and scores.notna().any():
+        s = scores.dropna().to_numpy()
+        doc.add("p", f"Similarity of the retrieved images to their best query: median {np.median(s):.3f}, "
+                     f"range {s.min():.3f} – {s.max():.3f}.")
+        doc.plot("scores", "similarity histogram", plots.histogram, s, title="Retrieved transfer set: similarity "
+                 "to the best query", xlabel="cosine similarity (score)")
+    if shares:
+        sources = sorted({s for row in shares.values() for s in row}, key=lambda s: (s == UNKNOWN, s))
+        doc.add("p", "Share of images per pool source (from each pool image's own KEY.json, evaluation only)"
+                + (f"; {bad_shards} pool shard(s) could not be read" if bad_shards else "") + ":")
+        doc.add("table", ["images of", *sources],
+                [(name, *(_pct(row.get(s, 0.0)) for s in sources)) for name, row in shares.items()])
+        doc.plot("sources", "share per pool source", plots.stacked_shares, shares)
+    if "retrieved" in mans and (doc.run / "shards").exists():
+        samples = plots.pick_samples(doc.run / "shards")
+        if samples:
+            doc.plot("samples", "sample images per class", plots.sample_grid, samples, names)
+    else:
+        doc.add("missing", "no shards/ (the retrieved transfer set was not materialized): no sample images")
+
+
+def _guard(meta: dict) -> str:
+    g = meta.get("leakage_guard")
+    return "—" if g is None else (f"on (cosine > {g.get('threshold')})" if g.get("enabled") else "OFF")
+
+
+def _settings(doc: _Doc, ctx: dict) -> None:
+    doc.add("h2", "Settings")
+    if ctx["config"] is None:
+        doc.add("missing", "no run.yaml")
+        return
+    flat = _flatten(ctx["config"])
+    keep = {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] in KEY_SETTINGS} or dict(list(flat.items())[:15])
+    doc.add("table", ["setting", "value"], [(k, str(v)[:100] if v != "" else '""') for k, v in keep.items()])
+
+
+def _steps(doc: _Doc, ctx: dict) -> None:
+    doc.add("h2", "Steps")
+    if not ctx["steps"]:
+        doc.add("missing", "no steps/*.json records")
+        return
+    rows = [(s.get("step", "?"), s.get("stage", ""), f"{s.get('seconds') or 0:.1f}", s.get("status", "?"),
+             s.get("finished") or "") for s in ctx["steps"]]
+    rows.append(("total", "", f"{sum(s.get('seconds') or 0 for s in ctx['steps']):.1f}", "", ""))
+    doc.add("table", ["step", "stage", "seconds", "status", "finished"], rows)
+
+
+def write_report(run_dir: str | Path) -> dict:
+    """RUN_DIR/report.md, report.html and report/*.png; sections whose inputs are missing say so."""
+    run = Path(run_dir)
+    ctx = _gather(run)
+    shares, bad = _sources(run, ctx) if ctx["manifests"] else ({}, 0)
+    rows = _summary_rows(ctx)
+    doc = _Doc(run)
+    doc.add("h1", f"rakt run report: {run.resolve().name}")
+    doc.add("h2", "What happened")
+    doc.add("p", _what_happened(ctx, rows, shares))
+    _settings(doc, ctx)
+    _results(doc, ctx, rows)
+    plots.per_class_section(doc, ctx)
+    plots.curves_section(doc, ctx)
+    _transfer_sets(doc, ctx, shares, bad)
+    _steps(doc, ctx)
+    out = {"markdown": str(run / "report.md"), "html": str(run / "report.html"), "plots": doc.plots}
+    for key, text in (("markdown", doc.markdown()), ("html", doc.html())):
+        with atomic_path(out[key]) as tmp:
+            tmp.write_text(text)
+    log.info("report: %s (%d plots)", out["html"], len(doc.plots))
+    return out
