@@ -134,8 +134,8 @@ def run_distill(cfg: DistillConfig) -> dict:
             "config_hash": config_hash(cfg)}
     trainer = Trainer(task, _settings(cfg, steps, meta), prepare)
     tloader = transfer_loader(transfer, cfg.batch_size, cfg.workers)
-    lloader, sampler = (labelled_loader(target, cfg.batch_size, 0, drop_last=False) if target is not None
-                        else (None, None))
+    lloader, sampler = (labelled_loader(target, cfg.target_batch_size or cfg.batch_size, 0, drop_last=False)
+                        if target is not None else (None, None))
 
     def loader_for(epoch: int) -> Iterator[dict]:
         transfer.set_epoch(epoch)

@@ -239,6 +239,7 @@ class DistillConfig(TrainConfig):
     target: list[str] = _f([], "optional labelled target images mixed into every step with hard-label CE")
     target_per_class: int = _f(0, "few-shot draw of N target images per class (0 = all)")
     hard_weight: float = _f(1.0, "weight of the hard-label CE on target images")
+    target_batch_size: int = _f(0, "labelled target images joined to each step (0 = --batch-size)")
     classes: str = _f("", "classes.txt of the target task (default: recorded with the target images)")
     cache_teacher: bool = _f(False, "compute teacher outputs once for --cache-views fixed views per image "
                                     "(beside the shards, in teacher-cache/); epoch e reuses view (e mod V)")
