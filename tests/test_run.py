@@ -49,7 +49,7 @@ def config(world: Path, tiny_clip: str, run_dir: Path, arms=("labelled", "retrie
     over = [f"run_dir={run_dir}", f"data={world}", f"teacher.model={tiny_clip}", "teacher.pretrained=''",
             "teacher.image_size=32", "teacher.workers=0", "teacher.batch_size=16",
             "target.train=['${data}/target/train-000000.tar']", "target.test=['${data}/target/test-000000.tar']",
-            "target.per_class=3", "pool=['${data}/pool/pool-000000.tar']", "retrieve.k=8",
+            "target.per_class=3", "pool=['${data}/pool/pool-000000.tar']", "retrieve.k=8", "adapt={mode: linear}",
             "curate={budget: 36, balance: class, leakage_threshold: 1.01}", "distill.student=resnet10t", "distill.image_size=32",
             "distill.epochs=1", "distill.batch_size=16", "distill.workers=0", "distill.warmup=0",
             "distill.cache_views=2", "finetune.epochs=1", "finetune.workers=0",
@@ -85,8 +85,9 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
 
 
 def test_status_command_and_config_errors(world, tiny_clip, tmp_path, capsys, one_torch_thread):
-    cfg = config(world, tiny_clip, tmp_path / "run")
+    cfg = config(world, tiny_clip, tmp_path / "run", adapt="{mode: finetune, epochs: 1, batch_size: 8}")
     execute(cfg, only="teacher")
+    assert json.loads((tmp_path / "run/teacher.pt.json").read_text())["mode"] == "finetune"
     rows = {r["step"]: r["state"] for r in status(tmp_path / "run")}
     assert rows["teacher"] == "done" and rows["arms/retrieved-task-s0/distill"] == "pending"
     assert cli.main(["status", str(tmp_path / "run")]) == 0
