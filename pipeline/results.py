@@ -18,7 +18,7 @@ def _record(run_dir: Path, name: str) -> dict:
 
 def collect(run_dir: str | Path, cfg: dict) -> dict:
     """The results of the finished arms (an arm counts once its evaluate step is recorded)."""
-    from pipeline.run import parse_arm
+    from pipeline.run import arm_runs
     run_dir = Path(run_dir)
     teacher_rec = _record(run_dir, "teacher")
     teacher_json = run_dir / "teacher.pt.json"
@@ -26,22 +26,20 @@ def collect(run_dir: str | Path, cfg: dict) -> dict:
     out = {"device": teacher_rec.get("device", ""), "classes": [],
            "teacher": {"accuracy": teacher.get("accuracy"), "mode": teacher.get("mode"),
                        "seconds": teacher_rec.get("seconds")}, "arms": []}
-    for seed in cfg["experiment"].get("seeds", [0]):
-        for arm_spec in cfg["experiment"].get("arms", []):
-            tset, method = parse_arm(arm_spec)
-            arm = f"{tset}-{method}-s{seed}"
-            ev = _record(run_dir, f"arms/{arm}/evaluate")
-            if not ev:
-                continue
-            distill = _record(run_dir, f"arms/{arm}/distill")
-            report = read_json(run_dir / "arms" / arm / "eval.json", "evaluation report")
-            out["classes"] = out["classes"] or report.get("classes") or []
-            out["device"] = out["device"] or ev.get("device", "")
-            out["arms"].append({
-                "arm": arm, "transfer_set": tset, "method": method, "seed": seed, "accuracy": report["accuracy"],
-                "transfer_samples": (distill.get("result") or {}).get("transfer_samples", 0),
-                "seconds": {k: _record(run_dir, f"arms/{arm}/{k}").get("seconds", 0.0)
-                            for k in ("distill", "finetune", "evaluate")}})
+    for tset, method, seed in arm_runs(cfg):
+        arm = f"{tset}-{method}-s{seed}"
+        ev = _record(run_dir, f"arms/{arm}/evaluate")
+        if not ev:
+            continue
+        distill = _record(run_dir, f"arms/{arm}/distill")
+        report = read_json(run_dir / "arms" / arm / "eval.json", "evaluation report")
+        out["classes"] = out["classes"] or report.get("classes") or []
+        out["device"] = out["device"] or ev.get("device", "")
+        out["arms"].append({
+            "arm": arm, "transfer_set": tset, "method": method, "seed": seed, "accuracy": report["accuracy"],
+            "transfer_samples": (distill.get("result") or {}).get("transfer_samples", 0),
+            "seconds": {k: _record(run_dir, f"arms/{arm}/{k}").get("seconds", 0.0)
+                        for k in ("distill", "finetune", "evaluate")}})
     out["summary"] = summarize(out["arms"])
     return out
 

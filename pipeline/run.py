@@ -110,8 +110,16 @@ def _check_keys(cfg: dict) -> None:
         hint = difflib.get_close_matches(unknown[0], known, n=1)
         raise ConfigError(f"run config: unknown key '{unknown[0]}'" + (f"; did you mean '{hint[0]}'?" if hint else
                                                                         f"; known keys: {', '.join(sorted(known))}"))
-    for arm in cfg["experiment"].get("arms", []):
-        parse_arm(arm)
+    arm_runs(cfg)  # checks every arm name
+
+
+def arm_runs(cfg: dict) -> list[tuple[str, str, int]]:
+    """(transfer set, method, seed) of every arm run, in run order: `arms` for every seed, then `extra_arms`
+    (costly ablations) for the first seed only."""
+    exp = cfg["experiment"]
+    seeds = exp.get("seeds") or [0]
+    runs = [(*parse_arm(a), seed) for seed in seeds for a in exp.get("arms") or []]
+    return runs + [(*parse_arm(a), seeds[0]) for a in exp.get("extra_arms") or []]
 
 
 def parse_arm(arm: str) -> tuple[str, str]:
@@ -177,16 +185,16 @@ def plan(cfg: dict) -> list[Step]:
         adapt.update(train=t["train"], per_class=t["per_class"], eval=t["test"])
     add("teacher", "adapt", adapt, ["target", "eval"], [p("teacher.pt"), p("teacher.pt.json")])
 
-    arms = [parse_arm(a) for a in cfg["experiment"].get("arms", [])]
+    arms = arm_runs(cfg)
     sets = {"retrieved": "shards"}
-    if any(s == "random" for s, _ in arms):
+    if any(s == "random" for s, _, _ in arms):
         pool = index.removeprefix("faiss:").split("?")[0]
         add("random-manifest", "sample", {"source": [pool], "like": p("manifest"), "out": p("random-manifest")},
             ["manifest", *index_deps])
         add("random-shards", collect, {"manifest": p("random-manifest"), "out": p("random-shards")},
             ["random-manifest"])
         sets["random"] = "random-shards"
-    if any(s == "target" for s, _ in arms):
+    if any(s == "target" for s, _, _ in arms):
         add("target-manifest", "sample", {"source": t["train"], "like": p("manifest"), "exclude": [p("target")],
                                           "out": p("target-manifest")}, ["manifest", "target"])
         add("target-shards", "materialize", {"manifest": p("target-manifest"), "out": p("target-shards")},
@@ -194,29 +202,28 @@ def plan(cfg: dict) -> list[Step]:
         sets["target"] = "target-shards"
 
     labelled = {"target": t["train"], "per_class": t["per_class"], "draw_seed": t["seed"]}
-    for seed in cfg["experiment"].get("seeds", [0]):
-        for tset, method in arms:
-            arm = f"arms/{tset}-{method}-s{seed}"
-            if tset == "labelled":
-                d = cfg.get("distill") or {}
-                add(f"{arm}/init", "init", {"student": d.get("student", "resnet18"), "seed": seed,
-                                            "small_input": d.get("small_input", False),
-                                            "image_size": d.get("image_size", 0), "embeddings": p("target"),
-                                            "out": p(f"{arm}/init/student.pt")}, ["target"])
-                ft = {**(cfg.get("finetune") or {}), **cfg["experiment"].get("labelled", {})}
-                steps.append(Step(f"{arm}/finetune", "finetune", from_dict(
-                    STAGES["finetune"], {**ft, **labelled, "student": p(f"{arm}/init/student.pt"), "seed": seed,
-                                         "out": p(f"{arm}/finetune")}, where=f"run config, arm {arm}"),
-                    [f"{arm}/init"], [p(f"{arm}/finetune")]))
-            else:
-                add(f"{arm}/distill", "distill", {"transfer": [p(sets[tset])], "teacher": p("teacher.pt"),
-                                                  "mode": method, "seed": seed, "target": t["train"],
-                                                  "target_per_class": t["per_class"], "draw_seed": t["seed"],
-                                                  "out": p(f"{arm}/distill")}, [sets[tset], "teacher"])
-                add(f"{arm}/finetune", "finetune", {**labelled, "student": p(f"{arm}/distill/student.pt"),
-                                                    "seed": seed, "out": p(f"{arm}/finetune")}, [f"{arm}/distill"])
-            add(f"{arm}/evaluate", "evaluate", {"source": t["test"], "checkpoint": p(f"{arm}/finetune/student.pt"),
-                                                "out": p(f"{arm}/eval.json")}, [f"{arm}/finetune"])
+    for tset, method, seed in arms:
+        arm = f"arms/{tset}-{method}-s{seed}"
+        if tset == "labelled":
+            d = cfg.get("distill") or {}
+            add(f"{arm}/init", "init", {"student": d.get("student", "resnet18"), "seed": seed,
+                                        "small_input": d.get("small_input", False),
+                                        "image_size": d.get("image_size", 0), "embeddings": p("target"),
+                                        "out": p(f"{arm}/init/student.pt")}, ["target"])
+            ft = {**(cfg.get("finetune") or {}), **cfg["experiment"].get("labelled", {})}
+            steps.append(Step(f"{arm}/finetune", "finetune", from_dict(
+                STAGES["finetune"], {**ft, **labelled, "student": p(f"{arm}/init/student.pt"), "seed": seed,
+                                     "out": p(f"{arm}/finetune")}, where=f"run config, arm {arm}"),
+                [f"{arm}/init"], [p(f"{arm}/finetune")]))
+        else:
+            add(f"{arm}/distill", "distill", {"transfer": [p(sets[tset])], "teacher": p("teacher.pt"),
+                                              "mode": method, "seed": seed, "target": t["train"],
+                                              "target_per_class": t["per_class"], "draw_seed": t["seed"],
+                                              "out": p(f"{arm}/distill")}, [sets[tset], "teacher"])
+            add(f"{arm}/finetune", "finetune", {**labelled, "student": p(f"{arm}/distill/student.pt"),
+                                                "seed": seed, "out": p(f"{arm}/finetune")}, [f"{arm}/distill"])
+        add(f"{arm}/evaluate", "evaluate", {"source": t["test"], "checkpoint": p(f"{arm}/finetune/student.pt"),
+                                            "out": p(f"{arm}/eval.json")}, [f"{arm}/finetune"])
     return steps
 
 
