@@ -245,11 +245,14 @@ def record_path(run_dir: str | Path, name: str, suffix: str = ".json") -> Path:
 
 
 def step_state(run_dir: str | Path, name: str, digest: str) -> str:
-    """done | changed (finished with other settings or inputs) | interrupted | pending."""
+    """done | started (running now, or killed: a rerun resumes it) | changed (finished with other settings or
+    inputs) | pending."""
     rec, started = record_path(run_dir, name), record_path(run_dir, name, ".started.json")
+    if started.exists() and read_json(started, "step marker").get("config_hash") == digest:
+        return "started"
     if rec.exists():
         return "done" if read_json(rec, "step record").get("config_hash") == digest else "changed"
-    return "interrupted" if started.exists() else "pending"
+    return "started" if started.exists() else "pending"
 
 
 def execute(cfg: dict, *, only: str = "") -> dict:
@@ -272,11 +275,12 @@ def execute(cfg: dict, *, only: str = "") -> dict:
             skipped.append(step.name)
             continue
         started = record_path(run_dir, step.name, ".started.json")
-        if state == "changed" or (state == "interrupted" and
+        if state == "changed" or (state == "started" and
                                   read_json(started, "step marker").get("config_hash") != digest):
             log.info("%s: settings or inputs changed; clearing %s", label, ", ".join(step.outputs))
+            record_path(run_dir, step.name).unlink(missing_ok=True)  # its outputs go: so does the claim they exist
             _clear(step.outputs)
-        elif state == "interrupted":
+        elif state == "started":
             log.info("%s: resuming an interrupted run", label)
         log.info("%s: running", label)
         began = time.time()
