@@ -51,7 +51,7 @@ def make_augment(size: int) -> v2.Compose:
 def augment(image: torch.Tensor, augmenter: v2.Compose, seed: int) -> torch.Tensor:
     """One seeded augmented view: uint8 [3, H, W] -> float [3, S, S] in [0, 1] (global RNG left untouched)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also reseeds CUDA, slowly
         out = augmenter(image)
     return out.float().div_(255.0)
 
