@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     status = sub.add_parser("status", help="what a run directory has done: every step's state, seconds, result")
     status.add_argument("run_dir", help="run directory of `rakt run`")
-    report = sub.add_parser("report", help="(re)write report.md and report.html of a run directory")
+    report = sub.add_parser("report", help="(re)write results.json/csv, report.md and report.html of a run "
+                                           "directory (also of a run still going or stopped part-way)")
     report.add_argument("run_dir", help="run directory of `rakt run`")
     return parser
 
@@ -101,6 +102,9 @@ def _run_commands(args: argparse.Namespace) -> int:
         return 0
     if args.command == "report":
         from pipeline.report import write_report
+        from pipeline.results import write_results
+        cfg = run.read_run_config(args.run_dir)
+        write_results(args.run_dir, cfg)  # the arms finished so far, also of a run still going or stopped
         print(json.dumps(write_report(args.run_dir), indent=2, default=str))
         return 0
     cfg = run.load_run_config(args.config, args.overrides, args.run_dir)

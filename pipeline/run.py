@@ -362,13 +362,17 @@ def device_name() -> str:
     return f"cpu: {model or 'unknown'} ({os.cpu_count()} cores)"
 
 
+def read_run_config(run_dir: str | Path) -> dict:
+    """The resolved config a run directory was last run with (its run.yaml)."""
+    if not (Path(run_dir) / "run.yaml").exists():
+        raise InputError(f"{run_dir}: no run.yaml; is this a run directory of `rakt run`?")
+    return {**_read_yaml(Path(run_dir) / "run.yaml"), "run_dir": str(run_dir)}
+
+
 def status(run_dir: str | Path) -> list[dict]:
     """Every step of the run recorded in RUN_DIR/run.yaml with its state, seconds and a short result."""
     run_dir = Path(run_dir)
-    if not (run_dir / "run.yaml").exists():
-        raise InputError(f"{run_dir}: no run.yaml; is this a run directory of `rakt run`?")
-    cfg = _read_yaml(run_dir / "run.yaml")
-    cfg["run_dir"] = str(run_dir)
+    cfg = read_run_config(run_dir)
     steps = plan(cfg)
     hashes = step_hashes(steps, str(run_dir))
     rows = []
