@@ -71,6 +71,10 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
 
     again = execute(cfg)
     assert again["ran"] == [] and set(again["skipped"]) == set(names)
+    (tmp_path / "run" / "results.json").unlink()
+    assert cli.main(["report", str(tmp_path / "run")]) == 0  # refreshes results.json, writes the report
+    assert "retrieved / task" in (tmp_path / "run" / "report.md").read_text()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["arms"] == results["arms"]
 
     changed = execute(config(world, tiny_clip, tmp_path / "run", **{"distill.epochs": 2}))
     assert changed["ran"] == ["arms/retrieved-task-s0/distill", "arms/retrieved-task-s0/finetune",
