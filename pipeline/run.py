@@ -32,13 +32,15 @@ log = logging.getLogger("rakt.run")
 STEPS_DIR = "steps"
 ENCODER_KEYS = ("model", "pretrained", "image_size", "batch_size", "workers", "device", "precision")
 TRANSFER_SETS = ("retrieved", "random", "target")
+INTERNAL_STAGES = ("init", "labelled")
+LABELLED_SHARD = "labelled/labelled-000000.tar"
 METHODS = ("task", "agnostic", "progressive")
 
 
 @dataclass
 class Step:
     name: str                        # e.g. "target", "arms/retrieved-task-s0/distill"
-    stage: str                       # a STAGES key, or "init" (a fresh student checkpoint)
+    stage: str                       # a STAGES key, "init" (a fresh student) or "labelled" (the few-shot draw)
     config: Any                      # the stage's config dataclass
     deps: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)  # cleared when the step reruns with other settings
@@ -157,9 +159,10 @@ def plan(cfg: dict) -> list[Step]:
     steps: list[Step] = []
 
     def add(name, stage, values, deps=(), outputs=None):
-        section = {} if stage == "init" else cfg.get(stage) or {}
+        internal = stage in INTERNAL_STAGES
+        section = {} if internal else cfg.get(stage) or {}
         where = f"run config, step '{name}'"
-        config = values if stage == "init" else from_dict(STAGES[stage], {**section, **values}, where=where)
+        config = values if internal else from_dict(STAGES[stage], {**section, **values}, where=where)
         steps.append(Step(name, stage, config, list(deps), outputs or [values["out"]]))
 
     add("target", "embed", {**enc, "source": t["train"], "split": "train", "per_class": t["per_class"],
@@ -178,12 +181,16 @@ def plan(cfg: dict) -> list[Step]:
         raise ConfigError(f"run config: collect must be materialize or download, got {collect!r}")
     add("shards", collect, {"manifest": p("manifest"), "out": p("shards")}, ["manifest"])
 
+    # the few-shot draw, read once from the target's train shards and written as one small shard that every
+    # later step trains on (a per-class draw re-reads all of the target's shards: ~45 s for CIFAR-10 train)
+    add("labelled", "labelled", {"source": t["train"], "per_class": t["per_class"], "seed": t["seed"],
+                                 "out": p("labelled")})
     adapt = {**enc, "seed": t["seed"], "out": p("teacher.pt")}
     if (cfg.get("adapt") or {}).get("mode", "linear") in ("linear", "zeroshot"):
         adapt.update(embeddings=p("target"), eval=[p("eval")])  # the embeddings of `target`, not recomputed
     else:
-        adapt.update(train=t["train"], per_class=t["per_class"], eval=t["test"])
-    add("teacher", "adapt", adapt, ["target", "eval"], [p("teacher.pt"), p("teacher.pt.json")])
+        adapt.update(train=[p(LABELLED_SHARD)], per_class=0, eval=t["test"])
+    add("teacher", "adapt", adapt, ["target", "eval", "labelled"], [p("teacher.pt"), p("teacher.pt.json")])
 
     arms = arm_runs(cfg)
     sets = {"retrieved": "shards"}
@@ -201,7 +208,7 @@ def plan(cfg: dict) -> list[Step]:
             ["target-manifest"])
         sets["target"] = "target-shards"
 
-    labelled = {"target": t["train"], "per_class": t["per_class"], "draw_seed": t["seed"]}
+    labelled = {"target": [p(LABELLED_SHARD)], "per_class": 0}
     for tset, method, seed in arms:
         arm = f"arms/{tset}-{method}-s{seed}"
         if tset == "labelled":
@@ -214,14 +221,15 @@ def plan(cfg: dict) -> list[Step]:
             steps.append(Step(f"{arm}/finetune", "finetune", from_dict(
                 STAGES["finetune"], {**ft, **labelled, "student": p(f"{arm}/init/student.pt"), "seed": seed,
                                      "out": p(f"{arm}/finetune")}, where=f"run config, arm {arm}"),
-                [f"{arm}/init"], [p(f"{arm}/finetune")]))
+                [f"{arm}/init", "labelled"], [p(f"{arm}/finetune")]))
         else:
             add(f"{arm}/distill", "distill", {"transfer": [p(sets[tset])], "teacher": p("teacher.pt"),
-                                              "mode": method, "seed": seed, "target": t["train"],
-                                              "target_per_class": t["per_class"], "draw_seed": t["seed"],
-                                              "out": p(f"{arm}/distill")}, [sets[tset], "teacher"])
+                                              "mode": method, "seed": seed, "target": [p(LABELLED_SHARD)],
+                                              "target_per_class": 0, "out": p(f"{arm}/distill")},
+                [sets[tset], "teacher", "labelled"])
             add(f"{arm}/finetune", "finetune", {**labelled, "student": p(f"{arm}/distill/student.pt"),
-                                                "seed": seed, "out": p(f"{arm}/finetune")}, [f"{arm}/distill"])
+                                                "seed": seed, "out": p(f"{arm}/finetune")},
+                [f"{arm}/distill", "labelled"])
         add(f"{arm}/evaluate", "evaluate", {"source": t["test"], "checkpoint": p(f"{arm}/finetune/student.pt"),
                                             "out": p(f"{arm}/eval.json")}, [f"{arm}/finetune"])
     return steps
@@ -319,6 +327,8 @@ def needed(steps: list[Step], only: str) -> set[str]:
 def run_step(step: Step) -> dict:
     if step.stage == "init":
         return init_student(**step.config)
+    if step.stage == "labelled":
+        return write_labelled(**step.config)
     from pipeline.cli import RUNNERS
     module = importlib.import_module(RUNNERS[step.stage][0])
     return module.run(step.config)
@@ -335,6 +345,47 @@ def init_student(student: str, seed: int, small_input: bool, image_size: int, em
     model = create_student(student, len(classes), small_input=small_input, image_size=image_size or None)
     save_student(out, model, {"stage": "init", "classes": classes, "seed": seed})
     return {"student": out, "classes": len(classes)}
+
+
+def write_labelled(source: list[str], per_class: int, seed: int, out: str) -> dict:
+    """The labelled images of `source` (few-shot draw of `per_class` with `seed`, as every stage draws it), in
+    source order, as one WebDataset shard OUT/labelled-000000.tar (original bytes, KEY.cls, KEY.json) + classes.txt."""
+    import collections
+    import io as _io
+
+    from PIL import Image
+    from webdataset import TarWriter
+
+    from pipeline.sources import open_source
+    src = open_source(source, per_class=per_class, seed=seed)
+    if not src.classes:
+        raise InputError(f"{', '.join(source)}: no class names (classes.txt beside the shards or folders of classes)")
+    stats: collections.Counter = collections.Counter()
+    dest = Path(out, Path(LABELLED_SHARD).name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(out, "classes.txt")) as tmp:
+        tmp.write_text("".join(f"{c}\n" for c in src.classes))
+    count, per_label = 0, collections.Counter()
+    with atomic_path(dest) as tmp, TarWriter(str(tmp), encoder=False, mtime=946684800) as sink:
+        for partition in src.partitions:
+            for sample in src.read(partition, stats):
+                if sample.label is None:
+                    continue
+                try:
+                    with Image.open(_io.BytesIO(sample.image)) as img:
+                        ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(img.format or "", "png")
+                except (OSError, ValueError, SyntaxError) as e:  # counted and skipped, as load_images does
+                    stats["undecodable_image"] += 1
+                    log.warning("%s: undecodable image (%s); skipped", sample.id, e)
+                    continue
+                meta = {"id": sample.id, "split": sample.split, "source": sample.locator}
+                sink.write({"__key__": f"{count:06d}", ext: sample.image, "cls": str(sample.label).encode(),
+                            "json": json.dumps(meta, sort_keys=True).encode()})
+                count += 1
+                per_label[src.classes[sample.label]] += 1
+    if not count:
+        raise InputError(f"{', '.join(source)}: no labelled images ({dict(stats) or 'no samples'})")
+    return {"shard": str(dest), "images": count, "per_class": dict(sorted(per_label.items())), "skipped": dict(stats)}
 
 
 def _clear(paths: list[str]) -> None:

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from conftest import image_array, jpeg_bytes, write_shard
 from pipeline import cli
 from pipeline.config import ConfigError
+from distill.data import load_labelled
 from pipeline.run import execute, load_run_config, status
 
 CLASSES = ["ant", "bee", "cat", "dog"]
@@ -62,7 +64,12 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
     cfg = config(world, tiny_clip, tmp_path / "run")
     first = execute(cfg)
     names = [r["step"] for r in status(tmp_path / "run")]
-    assert names[:7] == ["target", "eval", "index", "candidates", "manifest", "shards", "teacher"]
+    assert names[:8] == ["target", "eval", "index", "candidates", "manifest", "shards", "labelled", "teacher"]
+    # the few-shot draw is read once and written as one shard; the arms train on exactly those images
+    labelled = load_labelled([str(tmp_path / "run/labelled/labelled-000000.tar")], 32)
+    drawn = load_labelled([str(world / "target/train-000000.tar")], 32, per_class=3, seed=0)
+    assert torch.equal(labelled.images, drawn.images) and torch.equal(labelled.labels, drawn.labels)
+    assert labelled.classes == CLASSES and len(labelled) == 3 * len(CLASSES)
     assert set(first["ran"]) == set(names) and all(r["state"] == "done" for r in status(tmp_path / "run"))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [a["arm"] for a in results["arms"]] == ["labelled-none-s0", "retrieved-task-s0"]
