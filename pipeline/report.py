@@ -164,6 +164,13 @@ def _mean_std(row: dict) -> str:
     return f"{100 * row['mean']:.1f}%"
 
 
+def _range(row: dict) -> str:
+    """'36.8% – 37.8%' over several seeds; '—' for one."""
+    if (row.get("seeds") or 0) > 1:
+        return f"{_pct(row.get('min'))} – {_pct(row.get('max'))}"
+    return "—"
+
+
 def _pct(x) -> str:
     return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}%"
 
@@ -321,7 +328,7 @@ def _results(doc: _Doc, ctx: dict, rows: list[dict]) -> None:
         doc.add("missing", "no results.json and no arms/*/eval.json: no student was evaluated yet")
         return
     table = [(r["label"], _mean_std(r), r.get("seeds"),
-              f"{_pct(r.get('min'))} – {_pct(r.get('max'))}", f"{r.get('seconds_mean') or 0:.0f}") for r in rows]
+              _range(r), f"{r.get('seconds_mean') or 0:.0f}") for r in rows]
     if teacher.get("accuracy") is not None:
         table.append((f"adapted teacher ({teacher.get('mode', '?')})", _pct(teacher["accuracy"]), "—", "—",
                       f"{teacher.get('seconds') or 0:.0f}"))

@@ -137,7 +137,7 @@ def test_full_report(run_dir):
     # results: mean ± std per (transfer set, method), labelled-only first, then the teacher row
     for text in (md, page):
         assert "42.0 ± 1.4%" in text and "31.0 ± 1.4%" in text and "35.0 ± 0.0%" not in text and "55.1%" in text
-    assert table_row(md, "random / task")[1:3] == ["35.0%", "1"]  # one seed: no spread shown
+    assert table_row(md, "random / task")[1:4] == ["35.0%", "1", "—"]  # one seed: no spread or range shown
     assert md.index("| labelled / none |") < md.index("| random / task |") < md.index("| retrieved / task |")
     assert table_row(md, "adapted teacher (linear)")[1] == "55.1%"
     # the summary paragraph is built from the numbers
