@@ -35,6 +35,9 @@ TRANSFER_SETS = ("retrieved", "random", "target")
 INTERNAL_STAGES = ("init", "labelled")
 LABELLED_SHARD = "labelled/labelled-000000.tar"
 METHODS = ("task", "agnostic", "progressive")
+# Fault injection for the kill/resume tests: SIGKILL this process when a named step's work is done but before its
+# record is written (comma-separated step names); fast steps can finish before an outside kill lands.
+KILL_BEFORE_RECORD = "RAKT_FAULT_KILL_BEFORE_RECORD"
 
 
 @dataclass
@@ -294,6 +297,8 @@ def execute(cfg: dict, *, only: str = "") -> dict:
         began = time.time()
         write_json(started, {"step": step.name, "config_hash": digest, "started": _now()})
         result = run_step(step)
+        if step.name in os.environ.get(KILL_BEFORE_RECORD, "").split(","):
+            _kill_self(step.name)
         write_json(record_path(run_dir, step.name), {
             "step": step.name, "stage": step.stage, "config_hash": digest, "status": "done",
             "started": dt.datetime.fromtimestamp(began, dt.timezone.utc).isoformat(timespec="seconds"),
@@ -394,6 +399,14 @@ def _clear(paths: list[str]) -> None:
             shutil.rmtree(path)
         elif os.path.exists(path):
             os.unlink(path)
+
+
+def _kill_self(step_name: str) -> None:
+    import signal
+    log.warning("%s=%s: killing this run before step %s is recorded", KILL_BEFORE_RECORD,
+                os.environ[KILL_BEFORE_RECORD], step_name)
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _now() -> str:
