@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrained", default="", help="open_clip tag or local checkpoint ('' = random init)")
     parser.add_argument("--source", nargs="+", default=[str(default_shards)],
                         help=f"WebDataset shards, folder or manifest (default: {default_shards})")
+    parser.add_argument("--image-size", type=int, default=0, help="encoder input px (0 = the model's own)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader decode workers")
     parser.add_argument("--device", default="auto")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     if not model:
         model = str(Path(tempfile.mkdtemp()) / "rakt-tiny-clip.json")
         Path(model).write_text(json.dumps(TINY_CLIP))
-    cfg = EncoderConfig(model=model, pretrained=args.pretrained, batch_size=args.batch_size,
+    cfg = EncoderConfig(model=model, pretrained=args.pretrained, image_size=args.image_size, batch_size=args.batch_size,
                         workers=args.workers, device=args.device, precision=args.precision)
     encoder = load_image_encoder(cfg)
     source = open_source(args.source)

@@ -4,22 +4,23 @@ target images), both through distill.trainer. Under torchrun, torch.distributed 
 """
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import os
 from typing import Iterator
 
 import torch
 
-from distill.data import (LabelledSet, TransferSet, count_samples, labelled_loader, list_shards, load_labelled,
-                          transfer_loader)
+from distill.bank import ImageBank, bank_from_tensors, open_bank
+from distill.data import ViewSpec, bank_batches, endless_batches, steps_per_epoch
 from distill.losses import DistillTask, teacher_outputs
 from distill.students import create_student, load_student
+from distill.teacher_data import load_images
 from distill.teacher_model import load_teacher, read_teacher_meta
-from distill.trainer_cache import CachedTransferSet, build_cache
-from distill.trainer import FinetuneTask, Prepare, Trainer, TrainSettings, resolve_device, seed_everything
+from distill.trainer import FinetuneTask, Prepare, Trainer, TrainSettings, seed_everything
+from distill.trainer_cache import build_cache, teacher_input
+from distill.views import render
 from pipeline.config import ConfigError, DistillConfig, FinetuneConfig, config_hash, to_dict
+from pipeline.device import channels_last, resolve_device, set_threads
 from pipeline.io import InputError, timed, write_json
 from pipeline.prompts import load_classes
 
@@ -42,56 +43,54 @@ def init_distributed(device: str) -> tuple[int, int]:
 def _settings(cfg, steps_per_epoch: int, meta: dict) -> TrainSettings:
     return TrainSettings(out=cfg.out, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, lr=cfg.lr,
                          weight_decay=cfg.weight_decay, warmup=cfg.warmup, clip=cfg.clip, ema=cfg.ema,
-                         device=cfg.device, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
-                         compile=cfg.compile, resume=cfg.resume, meta=meta)
+                         device=cfg.device, precision=cfg.precision, seed=cfg.seed,
+                         checkpoint_every=cfg.checkpoint_every, compile=cfg.compile, resume=cfg.resume, meta=meta)
 
 
-def _move(batch: dict, device: torch.device, epoch: int) -> dict:
-    images = batch["images"].to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return {"images": images, "labels": batch["labels"].to(device, non_blocking=True)}
-
-
-def _with_cached_teacher(teacher) -> Prepare:
-    """prepare() for cached runs: teacher outputs from the batch; rows without (mixed-in target images) online."""
+def make_prepare(size: int, teacher=None) -> Prepare:
+    """prepare() of a batch {"unlabelled": ..., "labelled": ...} (either may be missing; distill/data.py batches):
+    each part's views rendered on the device at the student's `size`, labels (the unlabelled part's set to -1), and
+    with a teacher the teacher's outputs: cached ones from the batch, else the teacher run on the same views."""
     def prepare(batch: dict, device: torch.device, epoch: int) -> dict:
-        kwargs = _move(batch, device, epoch)
-        out = {"logits": batch["teacher_logits"].to(device), "features": batch["teacher_features"].to(device)}
-        cached = len(out["logits"])
-        if len(kwargs["images"]) > cached:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                fresh = teacher_outputs(teacher, kwargs["images"][cached:])
-            out = {k: torch.cat([v, fresh[k].to(v.dtype)]) for k, v in out.items()}
-        kwargs["teacher_out"] = out
+        images, labels, outs = [], [], []
+        for name in ("unlabelled", "labelled"):
+            part = batch.get(name)
+            if part is None:
+                continue
+            source = part["source"].to(device, non_blocking=True)
+            images.append(render(source, part["theta"], size))
+            labels.append(part["labels"].clamp(max=-1) if name == "unlabelled" else part["labels"])
+            if "teacher_logits" in part:
+                outs.append({k.removeprefix("teacher_"): v for k, v in part.items() if k.startswith("teacher_")})
+            elif teacher is not None:
+                outs.append(teacher_outputs(teacher, teacher_input(teacher, source, part["theta"])))
+        kwargs = {"images": channels_last(torch.cat(images)), "labels": torch.cat(labels).to(device)}
+        if outs:
+            keys = set.intersection(*(set(o) for o in outs))
+            kwargs["teacher_out"] = {k: torch.cat([o[k].to(device).float() for o in outs]) for k in sorted(keys)}
         return kwargs
     return prepare
 
 
 def _check_config(cfg) -> None:
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.workers < 0 or cfg.warmup < 0 or cfg.ema < 0 \
-            or cfg.ema >= 1:
-        raise ConfigError("epochs >= 1, batch_size >= 1, lr > 0, workers >= 0, warmup >= 0 and 0 <= ema < 1 needed")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.warmup < 0 or cfg.ema < 0 or cfg.ema >= 1 \
+            or not 0 < cfg.crop_scale <= 1:
+        raise ConfigError("epochs >= 1, batch_size >= 1, lr > 0, warmup >= 0, 0 <= ema < 1 and 0 < crop_scale <= 1 "
+                          "needed")
 
 
-def _target_classes(cfg: DistillConfig, target: LabelledSet | None) -> list[str] | None:
+def _labelled_bank(specs: list[str], size: int, *, classes_file: str, per_class: int, seed: int,
+                   split: str = "") -> ImageBank:
+    """The labelled target images in memory (few-shot draw of `per_class` with `seed`)."""
+    data = load_images(specs, classes_file=classes_file, per_class=per_class, seed=seed, split=split,
+                       size=max(size, 32))
+    return bank_from_tensors(data.x, data.y, data.classes, data.ids)
+
+
+def _target_classes(cfg: DistillConfig, target: ImageBank | None) -> list[str] | None:
     if cfg.classes:
         return load_classes(cfg.classes)
     return target.classes if target is not None else None
-
-
-def _mixed(transfer: Iterator[dict], target: Iterator[dict] | None) -> Iterator[dict]:
-    """Transfer batches (labels -1), each joined by a labelled target batch when a target set is given."""
-    for batch in transfer:
-        if target is not None:
-            extra = next(target)
-            batch = {"images": torch.cat([batch["images"], extra["images"]]),
-                     "labels": torch.cat([batch["labels"].clamp(max=-1), extra["labels"]]),
-                     "keys": batch["keys"] + extra["keys"],
-                     **{k: v for k, v in batch.items() if k.startswith("teacher_")}}
-        else:
-            batch = {**batch, "labels": torch.full_like(batch["labels"], -1)}
-        yield batch
 
 
 def run_distill(cfg: DistillConfig) -> dict:
@@ -101,12 +100,16 @@ def run_distill(cfg: DistillConfig) -> dict:
         raise ConfigError("rakt distill: --cache-views must be at least 1")
     if not cfg.teacher:
         raise ConfigError("rakt distill: --teacher (a checkpoint from `rakt adapt`) is required")
-    shards = list_shards(cfg.transfer)
+    if not cfg.transfer:
+        raise ConfigError("rakt distill: give the transfer-set shards (files, brace patterns or a folder)")
+    set_threads(cfg.threads)
     teacher_classes = list(read_teacher_meta(cfg.teacher).get("classes") or [])
     rank, world = init_distributed(cfg.device)
     size = cfg.image_size or (32 if cfg.small_input else 224)
-    target = (load_labelled(cfg.target, size, classes_file=cfg.classes, per_class=cfg.target_per_class,
-                            seed=cfg.seed, draw_seed=_draw_seed(cfg)) if cfg.target else None)
+    with timed("decode transfer set"):
+        transfer = open_bank(cfg.transfer, size)
+    target = (_labelled_bank(cfg.target, size, classes_file=cfg.classes, per_class=cfg.target_per_class,
+                             seed=_draw_seed(cfg)) if cfg.target else None)
     classes = _target_classes(cfg, target)
     if classes is not None and len(classes) != len(teacher_classes):
         raise InputError(f"teacher {cfg.teacher} predicts {len(teacher_classes)} classes but the target task has "
@@ -114,65 +117,43 @@ def run_distill(cfg: DistillConfig) -> dict:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    teacher = load_teacher(cfg.teacher, device=str(device), classes=classes)
+    teacher = load_teacher(cfg.teacher, device=str(device), classes=classes, precision=cfg.precision)
     seed_everything(cfg.seed)  # the student's (and projector's) init is part of the run's determinism
     student = create_student(cfg.student, len(teacher_classes), small_input=cfg.small_input, image_size=size)
     task = DistillTask(student, teacher, mode=cfg.mode, temperature=cfg.temperature,
                        hard_weight=cfg.hard_weight if target is not None else 0.0, teacher_dim=teacher.dim)
+    views = ViewSpec(cfg.augment, cfg.crop_scale)
+    caches: dict = {"unlabelled": None, "labelled": None}
     if cfg.cache_teacher:
+        vseed = cfg.cache_seed if cfg.cache_seed >= 0 else cfg.seed
         with timed("teacher cache"):
-            vseed = cfg.cache_seed if cfg.cache_seed >= 0 else cfg.seed
-            ident = build_cache(teacher, shards, cfg.teacher, image_size=size, views=cfg.cache_views, seed=vseed,
-                                device=device, batch_size=max(cfg.batch_size, 64))
-        transfer = CachedTransferSet(shards, size, ident, cfg.cache_views, seed=cfg.seed, view_seed=vseed)
-        prepare = _with_cached_teacher(teacher)
-    else:
-        transfer, prepare = TransferSet(shards, size, seed=cfg.seed), _move
-    n = count_samples(shards)
-    steps = max(math.ceil(n / (cfg.batch_size * world)), 1)
+            for name, bank in (("unlabelled", transfer), ("labelled", target)):
+                if bank is not None:
+                    caches[name] = build_cache(teacher, bank, cfg.teacher, kind=cfg.teacher_view,
+                                               views=cfg.cache_views, spec=views, seed=vseed,
+                                               features=cfg.mode != "task", device=device,
+                                               batch_size=max(cfg.batch_size, 64), folder=bank.folder)
     meta = {"stage": "distill", "teacher": cfg.teacher, "classes": teacher_classes, "mode": cfg.mode,
             "config_hash": config_hash(cfg)}
-    trainer = Trainer(task, _settings(cfg, steps, meta), prepare)
-    tloader = transfer_loader(transfer, cfg.batch_size, cfg.workers)
-    lloader, sampler = (labelled_loader(target, cfg.target_batch_size or cfg.batch_size, 0, drop_last=False)
-                        if target is not None else (None, None))
+    trainer = Trainer(task, _settings(cfg, steps_per_epoch(len(transfer), cfg.batch_size), meta),
+                      make_prepare(size, teacher))
+    labelled_batch = cfg.target_batch_size or cfg.batch_size
 
     def loader_for(epoch: int) -> Iterator[dict]:
-        transfer.set_epoch(epoch)
-        cycle = None
-        if lloader is not None:
-            target.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            cycle = _cycle(lloader, sampler, target, epoch)
-        return _check_nonempty(_mixed(iter(tloader), cycle), shards, transfer)
+        extra = (endless_batches(target, batch_size=labelled_batch, seed=cfg.seed, epoch=epoch, views=views,
+                                 cache=caches["labelled"]) if target is not None else None)
+        for batch in bank_batches(transfer, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, views=views,
+                                  cache=caches["unlabelled"]):
+            yield {"unlabelled": batch, "labelled": next(extra) if extra is not None else None}
 
     with timed("distill"):
         summary = trainer.fit(loader_for)
-    summary.update({"transfer_samples": n, "classes": len(teacher_classes), "world_size": world,
-                    "read_errors": dict(transfer.errors),
-                    "teacher_cache": transfer.ident if cfg.cache_teacher else ""})
+    summary.update({"transfer_samples": len(transfer), "classes": len(teacher_classes), "world_size": world,
+                    "read_errors": transfer.skipped,
+                    "teacher_cache": caches["unlabelled"].ident if caches["unlabelled"] is not None else ""})
     if rank == 0:
         write_json(os.path.join(cfg.out, "summary.json"), {**summary, "config": to_dict(cfg)})
     return summary
-
-
-def _cycle(loader, sampler, dataset: LabelledSet, epoch: int) -> Iterator[dict]:
-    """Labelled batches without end: pass r of the epoch reshuffles with sampler epoch (epoch, r)."""
-    for r in itertools.count():
-        sampler.set_epoch(epoch * 1000 + r)
-        dataset.set_epoch(epoch * 1000 + r)
-        yield from loader
-
-
-def _check_nonempty(batches: Iterator[dict], shards: list[str], transfer: TransferSet) -> Iterator[dict]:
-    any_batch = False
-    for batch in batches:
-        any_batch = True
-        yield batch
-    if not any_batch:
-        raise InputError(f"no samples could be read from the transfer shards {', '.join(shards[:5])}"
-                         f"{' ...' if len(shards) > 5 else ''} (read errors: {dict(transfer.errors) or 'none'}); "
-                         f"are they empty or corrupt?")
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -181,26 +162,26 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if not cfg.student or not cfg.target:
         raise ConfigError("rakt finetune: --student (a student checkpoint from `rakt distill`) and --target "
                           "(labelled target images) are required")
+    set_threads(cfg.threads)
     rank, world = init_distributed(cfg.device)
     seed_everything(cfg.seed)
     student, _ = load_student(cfg.student)
-    target = load_labelled(cfg.target, student.image_size, classes_file=cfg.classes, per_class=cfg.per_class,
-                           seed=cfg.seed, draw_seed=_draw_seed(cfg), split=cfg.split)
+    target = _labelled_bank(cfg.target, student.image_size, classes_file=cfg.classes, per_class=cfg.per_class,
+                            seed=_draw_seed(cfg), split=cfg.split)
     if target.classes is not None and len(target.classes) != student.num_classes:
         raise InputError(f"student {cfg.student} predicts {student.num_classes} classes but the target images "
                          f"have {len(target.classes)}; finetune on the task it was distilled for")
     if int(target.labels.max()) >= student.num_classes:
         raise InputError(f"target labels reach {int(target.labels.max())} but the student predicts "
                          f"{student.num_classes} classes")
-    loader, sampler = labelled_loader(target, cfg.batch_size, cfg.workers)
-    steps = max(len(loader), 1)
+    views = ViewSpec(cfg.augment, cfg.crop_scale)
     meta = {"stage": "finetune", "from": cfg.student, "classes": target.classes, "config_hash": config_hash(cfg)}
-    trainer = Trainer(FinetuneTask(student), _settings(cfg, steps, meta), _move)
+    trainer = Trainer(FinetuneTask(student), _settings(cfg, steps_per_epoch(len(target), cfg.batch_size), meta),
+                      make_prepare(student.image_size))
 
-    def loader_for(epoch: int):
-        sampler.set_epoch(epoch)
-        target.set_epoch(epoch)
-        return loader
+    def loader_for(epoch: int) -> Iterator[dict]:
+        for batch in bank_batches(target, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, views=views):
+            yield {"labelled": batch}
 
     with timed("finetune"):
         summary = trainer.fit(loader_for)

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import EvaluateConfig, to_dict
+from pipeline.device import autocast, autocast_dtype, channels_last, resolve_device, set_threads
+from pipeline.progress import Progress
 from pipeline.io import InputError, timed, write_json
 from pipeline.sources import Source, open_source
 
@@ -25,13 +27,17 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 def evaluate_model(model: torch.nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], num_classes: int,
-                   *, device: str | torch.device = "cpu", batch_size: int = 256) -> dict:
+                   *, device: str | torch.device = "cpu", batch_size: int = 256, precision: str = "fp32",
+                   progress: Progress | None = None) -> dict:
     """Top-1 accuracy, per-class accuracy (None for a class without samples), confusion matrix, count.
 
     data: an iterable of (images, labels) batches (e.g. a DataLoader), or one (images, labels) pair of
     tensors, evaluated in chunks of `batch_size`. confusion[i][j] counts samples of true class i predicted
-    as j. The model runs in eval mode under no_grad and is put back in its previous mode.
+    as j. The model runs in eval mode under no_grad (autocast by `precision`, channels_last) and is put back in its
+    previous mode.
     """
+    device = torch.device(device)
+    dtype = autocast_dtype(device, precision)
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         images, labels = data
         data = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(images), batch_size)]
@@ -45,13 +51,16 @@ def evaluate_model(model: torch.nn.Module, data: Batches | tuple[torch.Tensor, t
                 if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
                     raise InputError(f"labels must lie in 0..{num_classes - 1}, got {int(labels.min())}.."
                                      f"{int(labels.max())}")
-                logits = model(images.to(device))
+                with autocast(device, dtype):
+                    logits = model(channels_last(images.to(device))).float()
                 if logits.shape[-1] != num_classes:
                     raise InputError(f"the model gives {logits.shape[-1]} class scores but the task has "
                                      f"{num_classes} classes")
                 pred = logits.argmax(dim=-1).cpu()
                 confusion += torch.bincount(labels * num_classes + pred,
                                             minlength=num_classes ** 2).view(num_classes, num_classes)
+                if progress is not None:
+                    progress.update(len(labels))
     finally:
         model.train(was_training)
     return metrics_from_confusion(confusion.numpy())
@@ -103,12 +112,6 @@ def labelled_batches(source: Source, split: str, size: int, batch_size: int,
         yield torch.stack(images), torch.tensor(labels)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _load_model(cfg: EvaluateConfig, num_classes: int):
     """The student of cfg.checkpoint: a rakt student checkpoint, or bare weights for cfg.model."""
     from distill.students import create_student, load_student
@@ -133,11 +136,13 @@ def run(cfg: EvaluateConfig) -> dict:
         if classes is not None and len(classes) != num_classes:
             raise InputError(f"the source has {len(classes)} classes but the student {model.arch} predicts "
                              f"{num_classes}; evaluate on the target task it was trained for")
-        device = _device(cfg.device)
-        model.to(device)
+        set_threads(cfg.threads)
+        device = resolve_device(cfg.device)
+        model = channels_last(model.to(device))
         skipped: collections.Counter = collections.Counter()
         batches = labelled_batches(source, cfg.split, model.image_size, cfg.batch_size, skipped)
-        metrics = evaluate_model(model, batches, num_classes, device=device)
+        with Progress(None, "evaluate", unit="img") as bar:
+            metrics = evaluate_model(model, batches, num_classes, device=device, precision=cfg.precision, progress=bar)
         if metrics["count"] == 0:
             raise InputError(f"{', '.join(cfg.source)}: no labelled images"
                              f"{' in split ' + repr(cfg.split) if cfg.split else ''} to evaluate on "

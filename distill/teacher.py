@@ -32,6 +32,7 @@ from distill.teacher_fit import fit_images, fit_linear, image_logits, zeroshot_w
 from distill.teacher_model import (AdaptedTeacher, build_teacher, encoder_config, load_teacher,
                                    read_teacher_meta, save_teacher)
 from pipeline.config import AdaptConfig, ConfigError, config_hash, to_dict
+from pipeline.device import set_threads
 from pipeline.encoders import encoder_model_id, load_image_encoder, load_text_encoder, require_text_tower
 from pipeline.io import InputError, timed, write_json
 from pipeline.prompts import load_classes, load_templates
@@ -59,6 +60,7 @@ def run(cfg: AdaptConfig) -> dict:
     """Adapt the teacher, save the checkpoint to cfg.out, evaluate on cfg.eval, write `{out}.json`."""
     start = time.perf_counter()
     _check(cfg)
+    set_threads(cfg.threads)
     with timed(f"adapt ({cfg.mode})"):
         fitted = {"linear": _linear, "zeroshot": _zeroshot}.get(cfg.mode, _trained)(cfg)
     teacher = fitted.teacher

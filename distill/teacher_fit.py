@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from distill.teacher_data import holdout_split
 from distill.teacher_model import AdaptedTeacher
+from pipeline.progress import Progress
 
 log = logging.getLogger("rakt")
 
@@ -116,6 +117,7 @@ def fit_images(teacher: AdaptedTeacher, images: torch.Tensor, labels: torch.Tens
     gen = torch.Generator().manual_seed(seed)
     losses = []
     teacher.train(True)
+    bar = Progress(epochs * len(labels), f"adapt ({teacher.mode})", unit="img")
     for epoch in range(epochs):
         order = torch.randperm(len(labels), generator=gen)
         total_loss = 0.0
@@ -128,8 +130,10 @@ def fit_images(teacher: AdaptedTeacher, images: torch.Tensor, labels: torch.Tens
             opt.step()
             sched.step()
             total_loss += loss.item() * len(idx)
+            bar.update(len(idx), loss=loss.item())
         losses.append(total_loss / len(labels))
         log.info("%s epoch %d/%d: loss %.4f", teacher.mode, epoch + 1, epochs, losses[-1])
+    bar.close()
     teacher.train(False)
     return losses
 
@@ -138,6 +142,9 @@ def fit_images(teacher: AdaptedTeacher, images: torch.Tensor, labels: torch.Tens
 def image_logits(teacher: AdaptedTeacher, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Teacher logits of uint8 images, in batches, on CPU."""
     device = teacher.logit_scale.device
-    out = [teacher(images[i:i + batch_size].float().div(255).to(device)).float().cpu()
-           for i in range(0, len(images), batch_size)]
+    out = []
+    with Progress(len(images), "teacher eval", unit="img") as bar:
+        for i in range(0, len(images), batch_size):
+            out.append(teacher(images[i:i + batch_size].float().div(255).to(device)).float().cpu())
+            bar.update(len(out[-1]))
     return torch.cat(out) if out else torch.zeros(0, teacher.head.out_features)

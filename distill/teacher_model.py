@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from pipeline.config import EncoderConfig
+from pipeline.device import autocast
 from pipeline.encoders import TIMM_PREFIX, ImageEncoder, encoder_model_id, load_image_encoder
 from pipeline.io import InputError, atomic_path
 
@@ -107,6 +108,7 @@ class AdaptedTeacher(nn.Module):
         self.register_buffer("std", torch.tensor(pixels.std).view(1, 3, 1, 1), persistent=False)
         self.backbone_trainable = mode == "finetune"
         self.backbone.requires_grad_(self.backbone_trainable)
+        self.autocast_dtype: torch.dtype | None = None  # the backbone's autocast (--precision), set by build_teacher
         self.train(False)
 
     @property
@@ -135,8 +137,9 @@ class AdaptedTeacher(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalized backbone embedding of [0, 1] images."""
-        inputs = self.normalize(x)
-        out = self.backbone.encode_image(inputs) if self.encode == "encode_image" else self.backbone(inputs)
+        inputs = self.normalize(x).contiguous(memory_format=torch.channels_last)
+        with autocast(inputs.device, self.autocast_dtype):
+            out = self.backbone.encode_image(inputs) if self.encode == "encode_image" else self.backbone(inputs)
         return F.normalize(out.float(), dim=-1)
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -167,6 +170,7 @@ def build_teacher(cfg: EncoderConfig, num_classes: int, mode: str, *, logit_scal
     teacher = AdaptedTeacher(encoder.model, "forward" if is_timm else "encode_image", encoder.dim, num_classes,
                              PixelPipeline.from_transform(encoder.preprocess), mode=mode,
                              logit_scale=logit_scale, prompt_size=prompt_size, bias=bias, model_id=encoder.model_id)
+    teacher.autocast_dtype = encoder.autocast_dtype
     return teacher.to(encoder.device)
 
 
@@ -196,7 +200,8 @@ def _read(path: str | Path) -> dict:
     return payload
 
 
-def load_teacher(path: str | Path, device: str = "auto", classes: list[str] | None = None) -> AdaptedTeacher:
+def load_teacher(path: str | Path, device: str = "auto", classes: list[str] | None = None,
+                 precision: str = "auto") -> AdaptedTeacher:
     """Rebuild a teacher from its checkpoint: the backbone through pipeline.encoders, then the saved state.
 
     The result is in eval mode with every parameter frozen (a teacher to distill from). With `classes`,
@@ -216,7 +221,7 @@ def load_teacher(path: str | Path, device: str = "auto", classes: list[str] | No
             raise InputError(f"teacher {path} was built on {key} {value}, which no longer exists; the checkpoint "
                              f"stores only the adapted parts, so restore that file (or adapt again)")
     cfg = EncoderConfig(model=enc["model"], pretrained=enc["pretrained"], image_size=int(enc["image_size"]),
-                        device=device)
+                        device=device, precision=precision)
     model_id = encoder_model_id(cfg)
     if meta.get("model_id") and model_id != meta["model_id"]:
         raise InputError(f"teacher {path} was adapted on backbone {meta['model_id']}, but {model_id} is what those "

@@ -1,5 +1,6 @@
-"""One training loop for distill and finetune: AdamW, warm-up + cosine, clipping, EMA, bf16 autocast and
-channels_last on CUDA, optional torch.compile, DDP via torchrun, metrics, checkpoints and exact resume.
+"""One training loop for distill and finetune: AdamW, warm-up + cosine, clipping, EMA, autocast by `--precision`
+(bf16 on CUDA and on CPUs with native bf16, pipeline/device.py) and channels_last, optional torch.compile, DDP via
+torchrun, metrics, progress, checkpoints and exact resume.
 
 The task is an nn.Module whose forward(images, labels=..., teacher_out=..., step=..., total_steps=...) returns
 a dict of losses with "loss" (distill.losses.DistillTask, or `FinetuneTask`); `task.student` is the
@@ -10,7 +11,8 @@ states, step, epoch, the batches done in that epoch, RNG states (torch, numpy, p
 arch. Data position is kept at *epoch granularity*: a resumed run restarts the interrupted epoch's data
 stream from its seeded start (batches depend only on seed and epoch, see distill/data.py) and skips the
 batches already done, so it sees the same batches as an uninterrupted run. metrics.jsonl is appended to; after
-a resume it may repeat the steps between the last checkpoint and the interruption.
+a resume it may repeat the steps between the last checkpoint and the interruption. The summary splits the
+wall time into data (next batch), prepare (views rendered, teacher outputs), forward + backward and optimizer.
 """
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from distill.students import StudentModel, save_student
+from pipeline.device import autocast, autocast_dtype, channels_last, dtype_name, resolve_device
 from pipeline.io import InputError, atomic_path
+from pipeline.progress import Progress
 
 log = logging.getLogger("rakt")
 
@@ -53,6 +56,7 @@ class TrainSettings:
     clip: float = 1.0  # max gradient norm (0 = off)
     ema: float = 0.0  # EMA decay (0 = off)
     device: str = "auto"
+    precision: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100  # steps (0 = only at the end)
     compile: bool = False
@@ -73,12 +77,6 @@ class FinetuneTask(nn.Module):
         ce = nn.functional.cross_entropy(logits.float(), labels, ignore_index=-1,
                                          label_smoothing=self.label_smoothing)
         return {"ce": ce, "loss": ce}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def cosine_lambda(total: int, warmup: int) -> Callable[[int], float]:
@@ -143,9 +141,8 @@ class Trainer:
         if self.device.type == "cuda" and self.device.index is None and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         seed_everything(settings.seed)
-        self.task = task.to(self.device)
-        if self.device.type == "cuda":
-            self.task.to(memory_format=torch.channels_last)
+        self.dtype = autocast_dtype(self.device, settings.precision)
+        self.task = channels_last(task.to(self.device))
         self.student: StudentModel = task.student
         params = [p for p in task.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
@@ -211,29 +208,33 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
-    def fit(self, loader_for: Callable[[int], Iterable[dict]]) -> dict:
+    def fit(self, loader_for: Callable[[int], Iterable]) -> dict:
         """Train to the end (resuming where a checkpoint left off); save the student; return a summary."""
-        autocast = self.device.type == "cuda"
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, unit="step", leave=False)
+        desc = str((self.s.meta or {}).get("stage", "train"))
+        bar = Progress(self.total_steps, desc, unit="step", initial=self.step, disable=self.rank != 0)
         last: dict = {}
         images_seen, start = 0, time.perf_counter()
+        split = dict.fromkeys(("data", "prepare", "forward_backward", "optimizer"), 0.0)
         self.task.train()
         while self.epoch < self.s.epochs:
             batches = iter(loader_for(self.epoch))
             index = 0
             while True:
+                tick = time.perf_counter()
                 batch = next(batches, None)
                 if self._any_rank_done(batch is None):
                     break
                 if index < self.done_in_epoch:  # resume: the epoch's stream restarts; skip what was done
                     index += 1
                     continue
-                tick = time.perf_counter()
+                got = time.perf_counter()
                 kwargs = self.prepare(batch, self.device, self.epoch)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                ready = time.perf_counter()
+                with autocast(self.device, self.dtype):
                     losses = self.model(**kwargs, step=self.step, total_steps=self.total_steps)
                 self.optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
+                stepped = time.perf_counter()
                 norm = (nn.utils.clip_grad_norm_(self.task.parameters(), self.s.clip) if self.s.clip > 0 else None)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -242,17 +243,19 @@ class Trainer:
                 self.step += 1
                 index += 1
                 self.done_in_epoch = index
-                n = len(batch["images"]) * self.world
+                n = len(kwargs["images"]) * self.world
                 images_seen += n
-                rate = n / max(time.perf_counter() - tick, 1e-9)
+                done = time.perf_counter()
+                for key, seconds in zip(split, (got - tick, ready - got, stepped - ready, done - stepped)):
+                    split[key] += seconds
                 last = {k: round(float(v.detach()), 6) for k, v in losses.items()}
                 record = {"step": self.step, "epoch": self.epoch, **last,
-                          "lr": self.scheduler.get_last_lr()[0], "images_per_s": round(rate, 1)}
+                          "lr": self.scheduler.get_last_lr()[0], "images_per_s": round(n / max(done - tick, 1e-9), 1)}
                 if norm is not None:
                     record["grad_norm"] = round(float(norm), 4)
                 self._log(record)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{rate:.0f}")
-                bar.update(1)
+                elapsed = time.perf_counter() - start
+                bar.update(1, loss=last["loss"], img_s=round(images_seen / max(elapsed, 1e-9), 1))
                 if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
                     self.save_checkpoint()
             self.epoch += 1
@@ -265,4 +268,6 @@ class Trainer:
                                                            "ema": self.s.ema})
         seconds = time.perf_counter() - start
         return {"steps": self.step, "epochs": self.epoch, "last_losses": last,
-                "images_per_s": round(images_seen / max(seconds, 1e-9), 1), "student": str(self.out / "student.pt")}
+                "images_per_s": round(images_seen / max(seconds, 1e-9), 1), "student": str(self.out / "student.pt"),
+                "precision": dtype_name(self.dtype), "device": str(self.device),
+                "seconds_by_part": {k: round(v, 2) for k, v in split.items()}}

@@ -216,8 +216,9 @@ def build_faiss_index(vectors: np.ndarray, metadata: pa.Table, out_dir: str | Pa
                       metric: str = "ip", kind: str = "auto", memory_budget: str = "4G",
                       train_size: int = 100_000, nprobe: int = 16, seed: int = 0,
                       extra_info: dict | None = None, batch_size: int = 100_000,
-                      add_step: AddStep | None = None) -> dict:
+                      add_step: AddStep | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """Build an index directory over `vectors` [n, d] with `metadata` row i describing id i; return index.json.
+    `progress(n)` is called as vectors are added in process.
 
     The add step runs here, in batches, unless `add_step` is given: it gets the trained empty index (on the
     CPU) and must return it filled with all n vectors in order, e.g. by partitions added elsewhere to copies of
@@ -261,6 +262,8 @@ def build_faiss_index(vectors: np.ndarray, metadata: pa.Table, out_dir: str | Pa
     if add_step is None:
         for begin in range(0, n, batch_size):
             work.add(prep_vectors(vectors[begin:begin + batch_size], normalize))
+            if progress is not None:
+                progress(min(batch_size, n - begin))
     else:
         trained = faiss.index_gpu_to_cpu(work) if device == "gpu" else work
         check_mergeable(trained, choice.factory)

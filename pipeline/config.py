@@ -16,6 +16,12 @@ class ConfigError(ValueError):
     """A config or CLI value that rakt cannot use; the message says what to change."""
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_HELP = ("auto (bf16 autocast on a GPU and on CPUs with native bf16: avx512_bf16/AMX; else fp32) | fp32 | "
+                  "bf16 | fp16 (GPU); stored outputs stay float32")
+AUGMENTS = ("none", "shift", "crop")
+
+
 def _f(default: Any, help: str, positional: bool = False, choices: tuple | None = None):
     """A config field with its CLI help text."""
     meta = {"help": help, "positional": positional, "choices": choices}
@@ -33,10 +39,11 @@ class EncoderConfig:
     )
     image_size: int = _f(0, "encoder input resolution in px (0 = the model's own); part of the embedding-model id")
     batch_size: int = _f(256, "images per forward pass")
-    workers: int = _f(2, "DataLoader worker processes for decoding (0 = in process)")
+    workers: int = _f(-1, "DataLoader worker processes for decoding (0 = in process; -1 = auto: none on a CPU "
+                          "device with <= 4 cores, whose cores the model's threads use, up to 8 for a GPU)")
+    threads: int = _f(-1, "torch intra-op threads (-1 = every core this process may use)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16",
-                        choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = _f("auto", PRECISION_HELP, choices=PRECISIONS)
 
 
 @dataclass
@@ -174,6 +181,8 @@ class EvaluateConfig:
     split: str = _f("", "evaluate only samples whose split field is this (e.g. test); '' = every sample")
     batch_size: int = _f(256, "images per forward pass")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = _f("auto", PRECISION_HELP, choices=PRECISIONS)
+    threads: int = _f(-1, "torch intra-op threads (-1 = every core this process may use)")
     out: str = _f("", "output report JSON (accuracy, per-class accuracy, confusion matrix)")
 
 
@@ -213,8 +222,13 @@ class TrainConfig:
     warmup: int = _f(0, "linear warm-up steps before the cosine decay")
     clip: float = _f(1.0, "max gradient norm (0 = no clipping)")
     ema: float = _f(0.0, "EMA decay of the saved student (e.g. 0.999; 0 = off)")
-    workers: int = _f(2, "DataLoader worker processes (0 = in process)")
+    augment: str = _f("crop", "training views: crop (flip + random resized crop) | shift (flip + translation up "
+                              "to 1/8 of the side) | none", choices=AUGMENTS)
+    crop_scale: float = _f(0.6, "crop: smallest area fraction of a random resized crop")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
+    precision: str = _f("auto", PRECISION_HELP, choices=PRECISIONS)
+    threads: int = _f(-1, "torch intra-op threads (-1 = every core this process may use); images are decoded once "
+                          "and augmented in batches, so training needs no DataLoader workers")
     seed: int = _f(0, "seed of initialisation, shuffling, augmentation and the few-shot draw")
     draw_seed: int = _f(-1, "seed of the few-shot draw of labelled target images (-1 = --seed); fix it to keep "
                             "the teacher's labelled images across training seeds")
@@ -241,9 +255,13 @@ class DistillConfig(TrainConfig):
     hard_weight: float = _f(1.0, "weight of the hard-label CE on target images")
     target_batch_size: int = _f(0, "labelled target images joined to each step (0 = --batch-size)")
     classes: str = _f("", "classes.txt of the target task (default: recorded with the target images)")
-    cache_teacher: bool = _f(False, "compute teacher outputs once for --cache-views fixed views per image "
-                                    "(beside the shards, in teacher-cache/); epoch e reuses view (e mod V)")
-    cache_views: int = _f(4, "augmented views per image in the teacher cache")
+    cache_teacher: bool = _f(False, "compute teacher outputs once (beside the decoded shards, in teacher-cache/) "
+                                    "instead of running the teacher every step; see --teacher-view")
+    teacher_view: str = _f("same", "with --cache-teacher: same (the student trains on --cache-views fixed views, "
+                                   "epoch e on view e mod V, with the teacher's outputs on that view) | clean (the "
+                                   "teacher's outputs on the whole image; the student gets fresh views each epoch)",
+                           choices=("same", "clean"))
+    cache_views: int = _f(4, "augmented views per image in the teacher cache (teacher-view same)")
     cache_seed: int = _f(-1, "seed of the cached views (-1 = --seed); fix it to share one cache across seeds")
 
 

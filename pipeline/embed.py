@@ -24,14 +24,14 @@ import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
-
 from pipeline.config import ConfigError, EmbedConfig, config_hash
+from pipeline.device import loader_workers, resolve_device, set_threads
 from pipeline.encoders import ImageEncoder, encoder_model_id, load_image_encoder
 from pipeline.engines import EngineOptions, get_engine, raise_if_failed
 from pipeline.io import (EMBEDDINGS_JSON, InputError, embedding_table, read_json, timed, write_json,
                          write_parquet)
-from pipeline.sources import Partition, Sample, Source, open_source
+from pipeline.progress import Progress
+from pipeline.sources import Partition, Sample, Source, count_hint, open_source
 
 log = logging.getLogger("rakt")
 
@@ -54,7 +54,8 @@ def run(cfg: EmbedConfig) -> dict:
     log.info("embed: %d partitions, %d done before, %d to embed with %s",
              len(source.partitions), len(source.partitions) - len(todo), len(todo), model_id)
     with timed("embed"):  # workers write to out, so with a cluster it must be a path every node sees
-        failed = engine.run(todo, EmbedWorkerBuilder(cfg, source, str(out.resolve())), MAX_RETRIES)
+        failed = engine.run(todo, EmbedWorkerBuilder(cfg, source, str(out.resolve()), count_hint(source, todo)),
+                            MAX_RETRIES)
     raise_if_failed(failed, "partitions")
 
     parts = [read_json(_stats_path(out, p), "partition stats") for p in source.partitions]
@@ -88,8 +89,8 @@ def engine_options(cfg: EmbedConfig) -> EngineOptions:
 def _check(cfg: EmbedConfig) -> None:
     if not cfg.source:
         raise ConfigError("rakt embed: give at least one source (image folder, manifest or shards)")
-    if cfg.batch_size < 1 or cfg.workers < 0 or cfg.per_class < 0:
-        raise ConfigError("rakt embed: batch_size must be >= 1, workers >= 0 and per_class >= 0")
+    if cfg.batch_size < 1 or cfg.workers < -1 or cfg.per_class < 0:
+        raise ConfigError("rakt embed: batch_size must be >= 1, workers >= 0 (or -1 = auto) and per_class >= 0")
 
 
 def _causes(skipped: collections.Counter) -> str:
@@ -138,25 +139,29 @@ class EmbedWorkerBuilder:
     cfg: EmbedConfig
     source: Source
     out: str
+    total: int | None = None  # images to embed, for the progress line (None: unknown)
 
     def __call__(self) -> Callable[[Partition], dict]:
-        return EmbedWorker(self.cfg, self.source, Path(self.out), load_image_encoder(self.cfg))
+        set_threads(self.cfg.threads)
+        return EmbedWorker(self.cfg, self.source, Path(self.out), load_image_encoder(self.cfg), self.total)
 
 
 class EmbedWorker:
     """Embeds one partition per call (see `embed_partition`), with the encoder it was built with."""
 
-    def __init__(self, cfg: EmbedConfig, source: Source, out: Path, encoder: ImageEncoder) -> None:
+    def __init__(self, cfg: EmbedConfig, source: Source, out: Path, encoder: ImageEncoder,
+                 total: int | None = None) -> None:
         self.cfg, self.source, self.out, self.encoder = cfg, source, out, encoder
-        self.progress = tqdm(unit="img", desc="embed", disable=None)
+        self.workers = loader_workers(cfg.workers, encoder.device)
+        self.progress = Progress(total, "embed", unit="img")
 
     def __call__(self, partition: Partition) -> dict:
         return embed_partition(self.encoder, self.source, partition, self.out, batch_size=self.cfg.batch_size,
-                               workers=self.cfg.workers, split=self.cfg.split, progress=self.progress)
+                               workers=self.workers, split=self.cfg.split, progress=self.progress)
 
 
 def embed_partition(encoder: ImageEncoder, source: Source, partition: Partition, out: Path, *, batch_size: int,
-                    workers: int, split: str = "", progress: tqdm | None = None) -> dict:
+                    workers: int, split: str = "", progress: Progress | None = None) -> dict:
     """Embed one partition: write `part-NAME.parquet`, then `part-NAME.stats.json` (the done marker); both
     atomically. Every engine runs this, so outputs do not depend on where a partition was embedded."""
     start = time.perf_counter()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import EncoderConfig
+from pipeline.device import autocast, autocast_dtype, channels_last, dtype_name, resolve_device
 from pipeline.io import InputError, file_hash
 
 log = logging.getLogger("rakt")
@@ -52,19 +53,16 @@ class ImageEncoder:
         self.dim = dim
         self.preprocess = preprocess
         self.device = device
-        self.autocast_dtype = _autocast_dtype(device, precision)
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.autocast_dtype = autocast_dtype(device, precision)
+        self.model = channels_last(self.model)
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(self.device, self.autocast_dtype):
+        images = channels_last(images.to(self.device, non_blocking=True))
+        with autocast(self.device, self.autocast_dtype):
             features = self._forward(images)
         return F.normalize(features.float(), dim=-1).cpu()
 
@@ -85,7 +83,7 @@ def load_image_encoder(cfg: EncoderConfig) -> ImageEncoder:
         model, preprocess, dim = _open_clip_model(cfg)
         encoder = _OpenClipImageEncoder(model, encoder_model_id(cfg), dim, preprocess, device, cfg.precision)
     log.info("encoder %s: dim %d on %s (%s)", encoder.model_id, encoder.dim, device,
-             encoder.autocast_dtype or "fp32")
+             dtype_name(encoder.autocast_dtype))
     return encoder
 
 
@@ -100,7 +98,7 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = max(1, batch_size)
-        self.autocast_dtype = _autocast_dtype(device, precision)
+        self.autocast_dtype = autocast_dtype(device, precision)
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:
@@ -108,7 +106,7 @@ class TextEncoder:
         out = [torch.zeros((0, self.dim))]
         for begin in range(0, len(texts), self.batch_size):
             tokens = self.tokenizer(list(texts[begin:begin + self.batch_size])).to(self.device)
-            with _autocast(self.device, self.autocast_dtype):
+            with autocast(self.device, self.autocast_dtype):
                 features = self.model.encode_text(tokens)
             out.append(F.normalize(features.float(), dim=-1).cpu())
         return torch.cat(out)
@@ -141,7 +139,7 @@ def load_text_encoder(cfg: EncoderConfig, image_encoder: ImageEncoder | None = N
                          f"({str(e).splitlines()[0][:300]}); it may need network access once to fill the HF cache"
                          ) from None
     encoder = TextEncoder(model, model_id, dim, tokenizer, device, cfg.precision, cfg.batch_size)
-    log.info("text encoder %s: dim %d on %s (%s)", model_id, dim, device, encoder.autocast_dtype or "fp32")
+    log.info("text encoder %s: dim %d on %s (%s)", model_id, dim, device, dtype_name(encoder.autocast_dtype))
     return encoder
 
 
@@ -165,33 +163,6 @@ def encoder_model_id(cfg: EncoderConfig) -> str:
 def _digest(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of a checkpoint, hashed once per (path, size, mtime) in a process."""
     return file_hash(path)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        log.info("device auto -> %s", chosen)
-        return chosen
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"device {device!r} not understood; use auto, cpu, cuda or cuda:N") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu or auto")
-    return chosen
-
-
-def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if precision == "fp16" and device.type != "cuda":
-        log.warning("fp16 is for GPUs; running fp32 on %s", device)
-        return None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, EmbedConfig, EncoderConfig, EngineConfig, IndexBuildConfig, to_dict
 from pipeline.engines import Engine, EngineOptions, get_engine, raise_if_failed
+from pipeline.progress import Progress
 from pipeline.io import (EMBEDDINGS_JSON, InputError, atomic_path, embedding_matrix, json_hash, read_embedding_set,
                          read_json, timed)
 
@@ -74,10 +75,11 @@ def run(cfg: IndexBuildConfig) -> dict:
     add_step = None
     if cfg.engine != "local":  # else the add step runs in process, in batches
         add_step = PartitionedAdd(engine, emb_dir.resolve(), out.resolve() / ADD_PARTS_SUBDIR)
-    with timed("index build"):
+    with timed("index build"), Progress(len(vectors), "index add", unit="vec") as bar:
         info = build_faiss_index(vectors, metadata, out, model=str(emb_meta.get("model", "")), metric=cfg.metric,
                                  kind=cfg.kind, memory_budget=cfg.memory_budget, train_size=cfg.train_size,
-                                 nprobe=cfg.nprobe, seed=cfg.seed, extra_info=extra, add_step=add_step)
+                                 nprobe=cfg.nprobe, seed=cfg.seed, extra_info=extra, add_step=add_step,
+                                 progress=bar.update)
     return _summary(info, out, time.perf_counter() - start, skipped=False)
 
 

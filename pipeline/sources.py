@@ -197,6 +197,28 @@ def _has_end_marker(shard: str) -> bool:
         return f.read() == bytes(1024)
 
 
+def count_hint(source: "Source", partitions: list[Partition] | None = None, max_shards: int = 256) -> int | None:
+    """How many samples the partitions hold, for progress lines: files counted, shards from their tar headers;
+    None when there are more than `max_shards` shards to list (too slow to count up front)."""
+    import tarfile
+
+    partitions = source.partitions if partitions is None else partitions
+    shards = [f for p in partitions for f in p.files if f not in source.entries]
+    if len(shards) > max_shards:
+        return None
+    total = sum(1 for p in partitions for f in p.files if f in source.entries)
+    for shard in shards:
+        try:
+            with tarfile.open(shard, "r:*") as tar:
+                names = [m.name for m in tar if m.isfile()]
+        except (tarfile.TarError, OSError, EOFError):
+            continue
+        keys = {n.rsplit("/", 1)[-1].split(".", 1)[0] for n in names
+                if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS}
+        total += len(keys) if source.keep is None else len({k for s, k in source.keep if s == shard})
+    return total
+
+
 # --- opening a source ----------------------------------------------------------------------------
 
 def open_source(specs: list[str], *, classes_file: str = "", per_class: int = 0, seed: int = 0,

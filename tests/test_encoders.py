@@ -105,7 +105,7 @@ def test_unknown_names_and_tags(tiny_clip):
 
 def test_real_timm_teacher_from_the_kit(kit):
     path = kit / "teachers" / TEACHER
-    enc = load_image_encoder(EncoderConfig(model="timm:tf_efficientnet_lite0", pretrained=str(path)))
+    enc = load_image_encoder(EncoderConfig(model="timm:tf_efficientnet_lite0", pretrained=str(path), precision="fp32"))
     assert enc.dim == 1280
     assert enc.model_id == f"timm:tf_efficientnet_lite0:file:{TEACHER}:{file_hash(path)[:12]}"
     source = open_source([str(kit / "target" / "cifar10" / "cifar10-test-000000.tar.gz")])
@@ -123,6 +123,9 @@ def test_real_timm_teacher_from_the_kit(kit):
     with torch.no_grad():
         reference = full.eval().forward_head(full.forward_features(x), pre_logits=True)
     assert torch.allclose(features, torch.nn.functional.normalize(reference, dim=1), atol=1e-5)
+    # bf16 autocast (the default on CPUs with native bf16, and on GPUs) points the same way
+    enc.autocast_dtype = torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(enc.encode(x), features).min() > 0.99
 
 
 def test_wrong_architecture_checkpoint(tmp_path, tiny_clip):

@@ -114,7 +114,7 @@ def test_distilling_the_adapted_teacher_beats_training_on_the_labelled_images_al
     lap("adapt")
 
     # 4. distill on the unlabelled transfer set (teacher outputs cached once), then finetune on the labelled images
-    loop = dict(batch_size=64, workers=0, device="cpu", seed=SEED, checkpoint_every=0)
+    loop = dict(batch_size=64, device="cpu", seed=SEED, checkpoint_every=0)
     summary = distill_stage.run(DistillConfig(
         transfer=[str(tmp_path / "transfer")], teacher=str(tmp_path / "teacher.pt"), student=STUDENT,
         image_size=STUDENT_SIZE, mode="task", temperature=2.0, epochs=8, lr=3e-3, cache_teacher=True,

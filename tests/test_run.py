@@ -19,7 +19,7 @@ import yaml
 from conftest import image_array, jpeg_bytes, write_shard
 from pipeline import cli
 from pipeline.config import ConfigError
-from distill.data import load_labelled
+from distill.teacher_data import load_images
 from pipeline.run import KILL_BEFORE_RECORD, execute, load_run_config, status
 
 CLASSES = ["ant", "bee", "cat", "dog"]
@@ -53,8 +53,8 @@ def config(world: Path, tiny_clip: str, run_dir: Path, arms=("labelled", "retrie
             "target.train=['${data}/target/train-000000.tar']", "target.test=['${data}/target/test-000000.tar']",
             "target.per_class=3", "pool=['${data}/pool/pool-000000.tar']", "retrieve.k=8", "adapt={mode: linear}",
             "curate={budget: 36, balance: class, leakage_threshold: 1.01}", "distill.student=resnet10t", "distill.image_size=32",
-            "distill.epochs=1", "distill.batch_size=16", "distill.workers=0", "distill.warmup=0",
-            "distill.cache_views=2", "finetune.epochs=1", "finetune.workers=0",
+            "distill.epochs=1", "distill.batch_size=16", "distill.warmup=0",
+            "distill.cache_views=2", "finetune.epochs=1",
             "experiment.labelled={epochs: 2, lr: 0.001}", f"experiment.arms={list(arms)}",
             "experiment.report=false", *[f"{k}={v}" for k, v in sets.items()]]
     return load_run_config(None, over)
@@ -66,10 +66,10 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
     names = [r["step"] for r in status(tmp_path / "run")]
     assert names[:8] == ["target", "eval", "index", "candidates", "manifest", "shards", "labelled", "teacher"]
     # the few-shot draw is read once and written as one shard; the arms train on exactly those images
-    labelled = load_labelled([str(tmp_path / "run/labelled/labelled-000000.tar")], 32)
-    drawn = load_labelled([str(world / "target/train-000000.tar")], 32, per_class=3, seed=0)
-    assert torch.equal(labelled.images, drawn.images) and torch.equal(labelled.labels, drawn.labels)
-    assert labelled.classes == CLASSES and len(labelled) == 3 * len(CLASSES)
+    labelled = load_images([str(tmp_path / "run/labelled/labelled-000000.tar")], size=32)
+    drawn = load_images([str(world / "target/train-000000.tar")], size=32, per_class=3, seed=0)
+    assert torch.equal(labelled.x, drawn.x) and torch.equal(labelled.y, drawn.y)
+    assert labelled.classes == CLASSES and len(labelled.y) == 3 * len(CLASSES)
     assert set(first["ran"]) == set(names) and all(r["state"] == "done" for r in status(tmp_path / "run"))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [a["arm"] for a in results["arms"]] == ["labelled-none-s0", "retrieved-task-s0"]

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import image_array, jpeg_bytes, write_shard
-from distill.data import TransferSet, list_shards
+from distill.bank import open_bank
+from distill.data import ViewSpec, bank_batches
 from distill.distill_stage import run_distill, run_finetune
 from distill.students import load_student
 from distill.teacher_model import build_teacher, save_teacher
@@ -52,7 +53,7 @@ def world(tiny_clip, tmp_path_factory) -> dict[str, Path]:
 
 def distill_cfg(world: dict, out: Path, **kw) -> DistillConfig:
     base = dict(transfer=[str(world["transfer"])], teacher=str(world["teacher"]), student="resnet10t",
-                small_input=True, image_size=32, epochs=3, batch_size=16, lr=3e-3, warmup=1, workers=0,
+                small_input=True, image_size=32, epochs=3, batch_size=16, lr=3e-3, warmup=1,
                 device="cpu", checkpoint_every=2, out=str(out))
     base.update(kw)
     return DistillConfig(**base)
@@ -83,8 +84,7 @@ def test_distill_runs_and_loss_decreases(distilled):
 
 def test_distill_with_labelled_target_mixed_in(world, tmp_path, one_torch_thread):
     out = tmp_path / "mixed"
-    summary = run_distill(distill_cfg(world, out, epochs=1, target=[str(world["target"])], mode="progressive",
-                                      workers=1))
+    summary = run_distill(distill_cfg(world, out, epochs=1, target=[str(world["target"])], mode="progressive"))
     assert summary["steps"] == 3
     rows = metrics(out)
     assert {"kd", "feature", "ce"} <= set(rows[0]) and rows[0]["ce"] > 0
@@ -93,7 +93,7 @@ def test_distill_with_labelled_target_mixed_in(world, tmp_path, one_torch_thread
 def test_finetune_from_the_distilled_student(distilled, world, tmp_path, one_torch_thread):
     out = tmp_path / "ft"
     summary = run_finetune(FinetuneConfig(student=str(distilled / "student.pt"), target=[str(world["target"])],
-                                          epochs=2, batch_size=4, lr=1e-4, workers=0, device="cpu", out=str(out)))
+                                          epochs=2, batch_size=4, lr=1e-4, device="cpu", out=str(out)))
     assert summary["steps"] == 6 and summary["target_images"] == 12
     rows = metrics(out)
     assert all("ce" in r for r in rows)
@@ -109,7 +109,7 @@ RESUME_RUN = dict(epochs=2, batch_size=4, lr=3e-3, warmup=2, ema=0.9, checkpoint
 def _cli(world: dict, out: Path) -> list[str]:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in RESUME_RUN.items()]
     return [sys.executable, "-m", "pipeline.cli", "distill", str(world["transfer"]), "--teacher", str(world["teacher"]),
-            "--student", "resnet10t", "--small-input", "--image-size", "32", "--workers", "0", "--device", "cpu",
+            "--student", "resnet10t", "--small-input", "--image-size", "32", "--device", "cpu",
             *flags, "--out", str(out)]
 
 
@@ -128,7 +128,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(world, tmp_path, one_torch
     at_kill = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
     assert 0 < at_kill < 24
     subprocess.run(_cli(world, killed), cwd=ROOT, env=env, check=True, capture_output=True)
-    run_distill(distill_cfg(world, full, workers=0, **RESUME_RUN))  # uninterrupted, in process (1 thread)
+    run_distill(distill_cfg(world, full, **RESUME_RUN))  # uninterrupted, in process (1 thread)
     a, _ = load_student(full / "student.pt")
     b, _ = load_student(killed / "student.pt")
     for name, value in a.state_dict().items():
@@ -143,23 +143,25 @@ def test_corrupt_and_empty_shards_are_counted_skips(world, tmp_path):
     (bad / "shard-00000.tar").write_bytes(b"this is not a tar file" * 50)
     write_shard(bad / "shard-00001.tar", [])
     good = sorted(str(p) for p in world["transfer"].glob("*.tar"))[:1]
-    data = TransferSet(good + [str(bad / "shard-00000.tar"), str(bad / "shard-00001.tar")], 32, seed=0)
-    samples = list(data)
-    assert len(samples) == 24 and samples[0]["images"].shape == (3, 32, 32)
-    assert sum(data.errors.values()) >= 1
-    with pytest.raises(InputError, match="no samples could be read from the transfer shards .*shard-00000.tar"):
+    bank = open_bank(good + [str(bad / "shard-00000.tar"), str(bad / "shard-00001.tar")], 32, keep_decoded=False)
+    assert len(bank) == 24 and bank.images.shape == (24, 3, 32, 32)  # 40-px images decoded at the 32-px size
+    assert sum(bank.skipped.values()) >= 1
+    with pytest.raises(InputError, match=r"no images could be read from .*bad \(skipped: .*truncated_shard"):
         run_distill(distill_cfg(world, tmp_path / "out", transfer=[str(bad)], epochs=1))
 
 
-def test_augmented_views_are_seeded_by_epoch_and_key(world):
-    data = TransferSet(list_shards([str(world["transfer"])]), 32, seed=3)
-    data.set_epoch(1)
-    a = {s["keys"]: s["images"] for s in data}
-    b = {s["keys"]: s["images"] for s in data}
-    data.set_epoch(2)
-    c = {s["keys"]: s["images"] for s in data}
-    assert a.keys() == b.keys() == c.keys() and len(a) == 48
-    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+def test_batches_are_seeded_by_seed_and_epoch(world):
+    """The batches of an epoch are a function of (seed, epoch): the same again, others in another epoch."""
+    bank = open_bank([str(world["transfer"])], 32)
+    views = ViewSpec("crop", 0.6)
+
+    def epoch(seed, e):
+        return list(bank_batches(bank, batch_size=16, seed=seed, epoch=e, views=views))
+
+    a, b, c = epoch(3, 1), epoch(3, 1), epoch(3, 2)
+    assert sum(len(x["index"]) for x in a) == 48 and sorted(torch.cat([x["index"] for x in a]).tolist()) == list(range(48))
+    assert all(torch.equal(x["index"], y["index"]) and torch.equal(x["theta"], y["theta"]) for x, y in zip(a, b))
+    assert not torch.equal(a[0]["index"], c[0]["index"])
 
 
 def test_checkpoint_of_another_architecture_is_refused(distilled, world):
@@ -180,7 +182,7 @@ def test_ddp_two_processes_gloo(world, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "pipeline.cli",
            "distill", str(world["transfer"]), "--teacher", str(world["teacher"]), "--student", "resnet10t",
-           "--small-input", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+           "--small-input", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
            "--device", "cpu", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -192,37 +194,37 @@ def test_ddp_two_processes_gloo(world, tmp_path):
 
 
 def test_teacher_cache_equals_fresh_teacher_outputs(world, tmp_path, one_torch_thread):
-    """Cached outputs = the teacher on the regenerated views; a cached run = an online run in epoch 0 (view 0)."""
+    """Cached outputs = the teacher on the redrawn views; a rerun reuses the cache files; 'clean' = whole images."""
     import shutil
 
     import numpy as np
 
     from distill.teacher_model import load_teacher
-    from distill.trainer_cache import CACHE_DIR, CachedTransferSet, cache_path
+    from distill.trainer_cache import CACHE_DIR, cache_views, teacher_input
 
     shards = tmp_path / "shards"
     shutil.copytree(world["transfer"], shards)
     cached = run_distill(distill_cfg(world, tmp_path / "cached", transfer=[str(shards)], epochs=1,
                                      cache_teacher=True, cache_views=2))
-    online = run_distill(distill_cfg(world, tmp_path / "online", transfer=[str(shards)], epochs=1))
     ident = cached["teacher_cache"]
-    assert len(list((shards / CACHE_DIR / ident).glob("shard-*.npz"))) == 2
-    a, b = metrics(tmp_path / "cached"), metrics(tmp_path / "online")
-    assert len(a) == len(b) == 3 and cached["steps"] == online["steps"] == 3
-    assert all(abs(x["kd"] - y["kd"]) < 1e-4 for x, y in zip(a, b))
+    files = sorted(shards.glob(f"decoded/*/{CACHE_DIR}/{ident}/view-*.npz"))
+    assert [f.name for f in files] == ["view-0.npz", "view-1.npz"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = run_distill(distill_cfg(world, tmp_path / "again", transfer=[str(shards)], epochs=1,
+                                    cache_teacher=True, cache_views=2))
+    assert again["teacher_cache"] == ident and [f.stat().st_mtime_ns for f in files] == stamps
 
     teacher = load_teacher(world["teacher"], device="cpu", classes=CLASSES)
-    shard = sorted(str(p) for p in shards.glob("*.tar"))[0]
-    with np.load(cache_path(shard, ident)) as z:
-        keys, logits, feats = list(z["keys"]), z["logits"], z["features"]
-    assert logits.shape == (2, 24, 3) and feats.shape == (2, 24, teacher.dim)
-    data = CachedTransferSet([shard], 32, ident, 2, seed=0, shuffle=False)
-    data.set_epoch(3)  # epoch 3 shows view 1
-    samples = list(data)
-    assert [s["keys"] for s in samples] == keys
+    bank = open_bank([str(shards)], 32)
+    theta = cache_views("same", ViewSpec("crop", 0.6), 1, 0, len(bank), bank.side)
     with torch.no_grad():
-        images = torch.stack([s["images"] for s in samples])
-        fresh_logits, fresh_feats = teacher(images), teacher.features(images)
-    assert torch.allclose(torch.from_numpy(logits[1]), fresh_logits, atol=1e-4)
-    assert torch.allclose(torch.from_numpy(feats[1]), fresh_feats, atol=1e-5)
-    assert not torch.allclose(torch.from_numpy(logits[0]), fresh_logits, atol=1e-3)  # the views differ
+        fresh = teacher(teacher_input(teacher, bank.images, theta))
+        whole = teacher(teacher_input(teacher, bank.images, None))
+    with np.load(files[1]) as z:
+        assert z["logits"].shape == (48, 3) and torch.allclose(torch.from_numpy(z["logits"]), fresh, atol=1e-3)
+        assert not torch.allclose(torch.from_numpy(z["logits"]), whole, atol=1e-3)  # a view, not the whole image
+    clean = run_distill(distill_cfg(world, tmp_path / "clean", transfer=[str(shards)], epochs=1,
+                                    cache_teacher=True, teacher_view="clean"))
+    (view,) = shards.glob(f"decoded/*/{CACHE_DIR}/{clean['teacher_cache']}/view-*.npz")
+    with np.load(view) as z:
+        assert torch.allclose(torch.from_numpy(z["logits"]), whole, atol=1e-3)

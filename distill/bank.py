@@ -1,0 +1,192 @@
+"""Images decoded once: an `ImageBank` holds every image of a transfer set (or of the labelled set) as one uint8
+array [N, 3, S, S] with its keys and labels, so training epochs read no JPEG and augment whole batches as tensors
+(distill/views.py).
+
+Transfer shards are decoded once into `{folder of the first shard}/decoded/{ident}/`: `images.npy` (memory-mapped
+when read, so a set larger than RAM still works) and `bank.json` (keys, labels, classes, skips; written last: the
+done marker). Every later run on the same shards reuses it; `ident` hashes the shard files (path, size, mtime) and
+the side. The side S is the images' own side when they are all squares of one side no larger than the training
+size (32-px CIFAR-like images for a 64-px student stay 32 px), else the training size (shorter side resized
+with antialiasing, then center-cropped).
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.io import InputError, atomic_path, json_hash
+from pipeline.progress import Progress
+from pipeline.sources import Source, count_hint, open_source
+
+log = logging.getLogger("rakt")
+
+DECODED_DIR = "decoded"
+FORMAT = "rakt-bank/1"
+
+
+@dataclass
+class ImageBank:
+    """uint8 images [N, 3, S, S] (a tensor, possibly memory-mapped), keys, labels (-1 = none), classes."""
+    images: torch.Tensor
+    keys: list[str]
+    labels: torch.Tensor
+    classes: list[str] | None = None
+    ident: str = ""
+    skipped: dict = field(default_factory=dict)
+    folder: Path | None = None  # where the decoded copy lives (None: in memory only)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def side(self) -> int:
+        return int(self.images.shape[-1])
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 images of the rows `index` (a copy, contiguous)."""
+        if len(index) and bool((index[1:] >= index[:-1]).all()) and int(index[-1]) - int(index[0]) + 1 == len(index):
+            return self.images[int(index[0]):int(index[-1]) + 1].clone()
+        return self.images[index]
+
+
+def bank_ident(source: Source, side: int) -> str:
+    """Names the decoded copy of a source: its files (path, size, mtime), the draw settings and the side."""
+    files = [f for p in source.partitions for f in p.files]
+    stamp = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) if os.path.exists(f) else (f, -1, -1) for f in files]
+    return json_hash({"format": FORMAT, "files": stamp, "keep": sorted(source.keep or []), "side": side})
+
+
+def open_bank(specs: list[str], size: int, *, classes_file: str = "", per_class: int = 0, seed: int = 0,
+              split: str = "", labelled_only: bool = False, keep_decoded: bool = True) -> ImageBank:
+    """The images of source specs decoded once at side <= `size` (see the module docstring); `labelled_only` leaves
+    out unlabelled samples, `split` samples of other splits; `keep_decoded` stores and reuses the decoded copy."""
+    source = open_source(specs, classes_file=classes_file, per_class=per_class, seed=seed)
+    where = _decoded_dir(source, size, split, labelled_only) if keep_decoded else None
+    if where is not None and (where / "bank.json").is_file():
+        bank = _load(where)
+        log.info("%s: %d decoded images reused from %s", ", ".join(specs), len(bank), where)
+        return bank
+    bank = _decode(source, size, split, labelled_only, where)
+    if not len(bank):
+        what = "labelled images" if labelled_only else "images"
+        raise InputError(f"no {what} could be read from {', '.join(specs[:5])}{' ...' if len(specs) > 5 else ''}"
+                         f"{f' (split {split!r})' if split else ''} (skipped: {bank.skipped or 'nothing'}); "
+                         f"are they empty or corrupt?")
+    return bank
+
+
+def bank_from_tensors(images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None,
+                      keys: list[str] | None = None) -> ImageBank:
+    """A bank of uint8 images already in memory (e.g. distill.teacher_data.load_images)."""
+    keys = keys or [f"{i:06d}" for i in range(len(labels))]
+    return ImageBank(images.contiguous(), list(keys), labels.long(), classes)
+
+
+def _decoded_dir(source: Source, size: int, split: str, labelled_only: bool) -> Path | None:
+    first = next((f for p in source.partitions for f in p.files), None)
+    if first is None:
+        return None
+    ident = json_hash({"bank": bank_ident(source, size), "split": split, "labelled_only": labelled_only})
+    return Path(first).parent / DECODED_DIR / ident
+
+
+def _to_array(data: bytes, size: int, side: int | None) -> np.ndarray:
+    """Encoded bytes -> uint8 [side, side, 3]; side None = the image's own (only for squares no larger than size)."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = img.convert("RGB")
+    w, h = rgb.size
+    if side is None:
+        side = w if (w == h and w <= size) else size
+    if (w, h) != (side, side):
+        scale = side / min(w, h)
+        rgb = rgb.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BICUBIC)
+        left, top = (rgb.size[0] - side) // 2, (rgb.size[1] - side) // 2
+        rgb = rgb.crop((left, top, left + side, top + side))
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _decode(source: Source, size: int, split: str, labelled_only: bool, where: Path | None) -> ImageBank:
+    stats: collections.Counter = collections.Counter()
+    bound = count_hint(source, max_shards=1 << 30) or 0
+    keys: list[str] = []
+    labels: list[int] = []
+    store: np.ndarray | None = None
+    side: int | None = None
+    tmp = None
+    if where is not None:
+        where.mkdir(parents=True, exist_ok=True)
+        tmp = where / f".images.npy.tmp-{os.getpid()}"
+    progress = Progress(bound, "decode", unit="img")
+    for partition in source.partitions:
+        for sample in source.read(partition, stats):
+            if labelled_only and sample.label is None:
+                stats["unlabelled"] += 1
+                continue
+            if split and (sample.split or "train") != split:
+                stats["other_split"] += 1
+                continue
+            try:
+                array = _to_array(sample.image, size, side)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                stats["undecodable_image"] += 1
+                log.warning("%s (%s): undecodable image (%s); skipped", sample.id,
+                            sample.locator.get("shard") or sample.locator.get("path"), e)
+                continue
+            if store is None:
+                side = array.shape[0]
+                shape = (max(bound, 1), 3, side, side)
+                store = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                         if tmp is not None else np.empty(shape, np.uint8))
+            if len(keys) >= len(store):  # more samples than the tar headers promised: keep them in memory
+                store, tmp = np.concatenate([np.asarray(store), np.empty_like(store)]), _drop(tmp)
+            store[len(keys)] = array.transpose(2, 0, 1)
+            keys.append(sample.id)
+            labels.append(-1 if sample.label is None else sample.label)
+            progress.update(1)
+    progress.close()
+    if stats:
+        log.info("decode: skipped %s", dict(stats))
+    n = len(keys)
+    ident = bank_ident(source, size)
+    if tmp is None or not n:
+        _drop(tmp)
+        images = torch.from_numpy(store[:n] if store is not None else np.zeros((0, 3, size, size), np.uint8))
+        return ImageBank(images, keys, torch.tensor(labels, dtype=torch.long), source.classes, ident,
+                         dict(sorted(stats.items())))
+    store.flush()
+    del store
+    if n == bound:
+        os.replace(tmp, where / "images.npy")
+    else:
+        with atomic_path(where / "images.npy") as out, open(out, "wb") as f:
+            np.save(f, np.load(tmp, mmap_mode="r")[:n])
+        _drop(tmp)
+    meta = {"format": FORMAT, "ident": ident, "count": n, "side": side, "keys": keys, "labels": labels,
+            "classes": source.classes, "skipped": dict(sorted(stats.items()))}
+    with atomic_path(where / "bank.json") as out:
+        Path(out).write_text(json.dumps(meta))
+    return _load(where)
+
+
+def _drop(path: Path | None) -> None:
+    if path is not None and path.exists():
+        path.unlink()
+
+
+def _load(where: Path) -> ImageBank:
+    meta = json.loads((where / "bank.json").read_text())
+    images = np.load(where / "images.npy", mmap_mode="c")  # copy-on-write: torch wants a writable array
+    if images.shape[0] != meta["count"]:
+        raise InputError(f"{where}: images.npy holds {images.shape[0]} images but bank.json says {meta['count']}; "
+                         f"delete {where} to decode again")
+    return ImageBank(torch.from_numpy(images), meta["keys"], torch.tensor(meta["labels"], dtype=torch.long),
+                     meta["classes"], meta["ident"], meta["skipped"], where)
