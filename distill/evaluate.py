@@ -77,10 +77,12 @@ def metrics_from_confusion(confusion: np.ndarray) -> dict:
 
 
 def decode_rgb(data: bytes, size: int) -> torch.Tensor:
-    """Encoded image bytes -> float [3, size, size] tensor in [0, 1] (size 0 keeps the image's own size)."""
+    """Encoded image bytes -> float [3, S, S] tensor in [0, 1]: a square no larger than `size` as it is (the student
+    upsamples it itself, as in training), anything else resized to size x size (size 0 keeps every image as is)."""
     with Image.open(io.BytesIO(data)) as img:
         rgb = img.convert("RGB")
-    if size and rgb.size != (size, size):
+    w, h = rgb.size
+    if size and not (w == h and w <= size):
         rgb = rgb.resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
 
@@ -106,10 +108,18 @@ def labelled_batches(source: Source, split: str, size: int, batch_size: int,
                 continue
             labels.append(sample.label)
             if len(images) == batch_size:
-                yield torch.stack(images), torch.tensor(labels)
+                yield _stack(images, size), torch.tensor(labels)
                 images, labels = [], []
     if images:
-        yield torch.stack(images), torch.tensor(labels)
+        yield _stack(images, size), torch.tensor(labels)
+
+
+def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """One batch; images of several sizes (small squares kept as they are) are brought to size x size first."""
+    if len({tuple(x.shape) for x in images}) > 1:
+        images = [torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
+                                                  antialias=x.shape[-1] > size)[0] for x in images]
+    return torch.stack(images)
 
 
 def _load_model(cfg: EvaluateConfig, num_classes: int):

@@ -6,7 +6,7 @@ A view is an affine map from output to input coordinates, `theta` [N, 2, 3] in n
 and to the teacher at its own. Kinds:
 
 - none:  the whole image.
-- shift: horizontal flip + a translation of up to 1/8 of the side, zero padding (CIFAR's pad-and-crop).
+- shift: horizontal flip + a translation of up to 1/8 of the side (CIFAR's pad-and-crop, padded by reflection).
 - crop:  horizontal flip + RandomResizedCrop (area fraction in (scale, 1), aspect ratio in (3/4, 4/3)).
 
 Views come from a torch.Generator, so a seeded generator redraws them exactly (resume, teacher caches).
@@ -77,4 +77,5 @@ def render(images: torch.Tensor, theta: torch.Tensor | None, size: int, mode: st
         return F.interpolate(x, size=(size, size), mode=mode, antialias=x.shape[-1] > size,
                              align_corners=False).clamp_(0, 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), [x.shape[0], 3, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False).clamp_(0, 1)
+    # reflection: what lies outside the image mirrors it (zeros would also darken every border pixel by a quarter)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False).clamp_(0, 1)

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from tqdm import tqdm
 from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 from pipeline.config import ConfigError, MaterializeConfig, config_hash, to_dict
+from pipeline.progress import Progress
 from pipeline.io import InputError, atomic_path, file_hash, read_json, timed, write_json
 
 log = logging.getLogger("rakt.materialize")
@@ -53,7 +53,8 @@ def run(cfg: MaterializeConfig) -> dict:
         resolver = PoolResolver(cfg.pool_root)
         n_shards = math.ceil(len(rows) / cfg.shard_size)
         shards = []
-        for j in tqdm(range(n_shards), desc="materialize", unit="shard"):
+        bar = Progress(len(rows), "materialize", unit="img")
+        for j in range(n_shards):
             marker = out / stats_name(j)
             if marker.exists():
                 stats = read_json(marker, "shard stats")
@@ -68,6 +69,8 @@ def run(cfg: MaterializeConfig) -> dict:
                                                                                    j * cfg.shard_size + len(part)])
                 write_json(marker, stats)
             shards.append(stats)
+            bar.update(min(cfg.shard_size, len(rows) - j * cfg.shard_size))
+        bar.close()
         for extra in sorted(out.glob("shard-*_stats.json"))[n_shards:]:
             log.warning("%s: beyond this manifest's %d shards; left alone", extra, n_shards)
         missing = Counter()

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
 from pipeline.config import ConfigError, RetrieveConfig, config_hash
+from pipeline.progress import Progress
 from pipeline.io import (EMBEDDINGS_JSON, InputError, check_index_model, embedding_matrix, json_hash, read_embedding_set, read_json,
                          timed, write_json, write_parquet)
 from pipeline.prompts import TextQueries, build_text_queries
@@ -68,7 +68,7 @@ def run(cfg: RetrieveConfig) -> dict:
     n = len(vectors)
     scores = np.empty((n, cfg.k), np.float32)
     ids = np.empty((n, cfg.k), np.int64)
-    with timed("retrieve"), tqdm(total=n, unit="query", desc="retrieve", disable=None) as bar:
+    with timed("retrieve"), Progress(n, "retrieve", unit="query") as bar:
         for begin in range(0, n, cfg.batch_size):
             s, i = index.search(vectors[begin:begin + cfg.batch_size], cfg.k, **kwargs)
             scores[begin:begin + len(s)], ids[begin:begin + len(s)] = s, i

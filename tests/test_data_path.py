@@ -1,0 +1,146 @@
+"""The training data path: image banks decoded once, views drawn and rendered per batch, precision and thread
+choices, and progress lines in logs. Real shards and images, no GPU."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import image_array, jpeg_bytes, write_shard
+from distill.bank import DECODED_DIR, open_bank
+from distill.data import ViewSpec, bank_batches, endless_batches
+from distill.views import draw_views, generator, render
+from pipeline import device as dev
+from pipeline.progress import Progress
+
+
+@pytest.fixture
+def shards(tmp_path):
+    for s in range(2):
+        write_shard(tmp_path / "t" / f"shard-{s:05d}.tar",
+                    [{"__key__": f"{s}-{i:03d}", "jpg": jpeg_bytes(image_array(10 * s + i, 32)),
+                      **({"cls": i % 3} if s == 0 else {})} for i in range(10)])
+    return tmp_path / "t"
+
+
+def test_bank_decodes_once_and_is_reused_until_a_shard_changes(shards):
+    bank = open_bank([str(shards)], 64)
+    assert len(bank) == 20 and bank.images.dtype == torch.uint8 and bank.images.shape == (20, 3, 32, 32)
+    assert bank.keys[:2] == ["0-000", "0-001"] and bank.labels[:3].tolist() == [0, 1, 2] and bank.labels[-1] == -1
+    assert bank.folder is not None and (bank.folder / "bank.json").is_file() and bank.folder.parent.name == DECODED_DIR
+    stamp = (bank.folder / "images.npy").stat().st_mtime_ns
+    again = open_bank([str(shards)], 64)
+    assert again.folder == bank.folder and (bank.folder / "images.npy").stat().st_mtime_ns == stamp
+    assert torch.equal(again.images, bank.images) and again.keys == bank.keys
+    time.sleep(0.01)
+    write_shard(shards / "shard-00001.tar", [{"__key__": "new", "jpg": jpeg_bytes(image_array(99, 32))}])
+    changed = open_bank([str(shards)], 64)
+    assert changed.folder != bank.folder and len(changed) == 11 and changed.keys[-1] == "new"
+
+
+def test_bank_side_keeps_small_squares_and_resizes_the_rest(tmp_path):
+    write_shard(tmp_path / "a.tar", [{"__key__": "big", "jpg": jpeg_bytes(image_array(1, 80))},
+                                     {"__key__": "wide", "jpg": jpeg_bytes(image_array(2, 40)[:, :, :][:20])}])
+    bank = open_bank([str(tmp_path / "a.tar")], 48, keep_decoded=False)
+    assert bank.images.shape == (2, 3, 48, 48) and bank.folder is None
+    write_shard(tmp_path / "b.tar", [{"__key__": "x", "jpg": jpeg_bytes(image_array(3, 32))}])
+    assert open_bank([str(tmp_path / "b.tar")], 48, keep_decoded=False).side == 32  # no upsampling on disk
+
+
+def test_undecodable_images_are_counted_skips(tmp_path):
+    write_shard(tmp_path / "s.tar", [{"__key__": "ok", "jpg": jpeg_bytes(image_array(1, 32))},
+                                     {"__key__": "bad", "jpg": b"not a jpeg"}])
+    bank = open_bank([str(tmp_path / "s.tar")], 32, keep_decoded=False)
+    assert bank.keys == ["ok"] and bank.skipped == {"undecodable_image": 1}
+
+
+def test_views_shift_flip_and_crop():
+    gen = generator(0, "test")
+    none = draw_views(5, "none", gen)
+    assert torch.equal(none, torch.eye(2, 3).expand(5, 2, 3))
+    shift = draw_views(200, "shift", generator(1), side=32)
+    assert torch.equal(shift[:, 0, 0].abs(), torch.ones(200)) and torch.equal(shift[:, 1, 1], torch.ones(200))
+    px = shift[:, :, 2] * 16  # normalized units -> 32-px pixels
+    assert torch.allclose(px, px.round(), atol=1e-5) and px.abs().max() == 4 and (shift[:, 0, 0] < 0).any()
+    crop = draw_views(500, "crop", generator(2), scale=0.6)
+    area = crop[:, 0, 0].abs() * crop[:, 1, 1]
+    assert area.min() >= 0.6 * 0.75 - 1e-6 and area.max() <= 1 + 1e-6 and (area < 0.9).any()
+    assert torch.equal(draw_views(7, "crop", generator(5)), draw_views(7, "crop", generator(5)))
+
+
+def test_render_identity_is_a_plain_resize_and_a_flip_mirrors():
+    images = torch.from_numpy(image_array(4, 32)).permute(2, 0, 1)[None].repeat(2, 1, 1, 1)
+    x = images.float() / 255
+    same = render(images, torch.eye(2, 3).expand(2, 2, 3), 64)
+    assert torch.allclose(same, F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False), atol=1e-5)
+    assert torch.allclose(render(images, None, 64), same, atol=1e-5)
+    flip = torch.eye(2, 3).expand(2, 2, 3).clone()
+    flip[:, 0, 0] = -1
+    assert torch.allclose(render(images, flip, 32), x.flip(-1), atol=1e-5)
+
+
+def test_epoch_batches_cover_the_bank_and_labelled_passes_go_on(shards):
+    bank = open_bank([str(shards)], 32)
+    views = ViewSpec("shift")
+    batches = list(bank_batches(bank, batch_size=6, seed=0, epoch=0, views=views))
+    assert [len(b["index"]) for b in batches] == [6, 6, 6, 2]
+    assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(20))
+    b = batches[0]
+    assert b["source"].dtype == torch.uint8 and torch.equal(b["source"], bank.images[b["index"]])
+    assert torch.equal(b["labels"], bank.labels[b["index"]])
+    endless = endless_batches(bank, batch_size=8, seed=0, epoch=0, views=views)
+    seen = [next(endless)["index"] for _ in range(6)]  # two passes of 8, 8, 4 rows, each in its own order
+    assert [len(i) for i in seen] == [8, 8, 4, 8, 8, 4]
+    first, second = torch.cat(seen[:3]), torch.cat(seen[3:])
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(20)) and not torch.equal(first, second)
+
+
+def test_precision_auto_follows_the_cpu_flags(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "cpu_features", lambda: frozenset({"avx2", "avx512f"}))
+    assert dev.autocast_dtype(cpu, "auto") is None and not dev.cpu_bf16_native()
+    monkeypatch.setattr(dev, "cpu_features", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert dev.autocast_dtype(cpu, "auto") is torch.bfloat16
+    monkeypatch.setattr(dev, "cpu_features", lambda: frozenset({"amx_bf16", "amx_tile"}))
+    assert dev.autocast_dtype(cpu, "auto") is torch.bfloat16
+    assert dev.autocast_dtype(cpu, "fp32") is None and dev.autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert dev.autocast_dtype(cpu, "fp16") is None  # fp16 is for GPUs
+    assert "bf16" in dev.device_name(cpu)
+
+
+def test_this_machines_flags_are_read():
+    flags = dev.cpu_features()
+    if os.path.exists("/proc/cpuinfo"):
+        assert flags, "no CPU flags read from /proc/cpuinfo"
+    assert dev.cpu_bf16_native() == bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def test_workers_and_threads_auto_and_explicit(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(dev, "cpu_cores", lambda: 2)
+    assert dev.loader_workers(-1, cpu) == 0 and dev.loader_workers(3, cpu) == 3
+    assert dev.loader_workers(-1, cuda) == 1
+    monkeypatch.setattr(dev, "cpu_cores", lambda: 32)
+    assert dev.loader_workers(-1, cpu) == 4 and dev.loader_workers(-1, cuda) == 8
+    before = torch.get_num_threads()
+    try:
+        assert dev.set_threads(1) == 1 and torch.get_num_threads() == 1
+        assert dev.set_threads(-1) == 32
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_progress_writes_log_lines_when_not_on_a_terminal(monkeypatch, caplog):
+    monkeypatch.setenv("RAKT_PROGRESS_SECONDS", "0")
+    with caplog.at_level(logging.INFO, logger="rakt"):
+        with Progress(200, "embed", unit="img") as bar:
+            for _ in range(4):
+                bar.update(50, loss=0.25)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("embed: 100/200 img (50%), ") and " img/s, " in line and " left" in line
+               and "loss 0.25" in line for line in lines), lines
+    assert any("done in" in line for line in lines)
