@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # the tests' tiny architecture (random init): measures the pipeline around the model, not the model
 TINY_CLIP = {

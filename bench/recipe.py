@@ -73,10 +73,19 @@ def transfer_set(run: Path, cfg: dict, budget: int, settings: str = "") -> str:
 
 
 def variant(spec: str) -> dict:
-    if spec in VARIANTS:
-        return dict(VARIANTS[spec])
+    """Settings of a variant: comma-separated names of VARIANTS and KEY=VALUE items, later ones winning."""
     import yaml
-    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in spec.split(","))}
+
+    settings: dict = {}
+    for item in spec.split(","):
+        if "=" in item:
+            key, value = item.split("=", 1)
+            settings[key] = yaml.safe_load(value)
+        elif item in VARIANTS:
+            settings.update(VARIANTS[item])
+        else:
+            raise SystemExit(f"unknown variant {item!r}; known: {', '.join(VARIANTS)}")
+    return settings
 
 
 def main(argv: list[str] | None = None) -> None:

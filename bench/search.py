@@ -13,14 +13,12 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from indexes.faiss_index import choose_index, prepare_ivfpq, recall_at, set_nprobe, to_gpu  # noqa: E402
-from bench._device import cpu_name  # noqa: E402
+from pipeline.device import device_name  # noqa: E402
 
 
 def clustered(n: int, rng: np.random.Generator, centers: np.ndarray, lift: np.ndarray, noise: float = 0.6,
@@ -41,7 +39,9 @@ def clustered(n: int, rng: np.random.Generator, centers: np.ndarray, lift: np.nd
 
 
 def device() -> str:
-    text = f"CPU: {cpu_name()}"
+    import torch
+
+    text = device_name(torch.device("cpu"))
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if ngpu:
         try:

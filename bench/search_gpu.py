@@ -20,17 +20,15 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import faiss  # noqa: E402
 
 from indexes.faiss_index import choose_index, prepare_ivfpq, recall_at, set_nprobe, to_gpu  # noqa: E402
 from indexes.torch_search import TorchExactSearch, _block_scores, cuda_available  # noqa: E402
-from bench._device import cpu_name  # noqa: E402
+from pipeline.device import device_name  # noqa: E402
 
 GPU_DEFAULTS = {"sizes": "16000000", "dim": 768, "queries": 32768, "batch": 8192, "ivfpq_sizes": "100000000"}
 CPU_DEFAULTS = {"sizes": "200000", "dim": 512, "queries": 2048, "batch": 1024, "ivfpq_sizes": ""}
@@ -122,7 +120,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def describe_device(device: torch.device) -> str:
-    text = f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}"
+    text = f"{device_name(torch.device('cpu'))}, torch threads {torch.get_num_threads()}"
     if device.type == "cuda":
         names = [torch.cuda.get_device_name(j) for j in range(torch.cuda.device_count())]
         text += f"; GPU: {len(names)} x {names[0]}"

@@ -58,6 +58,48 @@ class ImageBank:
         return self.images[index]
 
 
+class JoinedBank:
+    """Two banks as one (rows of `first`, then rows of `second`), without copying either: the labelled images joined
+    to a transfer set. The second's images are resized to the first's side when they differ."""
+
+    def __init__(self, first: ImageBank, second: ImageBank) -> None:
+        self.first, self.second = first, second
+        self.keys = first.keys + second.keys
+        self.labels = torch.cat([first.labels, second.labels])
+        self.classes = first.classes or second.classes
+        self.ident = json_hash({"joined": [first.ident or "memory", second.ident or _content_hash(second)]})
+        self.skipped = {k: first.skipped.get(k, 0) + second.skipped.get(k, 0)
+                        for k in {**first.skipped, **second.skipped}}
+        self.folder = first.folder
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def side(self) -> int:
+        return self.first.side
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        n = len(self.first)
+        out = torch.empty((len(index), 3, self.side, self.side), dtype=torch.uint8)
+        low = index < n
+        if low.any():
+            out[low] = self.first.take(index[low])
+        if (~low).any():
+            rows = self.second.take(index[~low] - n)
+            if rows.shape[-1] != self.side:
+                rows = torch.nn.functional.interpolate(rows.float(), size=(self.side, self.side), mode="bilinear",
+                                                       antialias=rows.shape[-1] > self.side,
+                                                       align_corners=False).round().clamp(0, 255).to(torch.uint8)
+            out[~low] = rows
+        return out
+
+
+def _content_hash(bank: ImageBank) -> str:
+    import hashlib
+    return hashlib.sha256(bank.images.numpy().tobytes() + json.dumps(bank.keys).encode()).hexdigest()[:16]
+
+
 def bank_ident(source: Source, side: int) -> str:
     """Names the decoded copy of a source: its files (path, size, mtime), the draw settings and the side."""
     files = [f for p in source.partitions for f in p.files]

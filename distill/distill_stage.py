@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from distill.bank import ImageBank, bank_from_tensors, open_bank
+from distill.bank import ImageBank, JoinedBank, bank_from_tensors, open_bank
 from distill.data import ViewSpec, bank_batches, endless_batches, steps_per_epoch
 from distill.losses import DistillTask, teacher_outputs
 from distill.students import create_student, load_student
@@ -111,6 +111,8 @@ def run_distill(cfg: DistillConfig) -> dict:
     target = (_labelled_bank(cfg.target, size, classes_file=cfg.classes, per_class=cfg.target_per_class,
                              seed=_draw_seed(cfg)) if cfg.target else None)
     classes = _target_classes(cfg, target)
+    if target is not None and cfg.target_mix == "transfer":
+        transfer, target = JoinedBank(transfer, target), None  # the labelled images as transfer images (KD only)
     if classes is not None and len(classes) != len(teacher_classes):
         raise InputError(f"teacher {cfg.teacher} predicts {len(teacher_classes)} classes but the target task has "
                          f"{len(classes)} ({', '.join(classes[:4])}, ...); adapt the teacher on the target classes")
@@ -148,7 +150,10 @@ def run_distill(cfg: DistillConfig) -> dict:
 
     with timed("distill"):
         summary = trainer.fit(loader_for)
-    summary.update({"transfer_samples": len(transfer), "classes": len(teacher_classes), "world_size": world,
+    joined = isinstance(transfer, JoinedBank)
+    summary.update({"transfer_samples": len(transfer.first) if joined else len(transfer),
+                    "target_samples": len(transfer.second) if joined else len(target) if target is not None else 0,
+                    "classes": len(teacher_classes), "world_size": world,
                     "read_errors": transfer.skipped,
                     "teacher_cache": caches["unlabelled"].ident if caches["unlabelled"] is not None else ""})
     if rank == 0:

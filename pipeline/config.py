@@ -250,10 +250,13 @@ class DistillConfig(TrainConfig):
     mode: str = _f("task", "task: KD on teacher logits | agnostic: feature KD | progressive: TDMR schedule",
                    choices=("task", "agnostic", "progressive"))
     temperature: float = _f(4.0, "KD temperature")
-    target: list[str] = _f([], "optional labelled target images mixed into every step with hard-label CE")
+    target: list[str] = _f([], "optional labelled target images to distill on too (see --target-mix)")
+    target_mix: str = _f("transfer", "transfer: the target images join the transfer set (KD only, once per epoch) | "
+                                     "step: --target-batch-size of them join every step, with hard-label CE weighted "
+                                     "--hard-weight (measured worse: docs/results.md)", choices=("transfer", "step"))
     target_per_class: int = _f(0, "few-shot draw of N target images per class (0 = all)")
-    hard_weight: float = _f(1.0, "weight of the hard-label CE on target images")
-    target_batch_size: int = _f(0, "labelled target images joined to each step (0 = --batch-size)")
+    hard_weight: float = _f(1.0, "target-mix step: weight of the hard-label CE on target images")
+    target_batch_size: int = _f(0, "target-mix step: labelled target images joined to each step (0 = --batch-size)")
     classes: str = _f("", "classes.txt of the target task (default: recorded with the target images)")
     cache_teacher: bool = _f(False, "compute teacher outputs once (beside the decoded shards, in teacher-cache/) "
                                     "instead of running the teacher every step; see --teacher-view")

@@ -24,8 +24,9 @@ import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
 from pipeline.config import ConfigError, EmbedConfig, config_hash
-from pipeline.device import loader_workers, resolve_device, set_threads
+from pipeline.device import loader_workers, set_threads
 from pipeline.encoders import ImageEncoder, encoder_model_id, load_image_encoder
 from pipeline.engines import EngineOptions, get_engine, raise_if_failed
 from pipeline.io import (EMBEDDINGS_JSON, InputError, embedding_table, read_json, timed, write_json,

@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ METHODS = ("task", "agnostic", "progressive")
 # Fault injection for the kill/resume tests: SIGKILL this process when a named step's work is done but before its
 # record is written (comma-separated step names); fast steps can finish before an outside kill lands.
 KILL_BEFORE_RECORD = "RAKT_FAULT_KILL_BEFORE_RECORD"
+KEY = re.compile(r"[A-Za-z0-9_-]+")  # ids usable as WebDataset keys as they are
 
 
 @dataclass
@@ -168,8 +170,12 @@ def plan(cfg: dict) -> list[Step]:
         config = values if internal else from_dict(STAGES[stage], {**section, **values}, where=where)
         steps.append(Step(name, stage, config, list(deps), outputs or [values["out"]]))
 
-    add("target", "embed", {**enc, "source": t["train"], "split": "train", "per_class": t["per_class"],
-                            "seed": t["seed"], "out": p("target")})
+    # the few-shot draw, read once from the target's train shards and written as one small shard that every later
+    # step reads (a per-class draw re-reads all of the target's shards: ~10 s for CIFAR-10 train)
+    add("labelled", "labelled", {"source": t["train"], "per_class": t["per_class"], "seed": t["seed"],
+                                 "out": p("labelled")})
+    add("target", "embed", {**enc, "source": [p(LABELLED_SHARD)], "split": "train", "out": p("target")},
+        ["labelled"])
     add("eval", "embed", {**enc, "source": t["test"], "split": "test", "out": p("eval")})
     index = cfg.get("index_spec") or f"faiss:{p('index')}"
     if not cfg.get("index_spec"):
@@ -184,10 +190,6 @@ def plan(cfg: dict) -> list[Step]:
         raise ConfigError(f"run config: collect must be materialize or download, got {collect!r}")
     add("shards", collect, {"manifest": p("manifest"), "out": p("shards")}, ["manifest"])
 
-    # the few-shot draw, read once from the target's train shards and written as one small shard that every
-    # later step trains on (a per-class draw re-reads all of the target's shards: ~45 s for CIFAR-10 train)
-    add("labelled", "labelled", {"source": t["train"], "per_class": t["per_class"], "seed": t["seed"],
-                                 "out": p("labelled")})
     adapt = {**enc, "seed": t["seed"], "out": p("teacher.pt")}
     if (cfg.get("adapt") or {}).get("mode", "linear") in ("linear", "zeroshot"):
         adapt.update(embeddings=p("target"), eval=[p("eval")])  # the embeddings of `target`, not recomputed
@@ -226,8 +228,11 @@ def plan(cfg: dict) -> list[Step]:
                                      "out": p(f"{arm}/finetune")}, where=f"run config, arm {arm}"),
                 [f"{arm}/init", "labelled"], [p(f"{arm}/finetune")]))
         else:
+            # task KD: the labelled images are distilled as transfer images; feature KD (agnostic, progressive)
+            # learns no classifier from the teacher, so the labelled images join every step with hard-label CE
             add(f"{arm}/distill", "distill", {"transfer": [p(sets[tset])], "teacher": p("teacher.pt"),
                                               "mode": method, "seed": seed, "target": [p(LABELLED_SHARD)],
+                                              "target_mix": "transfer" if method == "task" else "step",
                                               "target_per_class": 0, "out": p(f"{arm}/distill")},
                 [sets[tset], "teacher", "labelled"])
             add(f"{arm}/finetune", "finetune", {**labelled, "student": p(f"{arm}/distill/student.pt"),
@@ -354,7 +359,9 @@ def init_student(student: str, seed: int, small_input: bool, image_size: int, em
 
 def write_labelled(source: list[str], per_class: int, seed: int, out: str) -> dict:
     """The labelled images of `source` (few-shot draw of `per_class` with `seed`, as every stage draws it), in
-    source order, as one WebDataset shard OUT/labelled-000000.tar (original bytes, KEY.cls, KEY.json) + classes.txt."""
+    source order, as one WebDataset shard OUT/labelled-000000.tar (original bytes, KEY.cls, KEY.json) + classes.txt.
+    KEY is the sample's own id where it is a plain WebDataset key (so embeddings and queries keep the ids), else its
+    position."""
     import collections
     import io as _io
 
@@ -370,7 +377,7 @@ def write_labelled(source: list[str], per_class: int, seed: int, out: str) -> di
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(out, "classes.txt")) as tmp:
         tmp.write_text("".join(f"{c}\n" for c in src.classes))
-    count, per_label = 0, collections.Counter()
+    count, per_label, keys = 0, collections.Counter(), set()
     with atomic_path(dest) as tmp, TarWriter(str(tmp), encoder=False, mtime=946684800) as sink:
         for partition in src.partitions:
             for sample in src.read(partition, stats):
@@ -384,7 +391,9 @@ def write_labelled(source: list[str], per_class: int, seed: int, out: str) -> di
                     log.warning("%s: undecodable image (%s); skipped", sample.id, e)
                     continue
                 meta = {"id": sample.id, "split": sample.split, "source": sample.locator}
-                sink.write({"__key__": f"{count:06d}", ext: sample.image, "cls": str(sample.label).encode(),
+                key = sample.id if KEY.fullmatch(sample.id) and sample.id not in keys else f"{count:06d}"
+                keys.add(key)
+                sink.write({"__key__": key, ext: sample.image, "cls": str(sample.label).encode(),
                             "json": json.dumps(meta, sort_keys=True).encode()})
                 count += 1
                 per_label[src.classes[sample.label]] += 1

@@ -64,7 +64,7 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
     cfg = config(world, tiny_clip, tmp_path / "run")
     first = execute(cfg)
     names = [r["step"] for r in status(tmp_path / "run")]
-    assert names[:8] == ["target", "eval", "index", "candidates", "manifest", "shards", "labelled", "teacher"]
+    assert names[:8] == ["labelled", "target", "eval", "index", "candidates", "manifest", "shards", "teacher"]
     # the few-shot draw is read once and written as one shard; the arms train on exactly those images
     labelled = load_images([str(tmp_path / "run/labelled/labelled-000000.tar")], size=32)
     drawn = load_images([str(world / "target/train-000000.tar")], size=32, per_class=3, seed=0)

@@ -84,10 +84,20 @@ def test_distill_runs_and_loss_decreases(distilled):
 
 def test_distill_with_labelled_target_mixed_in(world, tmp_path, one_torch_thread):
     out = tmp_path / "mixed"
-    summary = run_distill(distill_cfg(world, out, epochs=1, target=[str(world["target"])], mode="progressive"))
+    summary = run_distill(distill_cfg(world, out, epochs=1, target=[str(world["target"])], mode="progressive",
+                                      target_mix="step"))
     assert summary["steps"] == 3
     rows = metrics(out)
     assert {"kd", "feature", "ce"} <= set(rows[0]) and rows[0]["ce"] > 0
+
+
+def test_distill_with_labelled_target_joined_to_the_transfer_set(world, tmp_path, one_torch_thread):
+    out = tmp_path / "joined"
+    summary = run_distill(distill_cfg(world, out, epochs=1, target=[str(world["target"])], cache_teacher=True,
+                                      teacher_view="clean", augment="shift"))
+    assert summary["transfer_samples"] == 48 + 12 and summary["steps"] == 4  # 60 images, batches of 16
+    rows = metrics(out)
+    assert "ce" not in rows[0] and all(r["kd"] > 0 for r in rows)
 
 
 def test_finetune_from_the_distilled_student(distilled, world, tmp_path, one_torch_thread):
