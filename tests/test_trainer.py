@@ -95,7 +95,8 @@ def test_distill_with_labelled_target_joined_to_the_transfer_set(world, tmp_path
     out = tmp_path / "joined"
     summary = run_distill(distill_cfg(world, out, epochs=1, target=[str(world["target"])], cache_teacher=True,
                                       teacher_view="clean", augment="shift"))
-    assert summary["transfer_samples"] == 48 + 12 and summary["steps"] == 4  # 60 images, batches of 16
+    assert summary["transfer_samples"] == 48 and summary["target_samples"] == 12
+    assert summary["steps"] == 4  # 48 + 12 images in batches of 16
     rows = metrics(out)
     assert "ce" not in rows[0] and all(r["kd"] > 0 for r in rows)
 
