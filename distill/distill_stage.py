@@ -111,6 +111,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     target = (_labelled_bank(cfg.target, size, classes_file=cfg.classes, per_class=cfg.target_per_class,
                              seed=_draw_seed(cfg)) if cfg.target else None)
     classes = _target_classes(cfg, target)
+    counts = {"transfer_samples": len(transfer), "target_samples": len(target) if target is not None else 0}
     if target is not None and cfg.target_mix == "transfer":
         transfer, target = JoinedBank(transfer, target), None  # the labelled images as transfer images (KD only)
     if classes is not None and len(classes) != len(teacher_classes):
@@ -150,10 +151,7 @@ def run_distill(cfg: DistillConfig) -> dict:
 
     with timed("distill"):
         summary = trainer.fit(loader_for)
-    joined = isinstance(transfer, JoinedBank)
-    summary.update({"transfer_samples": len(transfer.first) if joined else len(transfer),
-                    "target_samples": len(transfer.second) if joined else len(target) if target is not None else 0,
-                    "classes": len(teacher_classes), "world_size": world,
+    summary.update({**counts, "classes": len(teacher_classes), "world_size": world,
                     "read_errors": transfer.skipped,
                     "teacher_cache": caches["unlabelled"].ident if caches["unlabelled"] is not None else ""})
     if rank == 0:
