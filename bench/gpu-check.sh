@@ -76,7 +76,7 @@ section() { echo; echo "## $1 ($(( $(date +%s) - START )) s in)"; echo '```'; }
 { section "a short rakt run at GPU sizes"
   if [ "$MODE" = tiny ]; then   # the same command on the kit with a tiny random-init open_clip model
     DATA=$($PY -c "from pipeline.io import kit_dir; print(kit_dir())")
-    echo '{"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32}, "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}' > "$OUT/rakt-tiny-clip.json"
+    PYTHONPATH=bench $PY -c "import json; from embed import TINY_CLIP; print(json.dumps(TINY_CLIP))" > "$OUT/rakt-tiny-clip.json"
     $PY -m pipeline.cli run --run-dir "$OUT/run" --set "teacher.model=$OUT/rakt-tiny-clip.json" \
       --set "teacher.pretrained=''" --set teacher.image_size=32 --set 'adapt={mode: linear}' \
       --set "target.train=[\"$DATA/target/cifar10/cifar10-train-000000.tar.gz\"]" \
