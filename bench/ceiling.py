@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     from distill.students import create_student
     from distill.teacher_model import PixelPipeline, build_teacher, save_teacher
     from distill.trainer_cache import build_cache
-    from pipeline.config import STAGES, EncoderConfig, from_dict
+    from pipeline.config import EncoderConfig, from_dict
+    from pipeline.stages import STAGES
     from pipeline.device import autocast_dtype, device_name, dtype_name, resolve_device, set_threads
     from pipeline.embed import embed_partition
     from pipeline.encoders import load_image_encoder
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. distill: one epoch of `rakt distill` from the teacher cache
     common = {"device": str(device), "checkpoint_every": 0, "resume": False, "seed": 0}
-    summary = distill_stage.run(from_dict(STAGES["distill"], {
+    summary = distill_stage.run(from_dict(STAGES["distill"].config, {
         **common, "transfer": transfer, "teacher": str(teacher_path), "student": args.student,
         "image_size": args.student_size, "epochs": 1, "batch_size": args.batch_size, "cache_teacher": True,
         "cache_views": 1, "out": str(root / "distill")}))
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     student_ceiling = rows[-1]
 
     # 3b. distill with the online teacher (no cache): student step + teacher forward on the same views
-    summary = distill_stage.run(from_dict(STAGES["distill"], {
+    summary = distill_stage.run(from_dict(STAGES["distill"].config, {
         **common, "transfer": transfer, "teacher": str(teacher_path), "student": args.student,
         "image_size": args.student_size, "epochs": 1, "batch_size": args.batch_size, "cache_teacher": False,
         "out": str(root / "distill-online")}))
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. finetune: `rakt finetune` on the labelled images
     epochs = 4 if args.tiny else 40
-    summary = distill_stage.run(from_dict(STAGES["finetune"], {
+    summary = distill_stage.run(from_dict(STAGES["finetune"].config, {
         **common, "student": str(root / "distill" / "student.pt"), "target": labelled, "epochs": epochs,
         "batch_size": args.finetune_batch_size, "out": str(root / "finetune")}))
     report("finetune", f"{args.student} @{args.student_size}px, batch {args.finetune_batch_size}, CE",
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 5. evaluate: `rakt evaluate` on test images
     start = time.perf_counter()
-    got = evaluate.run(from_dict(STAGES["evaluate"], {"source": test, "checkpoint": str(root / "finetune" / "student.pt"),
+    got = evaluate.run(from_dict(STAGES["evaluate"].config, {"source": test, "checkpoint": str(root / "finetune" / "student.pt"),
                                                       "device": str(device), "out": str(root / "eval.json")}))
     ours = got["count"] / (time.perf_counter() - start)
     student = factory().to(device).eval()
@@ -319,7 +320,8 @@ def precision_check(args, device, root: Path) -> dict:
 
     from distill import teacher as adapt
     from pipeline import embed
-    from pipeline.config import STAGES, from_dict
+    from pipeline.config import from_dict
+    from pipeline.stages import STAGES
     from pipeline.io import embedding_matrix, read_embedding_set
 
     data = Path(args.data)
@@ -333,11 +335,11 @@ def precision_check(args, device, root: Path) -> dict:
         vectors = {}
         for name, spec in (("pool", pool), ("queries", queries)):
             out = root / f"{name}-{precision}"
-            embed.run(from_dict(STAGES["embed"], {**enc, "precision": precision, "source": spec, "out": str(out)}))
+            embed.run(from_dict(STAGES["embed"].config, {**enc, "precision": precision, "source": spec, "out": str(out)}))
             vectors[name] = embedding_matrix(read_embedding_set(out)[1])[:1000 if name == "queries" else None]
         scores = vectors["queries"] @ vectors["pool"].T
         found[precision] = np.argsort(-scores, axis=1)[:, :10]
-        got = adapt.run(from_dict(STAGES["adapt"], {**enc, "precision": precision, "mode": "finetune",
+        got = adapt.run(from_dict(STAGES["adapt"].config, {**enc, "precision": precision, "mode": "finetune",
                                                     "train": train, "per_class": 10, "eval": queries,
                                                     "out": str(root / f"teacher-{precision}.pt")}))
         accuracy[precision] = got["accuracy"]

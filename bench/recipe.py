@@ -60,14 +60,15 @@ def transfer_set(run: Path, cfg: dict, budget: int, settings: str = "") -> str:
     if not budget:
         return str(run / "shards")
     from pipeline import curate, materialize
-    from pipeline.config import STAGES, from_dict
+    from pipeline.config import from_dict
+    from pipeline.stages import STAGES
 
     out = run / f"recipe-sets/b{budget}{'-' + settings.replace(',', '+').replace('=', '') if settings else ''}"
     if not (out / "shards").exists():
         section = {**(cfg.get("curate") or {}), "budget": budget, **(variant(settings) if settings else {})}
-        curate.run(from_dict(STAGES["curate"], {**section, "candidates": str(run / "candidates"),
+        curate.run(from_dict(STAGES["curate"].config, {**section, "candidates": str(run / "candidates"),
                                                  "eval_embeddings": str(run / "eval"), "out": str(out / "manifest")}))
-        materialize.run(from_dict(STAGES["materialize"], {"manifest": str(out / "manifest"),
+        materialize.run(from_dict(STAGES["materialize"].config, {"manifest": str(out / "manifest"),
                                                            "out": str(out / "shards")}))
     return str(out / "shards")
 
@@ -93,9 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from distill import distill_stage, evaluate
-    from pipeline.config import STAGES, from_dict
+    from pipeline.config import from_dict
+    from pipeline.stages import STAGES
     from pipeline.device import device_name
-    from pipeline.run import LABELLED_SHARD, read_run_config
+    from pipeline.run import read_run_config
+    from pipeline.rundir import LABELLED_SHARD
 
     run = Path(args.run_dir)
     cfg = read_run_config(run)
@@ -118,9 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         dcfg["out"] = str(out / "distill")
         dcfg["resume"] = False
         start = time.perf_counter()
-        summary = distill_stage.run(from_dict(STAGES["distill"], dcfg))
+        summary = distill_stage.run(from_dict(STAGES["distill"].config, dcfg))
         seconds = time.perf_counter() - start
-        score = lambda ckpt, where: evaluate.run(from_dict(STAGES["evaluate"], {  # noqa: E731
+        score = lambda ckpt, where: evaluate.run(from_dict(STAGES["evaluate"].config, {  # noqa: E731
             "source": test, "checkpoint": ckpt, "out": str(out / where)}))["accuracy"]
         row = {"variant": spec, "budget": args.budget, "curate": args.curate, "epochs": dcfg["epochs"], "seed": args.seed,
                "transfer_samples": summary["transfer_samples"], "distill_s": round(seconds, 1),
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.finetune:
             fcfg = {**(cfg.get("finetune") or {}), "student": summary["student"], "target": [labelled],
                     "seed": args.seed, "out": str(out / "finetune"), "resume": False}
-            ft = distill_stage.run(from_dict(STAGES["finetune"], fcfg))
+            ft = distill_stage.run(from_dict(STAGES["finetune"].config, fcfg))
             row["val_finetuned"] = score(ft["student"], "eval-finetune.json")
         with open(run / "recipe.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

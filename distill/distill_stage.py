@@ -19,7 +19,8 @@ from distill.teacher_model import load_teacher, read_teacher_meta
 from distill.trainer import FinetuneTask, Prepare, Trainer, TrainSettings, seed_everything
 from distill.trainer_cache import build_cache, teacher_input
 from distill.views import render
-from pipeline.config import ConfigError, DistillConfig, FinetuneConfig, config_hash, to_dict
+from distill.config import DistillConfig, FinetuneConfig
+from pipeline.config import ConfigError, config_hash, to_dict
 from pipeline.device import channels_last, resolve_device, set_threads
 from pipeline.io import InputError, timed, write_json
 from pipeline.prompts import load_classes

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import EvaluateConfig, to_dict
+from distill.config import EvaluateConfig
+from pipeline.config import to_dict
 from pipeline.device import autocast, autocast_dtype, channels_last, resolve_device, set_threads
 from pipeline.progress import Progress
 from pipeline.io import InputError, timed, write_json

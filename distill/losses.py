@@ -6,7 +6,7 @@ Losses (each a scalar, mean over the batch):
 - feature_loss:    task-agnostic KD on features: "cosine" = 1 - cos(s, t) (0 same direction, 2 opposite),
                    "l2" = squared Euclidean distance per sample / dim (= MSE); the student features are
                    first mapped to the teacher dimension by a learnable FeatureProjector.
-- progressive_weights: TDMR's schedule (w_feature, w_task), the task weight growing from `start` to `end`.
+How a KD mode weighs these terms at each step is registered in distill/kd_modes.py.
 
 Teacher outputs are dicts {"logits": [B, C], "features": [B, D]} (either key may be missing when a mode does
 not need it); `teacher_outputs(teacher, images)` turns a teacher's return value into that dict, so a cache
@@ -15,18 +15,17 @@ of teacher outputs can store exactly what `DistillTask.forward(teacher_out=...)`
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.kd_modes import Weights, kd_mode
+
 log = logging.getLogger("rakt")
 
-MODES = ("task", "agnostic", "progressive")
 FEATURE_KINDS = ("cosine", "l2")
-SCHEDULES = ("linear", "cosine")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -75,23 +74,6 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, kind: s
     raise ValueError(f"feature loss kind must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
 
 
-def progressive_weights(step: int, total_steps: int, schedule: str = "linear", start: float = 0.0,
-                        end: float = 1.0) -> tuple[float, float]:
-    """(w_feature, w_task) at `step` (0-based): w_task goes start -> end over the run, w_feature = 1 - w_task.
-
-    Progress p = step / (total_steps - 1), clamped to [0, 1] (so step 0 gives `start` and the last step,
-    total_steps - 1, gives `end`; total_steps <= 1 gives `end`). linear: w = start + (end - start) * p;
-    cosine: w = start + (end - start) * (1 - cos(pi p)) / 2 (slow at both ends).
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    p = 1.0 if total_steps <= 1 else min(max(step / (total_steps - 1), 0.0), 1.0)
-    if schedule == "cosine":
-        p = (1.0 - math.cos(math.pi * p)) / 2.0
-    w_task = start + (end - start) * p
-    return 1.0 - w_task, w_task
-
-
 def teacher_outputs(teacher: Callable[[torch.Tensor], Any], images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run a frozen teacher without grad and return {"logits", "features"} (what it provides).
 
@@ -116,10 +98,9 @@ def teacher_outputs(teacher: Callable[[torch.Tensor], Any], images: torch.Tensor
 class DistillTask(nn.Module):
     """Student (+ feature projector) trained against a frozen teacher; `forward` returns named losses + "loss".
 
-    mode "task": kd (student logits vs teacher logits); "agnostic": feature (projected student features vs
-    teacher features); "progressive": w_feature * feature + w_task * kd with `progressive_weights`.
-    In every mode, labels (>= 0) add hard_weight * ce. The teacher is held outside the module tree
-    (so `parameters()`/`state_dict()` are the student's and the projector's only), frozen and kept in eval
+    `mode` names a distill.kd_modes entry, which weighs the terms "kd" (student logits vs teacher logits) and
+    "feature" (projected student features vs teacher features) at each step. In every mode, labels (>= 0) add
+    hard_weight * ce. The teacher is held outside the module tree (so `parameters()`/`state_dict()` are the student's and the projector's only), frozen and kept in eval
     mode; move it to the device yourself. teacher may be None when every batch brings `teacher_out`.
     """
 
@@ -128,8 +109,7 @@ class DistillTask(nn.Module):
                  feature_kind: str = "cosine", feature_weight: float = 1.0, teacher_dim: int = 0,
                  schedule: str = "linear", schedule_start: float = 0.0, schedule_end: float = 1.0) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.kd_mode = kd_mode(mode)
         if feature_kind not in FEATURE_KINDS:
             raise ValueError(f"feature_kind must be one of {', '.join(FEATURE_KINDS)}, got {feature_kind!r}")
         if temperature <= 0:
@@ -141,7 +121,7 @@ class DistillTask(nn.Module):
         self.feature_kind = feature_kind
         self.schedule, self.schedule_start, self.schedule_end = schedule, schedule_start, schedule_end
         self.projector: FeatureProjector | None = None
-        if mode != "task":
+        if "feature" in self.kd_mode.terms:
             if teacher_dim < 1:
                 raise ValueError(f"mode {mode!r} needs teacher_dim (the teacher feature size) >= 1")
             self.projector = FeatureProjector(int(student.num_features), teacher_dim)
@@ -161,14 +141,8 @@ class DistillTask(nn.Module):
 
     def loss_weights(self, step: int = 0, total_steps: int = 1) -> dict[str, float]:
         """Weight of each named loss in the total at this step (hard-label weight included when > 0)."""
-        if self.mode == "task":
-            weights = {"kd": self.kd_weight}
-        elif self.mode == "agnostic":
-            weights = {"feature": self.feature_weight}
-        else:
-            w_feature, w_task = progressive_weights(step, total_steps, self.schedule, self.schedule_start,
-                                                    self.schedule_end)
-            weights = {"feature": self.feature_weight * w_feature, "kd": self.kd_weight * w_task}
+        weights = self.kd_mode.weights(Weights(self.kd_weight, self.feature_weight, self.schedule,
+                                               self.schedule_start, self.schedule_end), step, total_steps)
         if self.hard_weight > 0:
             weights["ce"] = self.hard_weight
         return weights

@@ -3,32 +3,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
 
-from pipeline.config import STAGES, ConfigError, from_dict, load_yaml
+from pipeline.config import ConfigError, from_dict, load_yaml
 from indexes.base import IndexSpecError
 from pipeline.io import InputError, setup_logging
-
-
-# stage name -> (module with `run(cfg) -> dict`, one-line description)
-RUNNERS = {
-    "embed": ("pipeline.embed", "embed images with an open_clip (or timm) image encoder into an embedding set"),
-    "index": ("pipeline.index_build", "build a FAISS index directory from a pool of images or embeddings"),
-    "retrieve": ("pipeline.retrieve", "query an index with a target embedding set: top-k neighbours per query"),
-    "curate": ("pipeline.curate", "turn candidates into a transfer manifest under a budget"),
-    "sample": ("pipeline.sample", "draw a uniform random transfer manifest from an index's pool or from shards "
-                                  "(random-pool and target-unlabelled baselines)"),
-    "materialize": ("pipeline.materialize", "write a transfer manifest over a local pool into WebDataset shards"),
-    "download": ("pipeline.download", "download a transfer manifest's URLs into WebDataset shards (img2dataset)"),
-    "adapt": ("distill.teacher", "adapt the teacher to the target task: linear probe, zero-shot head, reprogram, "
-                                 "finetune"),
-    "evaluate": ("distill.evaluate", "accuracy, per-class accuracy and confusion matrix of a student on labelled "
-                                     "target test images"),
-    "distill": ("distill.distill_stage", "distill the adapted teacher into a small timm student on the transfer set"),
-    "finetune": ("distill.distill_stage", "finetune a distilled student on the labelled target images"),
-}
+from pipeline.stages import STAGES
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -58,15 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rakt", description="Retrieval-augmented knowledge transfer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, desc) in RUNNERS.items():
+    for name, stage in STAGES.items():
+        desc = stage.help
         if name == "index":
             index = sub.add_parser("index", help="build or describe an index")
             isub = index.add_subparsers(dest="index_command", required=True)
-            _add_config_flags(isub.add_parser("build", help=desc, description=desc), STAGES["index"])
+            _add_config_flags(isub.add_parser("build", help=desc, description=desc), STAGES["index"].config)
             info = isub.add_parser("info", help="describe an index (kind, model, dim, count, parts)")
             info.add_argument("path", help="index spec or directory")
             continue
-        _add_config_flags(sub.add_parser(name, help=desc, description=desc), STAGES[name])
+        _add_config_flags(sub.add_parser(name, help=desc, description=desc), stage.config)
     inspect = sub.add_parser("inspect", help="counts per class/query and a score histogram of a manifest")
     inspect.add_argument("manifest", help="transfer-manifest directory or candidates directory")
     run = sub.add_parser("run", help="the whole pipeline (and experiment arms) from one config, skipping "
@@ -102,7 +84,7 @@ def _run_commands(args: argparse.Namespace) -> int:
         return 0
     if args.command == "report":
         from pipeline.report import write_report
-        from pipeline.results import write_results
+        from pipeline.report.results import write_results
         cfg = run.read_run_config(args.run_dir)
         write_results(args.run_dir, cfg)  # the arms finished so far, also of a run still going or stopped
         print(json.dumps(write_report(args.run_dir), indent=2, default=str))
@@ -113,7 +95,7 @@ def _run_commands(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         return 0
     out = run.execute(cfg, only=args.only)
-    from pipeline.results import results_text
+    from pipeline.report.results import results_text
     print(results_text(out["results"]))
     print(f"ran {len(out['ran'])} step(s), skipped {len(out['skipped'])} finished; `rakt status {out['run_dir']}`"
           + (f"; report: {out['results']['report']['html']}" if out["results"].get("report") else ""))
@@ -126,7 +108,7 @@ def stage_config(stage: str, args: argparse.Namespace):
     cli = {k: v for k, v in vars(args).items() if k not in ("config", "command", "index_command", "verbose")}
     cli = {k: v for k, v in cli.items() if v is not None}
     values.update(cli)
-    return from_dict(STAGES[stage], values, where=args.config or f"rakt {stage}")
+    return from_dict(STAGES[stage].config, values, where=args.config or f"rakt {stage}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(inspect_text(args.manifest))
             return 0
         cfg = stage_config(args.command, args)
-        module = importlib.import_module(RUNNERS[args.command][0])
-        summary = module.run(cfg)
+        summary = STAGES[args.command].runner()(cfg)
         print(json.dumps(summary, indent=2, default=str))
         return 0
     except (ConfigError, InputError, IndexSpecError) as e:

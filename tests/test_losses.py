@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.kd_modes import progressive_weights
 from distill.losses import (DistillTask, FeatureProjector, feature_loss, hard_label_loss, kd_loss,
-                            progressive_weights, teacher_outputs)
+                            teacher_outputs)
 
 
 def _logits(seed: int, n: int = 8, c: int = 5, scale: float = 3.0) -> torch.Tensor:

@@ -27,7 +27,8 @@ from conftest import KIT, write_shard
 from distill import distill_stage, evaluate, teacher
 from distill.students import create_student, save_student
 from pipeline import embed
-from pipeline.config import AdaptConfig, DistillConfig, EmbedConfig, EvaluateConfig, FinetuneConfig
+from distill.config import DistillConfig, EvaluateConfig, FinetuneConfig
+from pipeline.config import AdaptConfig, EmbedConfig
 from pipeline.io import read_embedding_set
 
 CIFAR = KIT / "target" / "cifar10"

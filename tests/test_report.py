@@ -16,7 +16,7 @@ from pipeline.config import MaterializeConfig
 from pipeline.io import write_json, write_parquet
 from pipeline.materialize import run as materialize
 from pipeline.report import pool_sources, write_report
-from pipeline.report_plots import read_metrics
+from pipeline.report.plots import read_metrics
 
 CLASSES = ["airplane", "bird", "cat"]
 # pool image i: (shard, source); shard 0 is gzip, shard 1 a plain tar

@@ -22,7 +22,8 @@ from distill.data import ViewSpec, bank_batches
 from distill.distill_stage import run_distill, run_finetune
 from distill.students import load_student
 from distill.teacher_model import build_teacher, save_teacher
-from pipeline.config import DistillConfig, EncoderConfig, FinetuneConfig
+from distill.config import DistillConfig, FinetuneConfig
+from pipeline.config import EncoderConfig
 from pipeline.io import InputError
 
 CLASSES = ["ant", "bee", "cat"]

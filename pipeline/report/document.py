@@ -2,160 +2,22 @@
 from __future__ import annotations
 
 import html
-import json
 import logging
-import tarfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
-import yaml
 
-from pipeline import report_plots as plots
+from distill.kd_modes import KD_MODES
 from pipeline.io import atomic_path
+from pipeline.report import plots
+from pipeline.report.gather import KEY_SETTINGS, UNKNOWN, flatten, gather, pool_shares, summary_rows
+from pipeline.rundir import NO_KD
 
 log = logging.getLogger("rakt.report")
 
-STEPS = ["target", "eval", "index", "candidates", "manifest", "shards", "teacher", "random-manifest",
-         "random-shards", "target-manifest", "target-shards"]
-TRANSFER_ORDER = ["labelled", "target", "random", "retrieved"]
-METHOD_ORDER = ["none", "agnostic", "task", "progressive"]
-METHOD_TEXT = {"task": "task-oriented KD", "agnostic": "task-agnostic KD", "progressive": "progressive KD",
-               "none": "no distillation"}
-MANIFESTS = {"retrieved": ("manifest", "shards"), "random": ("random-manifest", "random-shards"),
-             "target": ("target-manifest", "target-shards")}
-KEY_SETTINGS = ("model", "image_size", "per_class", "pool", "index_spec", "k", "budget", "mode", "student",
-                "epochs", "seeds", "arms", "device")
-POOL_ROWS_MAX = 200_000  # read the whole pool's sources only up to this many index rows
-UNKNOWN = "unknown"
+METHOD_TEXT = {NO_KD: "no distillation", **{name: mode.report for name, mode in KD_MODES.items()}}
 
-
-def pool_sources(manifest_df: pd.DataFrame) -> pd.Series:
-    """The pool `source` of each manifest row (index = pool_id), from KEY.json in its pool shard (each shard read
-    once). Rows of unreadable shards are left out; `.attrs["unreadable_shards"]` counts those shards."""
-    found, bad = _read_sources(manifest_df)
-    keys = zip(manifest_df["shard"], manifest_df["key"])
-    series = pd.Series([found.get(k) for k in keys], index=manifest_df["pool_id"].to_numpy(), name="source")
-    series = series.dropna()
-    series.attrs["unreadable_shards"] = bad
-    return series
-
-
-def _read_sources(df: pd.DataFrame) -> tuple[dict, int]:
-    """{(shard, key): source} for the rows' shard+key locators, and the count of shards that could not be read."""
-    if not {"shard", "key"} <= set(df.columns):
-        return {}, 0
-    wanted: dict[str, set] = {}
-    for shard, key in zip(df["shard"], df["key"]):
-        if isinstance(shard, str) and isinstance(key, str):
-            wanted.setdefault(shard, set()).add(key)
-    found, bad = {}, 0
-    for shard, keys in wanted.items():
-        left = set(keys)
-        try:
-            with tarfile.open(shard, "r|*") as tar:
-                for m in tar:
-                    key, _, ext = m.name.partition(".")
-                    if ext == "json" and key in left:
-                        found[(shard, key)] = json.loads(tar.extractfile(m).read()).get("source")
-                        left.discard(key)
-                        if not left:
-                            break
-        except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
-            bad += 1
-            log.warning("%s: unreadable pool shard (%s); its images count as '%s' source", shard, e, UNKNOWN)
-    return found, bad
-
-
-# --- reading the run directory -------------------------------------------------------------------------------
-
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text()) if path.exists() else None
-    except (json.JSONDecodeError, OSError) as e:
-        log.warning("%s: unreadable (%s); left out of the report", path, e)
-        return None
-
-
-def _flatten(obj, prefix: str = "") -> dict:
-    if isinstance(obj, dict):
-        return {k: v for key, val in obj.items() for k, v in _flatten(val, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): obj}
-
-
-def _parse_arm(name: str) -> dict:
-    parts = name.split("-")
-    seed = int(parts[-1][1:]) if len(parts) >= 3 and parts[-1][1:].isdigit() else None
-    return {"transfer_set": parts[0], "method": parts[1] if len(parts) > 1 else "", "seed": seed}
-
-
-def _gather(run: Path) -> dict:
-    ctx = {"config": None, "results": _json(run / "results.json") or {}, "arms": [], "manifests": {}}
-    if (run / "run.yaml").exists():
-        try:
-            ctx["config"] = yaml.safe_load((run / "run.yaml").read_text()) or {}
-        except yaml.YAMLError as e:
-            log.warning("run.yaml unreadable (%s)", e)
-    ctx["steps"] = [r for p in sorted((run / "steps").rglob("*.json")) if not p.name.endswith(".started.json")
-                    and (r := _json(p))]
-    recorded = {r.get("step") for r in ctx["steps"]}
-    for p in sorted((run / "steps").rglob("*.started.json")):  # a step that began but has no record yet
-        if (r := _json(p)) and r.get("step") not in recorded:
-            ctx["steps"].append({**r, "status": "running or interrupted"})
-    order = {s: i for i, s in enumerate(STEPS)}
-    phase = {"init": 0, "distill": 0, "finetune": 1, "evaluate": 2}
-
-    def when(r):  # the shared steps in pipeline order, then each arm's steps in theirs
-        name = str(r.get("step"))
-        return (order.get(name, len(STEPS)), name.rsplit("/", 1)[0], phase.get(name.rsplit("/", 1)[-1], 3), name)
-    ctx["steps"].sort(key=when)
-    res = ctx["results"]
-    arms = {a["arm"]: dict(a) for a in res.get("arms", []) if "arm" in a}
-    for d in sorted((run / "arms").glob("*/")) if (run / "arms").exists() else []:
-        arms.setdefault(d.name, {"arm": d.name})
-    for name, arm in arms.items():
-        for k, v in _parse_arm(name).items():
-            arm.setdefault(k, v)
-        arm["eval"] = _json(run / "arms" / name / "eval.json")
-        if arm.get("accuracy") is None and arm["eval"]:
-            arm["accuracy"] = arm["eval"].get("accuracy")
-        ctx["arms"].append(arm)
-    emb = _json(run / "target" / "embeddings.json") or {}
-    first_eval = next((a["eval"] for a in ctx["arms"] if a["eval"]), {}) or {}
-    ctx["classes"] = list(res.get("classes") or emb.get("classes") or first_eval.get("classes") or [])
-    for ts, (mdir, sdir) in MANIFESTS.items():
-        if (run / mdir / "manifest.parquet").exists():
-            df = pq.read_table(run / mdir / "manifest.parquet").to_pandas()
-            removed = run / mdir / "removed.parquet"
-            ctx["manifests"][ts] = {"df": df, "meta": _json(run / mdir / "manifest.json") or {},
-                                    "removed": pq.read_table(removed).to_pandas() if removed.exists() else None,
-                                    "shards": _json(run / sdir / "materialize.json")}
-    ctx["index"] = _json(run / "index" / "index.json") or {}
-    return ctx
-
-
-def _sources(run: Path, ctx: dict) -> tuple[dict, int]:
-    """{row name: {source: share}} for each manifest (+ the whole pool when small), reading each shard once."""
-    frames = {ts: m["df"] for ts, m in ctx["manifests"].items()}
-    parts = sorted((run / "index" / "metadata").glob("part-*.parquet"))
-    if parts and sum(pq.ParquetFile(p).metadata.num_rows for p in parts) <= POOL_ROWS_MAX:
-        cols = [c for c in ("shard", "key") if c in pq.ParquetFile(parts[0]).schema_arrow.names]
-        if cols == ["shard", "key"]:
-            frames["whole pool"] = pd.concat([pq.read_table(p, columns=cols).to_pandas() for p in parts])
-    found, bad = _read_sources(pd.concat([f[["shard", "key"]] for f in frames.values()
-                                          if {"shard", "key"} <= set(f.columns)] or [pd.DataFrame()]))
-    shares = {}
-    for name, df in frames.items():
-        if not len(df) or not {"shard", "key"} <= set(df.columns):
-            continue
-        src = pd.Series([found.get(k) or UNKNOWN for k in zip(df["shard"], df["key"])])
-        shares[name] = (src.value_counts() / len(src)).to_dict()
-    return shares, bad
-
-
-# --- the document ---------------------------------------------------------------------------------------------
 
 def _mean_std(row: dict) -> str:
     """'37.2 ± 0.5%' over several seeds; '39.4%' for one (a spread of one seed is no spread)."""
@@ -179,36 +41,8 @@ def _num(x) -> str:
     return f"{x:,}" if isinstance(x, (int, np.integer)) else ("—" if x is None else str(x))
 
 
-def _summary_rows(ctx: dict) -> list[dict]:
-    """One row per (transfer_set, method): results.json's summary, else computed from the arms; labelled first."""
-    arms = [a for a in ctx["arms"] if a.get("accuracy") is not None]
-    rows = [dict(r) for r in ctx["results"].get("summary", []) if r.get("mean") is not None]
-    for r in rows:
-        r["std"] = r.get("std") or 0.0
-        r["values"] = [a["accuracy"] for a in arms if (a.get("transfer_set"), a.get("method")) ==
-                       (r.get("transfer_set"), r.get("method"))]
-    if not rows:
-        groups: dict[tuple, list] = {}
-        for a in arms:
-            groups.setdefault((a.get("transfer_set"), a.get("method")), []).append(a)
-        for (ts, method), group in groups.items():
-            acc = np.array([a["accuracy"] for a in group])
-            secs = [sum((a.get("seconds") or {}).values()) for a in group]
-            rows.append({"transfer_set": ts, "method": method, "seeds": len(acc), "mean": acc.mean(),
-                         "std": acc.std(ddof=1) if len(acc) > 1 else 0.0, "min": acc.min(), "max": acc.max(),
-                         "seconds_mean": float(np.mean(secs)), "values": list(acc)})
-
-    def rank(r):
-        ts, m = r.get("transfer_set"), r.get("method")
-        return (TRANSFER_ORDER.index(ts) if ts in TRANSFER_ORDER else 9, METHOD_ORDER.index(m)
-                if m in METHOD_ORDER else 9, str(ts), str(m))
-    for r in rows:
-        r["label"] = f"{r.get('transfer_set')} / {r.get('method')}"
-    return sorted(rows, key=rank)
-
-
 def _what_happened(ctx: dict, rows: list[dict], shares: dict) -> str:
-    cfg, res, out = _flatten(ctx["config"] or {}), ctx["results"], []
+    cfg, res, out = flatten(ctx["config"] or {}), ctx["results"], []
     pick = {}  # leaf name -> value; the teacher's / target's settings win over same-named others
     for k, v in sorted(cfg.items(), key=lambda kv: "teacher" in kv[0] or "target" in kv[0]):
         pick[k.rsplit(".", 1)[-1]] = v
@@ -410,7 +244,7 @@ def _settings(doc: _Doc, ctx: dict) -> None:
     if ctx["config"] is None:
         doc.add("missing", "no run.yaml")
         return
-    flat = _flatten(ctx["config"])
+    flat = flatten(ctx["config"])
     keep = {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] in KEY_SETTINGS} or dict(list(flat.items())[:15])
     doc.add("table", ["setting", "value"], [(k, str(v)[:100] if v != "" else '""') for k, v in keep.items()])
 
@@ -429,9 +263,9 @@ def _steps(doc: _Doc, ctx: dict) -> None:
 def write_report(run_dir: str | Path) -> dict:
     """RUN_DIR/report.md, report.html and report/*.png; sections whose inputs are missing say so."""
     run = Path(run_dir)
-    ctx = _gather(run)
-    shares, bad = _sources(run, ctx) if ctx["manifests"] else ({}, 0)
-    rows = _summary_rows(ctx)
+    ctx = gather(run)
+    shares, bad = pool_shares(run, ctx) if ctx["manifests"] else ({}, 0)
+    rows = summary_rows(ctx)
     doc = _Doc(run)
     doc.add("h1", f"rakt run report: {run.resolve().name}")
     doc.add("h2", "What happened")

@@ -7,18 +7,18 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import atomic_path, read_json, write_json
+from pipeline.rundir import SET_ORDER, arm_runs, record_path
 
-ORDER = {"labelled": 0, "target": 1, "random": 2, "retrieved": 3}
+ORDER = {name: i for i, name in enumerate(SET_ORDER)}
 
 
 def _record(run_dir: Path, name: str) -> dict:
-    path = run_dir / "steps" / f"{name}.json"
+    path = record_path(run_dir, name)
     return read_json(path, "step record") if path.exists() else {}
 
 
 def collect(run_dir: str | Path, cfg: dict) -> dict:
     """The results of the finished arms (an arm counts once its evaluate step is recorded)."""
-    from pipeline.run import arm_runs
     run_dir = Path(run_dir)
     teacher_rec = _record(run_dir, "teacher")
     teacher_json = run_dir / "teacher.pt.json"
@@ -26,19 +26,19 @@ def collect(run_dir: str | Path, cfg: dict) -> dict:
     out = {"device": teacher_rec.get("device", ""), "classes": [],
            "teacher": {"accuracy": teacher.get("accuracy"), "mode": teacher.get("mode"),
                        "seconds": teacher_rec.get("seconds")}, "arms": []}
-    for tset, method, seed in arm_runs(cfg):
-        arm = f"{tset}-{method}-s{seed}"
-        ev = _record(run_dir, f"arms/{arm}/evaluate")
+    for arm in arm_runs(cfg):
+        tset, method, seed = arm
+        ev = _record(run_dir, arm.step("evaluate"))
         if not ev:
             continue
-        distill = _record(run_dir, f"arms/{arm}/distill")
-        report = read_json(run_dir / "arms" / arm / "eval.json", "evaluation report")
+        distill = _record(run_dir, arm.step("distill"))
+        report = read_json(run_dir / "arms" / arm.name / "eval.json", "evaluation report")
         out["classes"] = out["classes"] or report.get("classes") or []
         out["device"] = out["device"] or ev.get("device", "")
         out["arms"].append({
-            "arm": arm, "transfer_set": tset, "method": method, "seed": seed, "accuracy": report["accuracy"],
+            "arm": arm.name, "transfer_set": tset, "method": method, "seed": seed, "accuracy": report["accuracy"],
             "transfer_samples": (distill.get("result") or {}).get("transfer_samples", 0),
-            "seconds": {k: _record(run_dir, f"arms/{arm}/{k}").get("seconds", 0.0)
+            "seconds": {k: _record(run_dir, arm.step(k)).get("seconds", 0.0)
                         for k in ("distill", "finetune", "evaluate")}})
     out["summary"] = summarize(out["arms"])
     return out

@@ -1,0 +1,104 @@
+"""Typed configs of the training stages: `rakt distill`, `rakt finetune`, `rakt evaluate` and the fresh student
+of the labelled-only arm (`init`). Bound to CLI flags and YAML like every stage config (pipeline/config.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distill.kd_modes import MODES, modes_help
+from pipeline.config import PRECISION_HELP, PRECISIONS, option
+
+AUGMENTS = ("none", "shift", "crop")
+
+
+@dataclass
+class EvaluateConfig:
+    source: list[str] = option([], "labelled target test images: image folder (class subfolders), CSV/parquet "
+                               "manifest (path,label) or WebDataset shards with .cls", positional=True)
+    checkpoint: str = option("", "student checkpoint file (from the trainer / distill.students.save_student), or "
+                             "bare weights with --model")
+    model: str = option("", "timm model name when --checkpoint holds bare weights ('' = read it from the checkpoint)")
+    small_input: bool = option(False, "with --model: the student uses the 32-px (CIFAR-style) ResNet stem")
+    classes: str = option("", "classes.txt (one name per line) naming label indices; default: found beside the source")
+    split: str = option("", "evaluate only samples whose split field is this (e.g. test); '' = every sample")
+    batch_size: int = option(256, "images per forward pass")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
+    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)")
+    out: str = option("", "output report JSON (accuracy, per-class accuracy, confusion matrix)")
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings shared by `rakt distill` and `rakt finetune` (distill/trainer.py)."""
+    epochs: int = option(10, "passes over the training data")
+    batch_size: int = option(128, "images per step and process")
+    lr: float = option(1e-3, "peak AdamW learning rate")
+    weight_decay: float = option(0.05, "AdamW weight decay (not on biases/norms)")
+    warmup: int = option(0, "linear warm-up steps before the cosine decay")
+    clip: float = option(1.0, "max gradient norm (0 = no clipping)")
+    ema: float = option(0.0, "EMA decay of the saved student (e.g. 0.999; 0 = off)")
+    augment: str = option("crop", "training views: crop (flip + random resized crop) | shift (flip + translation up "
+                              "to 1/8 of the side) | none", choices=AUGMENTS)
+    crop_scale: float = option(0.6, "crop: smallest area fraction of a random resized crop")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
+    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use); images are decoded once "
+                          "and augmented in batches, so training needs no DataLoader workers")
+    seed: int = option(0, "seed of initialisation, shuffling, augmentation and the few-shot draw")
+    draw_seed: int = option(-1, "seed of the few-shot draw of labelled target images (-1 = --seed); fix it to keep "
+                            "the teacher's labelled images across training seeds")
+    checkpoint_every: int = option(100, "write OUT/checkpoint.pt every N steps (and at the end)")
+    resume: bool = option(True, "continue from OUT/checkpoint.pt when it exists")
+    compile: bool = option(False, "torch.compile the training module")
+    out: str = option("", "output folder: checkpoint.pt, metrics.jsonl, student.pt, summary.json")
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """`rakt distill`: the adapted teacher -> a timm student on the transfer shards."""
+    transfer: list[str] = option([], "transfer-set WebDataset shards (files, brace patterns or a folder)",
+                             positional=True)
+    teacher: str = option("", "adapted teacher checkpoint (from `rakt adapt`)")
+    student: str = option("resnet18", "timm model name of the student")
+    small_input: bool = option(False, "CIFAR-style 32-px stem (timm ResNets)")
+    image_size: int = option(0, "training resolution in px (0 = 32 with --small-input, else 224)")
+    mode: str = option("task", modes_help(), choices=MODES)
+    temperature: float = option(4.0, "KD temperature")
+    target: list[str] = option([], "optional labelled target images to distill on too (see --target-mix)")
+    target_mix: str = option("transfer", "transfer: the target images join the transfer set (KD only, once per epoch) | "
+                                     "step: --target-batch-size of them join every step, with hard-label CE weighted "
+                                     "--hard-weight (measured worse: docs/results.md)", choices=("transfer", "step"))
+    target_per_class: int = option(0, "few-shot draw of N target images per class (0 = all)")
+    hard_weight: float = option(1.0, "target-mix step: weight of the hard-label CE on target images")
+    target_batch_size: int = option(0, "target-mix step: labelled target images joined to each step (0 = --batch-size)")
+    classes: str = option("", "classes.txt of the target task (default: recorded with the target images)")
+    cache_teacher: bool = option(False, "compute teacher outputs once (beside the decoded shards, in teacher-cache/) "
+                                    "instead of running the teacher every step; see --teacher-view")
+    teacher_view: str = option("same", "with --cache-teacher: same (the student trains on --cache-views fixed views, "
+                                   "epoch e on view e mod V, with the teacher's outputs on that view) | clean (the "
+                                   "teacher's outputs on the whole image; the student gets fresh views each epoch)",
+                           choices=("same", "clean"))
+    cache_views: int = option(4, "augmented views per image in the teacher cache (teacher-view same)")
+    cache_seed: int = option(-1, "seed of the cached views (-1 = --seed); fix it to share one cache across seeds")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """`rakt finetune`: a distilled student -> cross-entropy on the labelled target images."""
+    lr: float = option(1e-4, "peak AdamW learning rate (small: the student is already distilled)")
+    student: str = option("", "student checkpoint (OUT/student.pt of `rakt distill`)")
+    target: list[str] = option([], "labelled target images (folder, manifest or shards)", positional=True)
+    classes: str = option("", "classes.txt (default: recorded with the target images)")
+    per_class: int = option(0, "few-shot draw of N images per class (0 = all)")
+    split: str = option("", "target samples of this split ('' = all)")
+
+
+@dataclass
+class InitConfig:
+    """A randomly initialised student for the labelled-only arm; the class count comes from an embedding set."""
+    student: str = option("resnet18", "timm model name of the student")
+    seed: int = option(0, "seed of the initialisation")
+    small_input: bool = option(False, "CIFAR-style 32-px stem (timm ResNets)")
+    image_size: int = option(0, "the student's input resolution in px (0 = the model's own)")
+    embeddings: str = option("", "embedding set whose recorded classes the student predicts")
+    out: str = option("", "student checkpoint file to write (e.g. init/student.pt)")

@@ -1,0 +1,19 @@
+"""`init`: a randomly initialised student checkpoint for the labelled-only arm (classes from an embedding set)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.config import InitConfig
+from distill.students import create_student, save_student
+from distill.trainer import seed_everything
+from pipeline.io import InputError, read_json
+
+
+def run(cfg: InitConfig) -> dict:
+    classes = read_json(Path(cfg.embeddings) / "embeddings.json", "embedding set").get("classes") or []
+    if not classes:
+        raise InputError(f"{cfg.embeddings}: the embedding set records no classes; the student needs the class count")
+    seed_everything(cfg.seed)
+    model = create_student(cfg.student, len(classes), small_input=cfg.small_input, image_size=cfg.image_size or None)
+    save_student(cfg.out, model, {"stage": "init", "classes": classes, "seed": cfg.seed})
+    return {"student": cfg.out, "classes": len(classes)}

@@ -1,0 +1,101 @@
+"""The run config of `rakt run`: the embedded default (or a `base:`) deep-merged with the user's file, then the
+`--set KEY.SUB=VALUE` overrides; unknown keys and arm names are refused before anything is written."""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError
+from pipeline.io import InputError
+from pipeline.rundir import arm_runs
+
+CONFIGS = Path(str(resources.files("pipeline") / "configs"))
+
+
+def default_config_path() -> Path:
+    return CONFIGS / "default.yaml"
+
+
+def load_run_config(path: str | None, overrides: list[str] = (), run_dir: str = "") -> dict:
+    """The run config: the embedded default (or `base:`) deep-merged with the file, then `--set` overrides."""
+    base = _read_yaml(default_config_path())
+    if path and not os.path.exists(path) and (CONFIGS / f"{path}.yaml").exists():
+        path = str(CONFIGS / f"{path}.yaml")  # an embedded config by name: default, experiment
+    if path:
+        own = _read_yaml(Path(path))
+        parent = own.pop("base", "default")
+        if parent and parent != "default":
+            base = load_run_config(str(Path(path).parent / parent))
+        base = _merge(base, own)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY.SUB=VALUE, e.g. --set distill.epochs=3")
+        _set_key(base, key.strip().split("."), yaml.safe_load(value))
+    if run_dir:
+        base["run_dir"] = run_dir
+    _check_keys(base)
+    return base
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The resolved config a run directory was last run with (its run.yaml)."""
+    if not (Path(run_dir) / "run.yaml").exists():
+        raise InputError(f"{run_dir}: no run.yaml; is this a run directory of `rakt run`?")
+    return {**_read_yaml(Path(run_dir) / "run.yaml"), "run_dir": str(run_dir)}
+
+
+def expand(value: Any, subs: dict[str, str]) -> Any:
+    """`value` with every ${KEY} in its strings replaced by subs[KEY]."""
+    if isinstance(value, str):
+        for key, sub in subs.items():
+            value = value.replace("${" + key + "}", sub)
+        return value
+    if isinstance(value, list):
+        return [expand(v, subs) for v in value]
+    if isinstance(value, dict):
+        return {k: expand(v, subs) for k, v in value.items()}
+    return value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"run config not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _set_key(cfg: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        cfg = cfg.setdefault(key, {})
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: '{key}' is not a section")
+    cfg[keys[-1]] = value
+
+
+def _check_keys(cfg: dict) -> None:
+    known = set(_read_yaml(default_config_path()))
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        raise ConfigError(f"run config: unknown key '{unknown[0]}'" + (f"; did you mean '{hint[0]}'?" if hint else
+                                                                        f"; known keys: {', '.join(sorted(known))}"))
+    arm_runs(cfg)  # checks every arm name

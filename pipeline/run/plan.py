@@ -1,0 +1,109 @@
+"""The plan of `rakt run`: every step of a run config, in order, each a stage call (pipeline/stages.py) with a
+config built from the run config's section for that stage plus the step's run-directory paths."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.kd_modes import KD_MODES
+from pipeline.config import ConfigError, from_dict
+from pipeline.io import kit_dir
+from pipeline.run.config import expand
+from pipeline.rundir import LABELLED, LABELLED_SHARD, TRANSFER_SETS, arm_runs
+from pipeline.stages import STAGES
+
+ENCODER_KEYS = ("model", "pretrained", "image_size", "batch_size", "workers", "device", "precision")
+COLLECT = ("materialize", "download")  # the stages that turn a manifest into shards
+
+
+@dataclass
+class Step:
+    name: str                        # e.g. "target", "arms/retrieved-task-s0/distill"
+    stage: str                       # a pipeline.stages.STAGES key
+    config: Any                      # the stage's config dataclass
+    deps: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)  # cleared when the step reruns with other settings
+
+
+def plan(cfg: dict) -> list[Step]:
+    """Every step of the run config, in order (each step's deps come before it)."""
+    run = Path(cfg["run_dir"])
+    cfg = expand(cfg, {"data": cfg.get("data") or str(kit_dir())})
+    t, enc = cfg["target"], {k: v for k, v in cfg["teacher"].items() if k in ENCODER_KEYS}
+    p = lambda name: str(run / name)  # noqa: E731
+    steps: list[Step] = []
+
+    def add(name, stage, values, deps=(), outputs=None, section=None):
+        section = (cfg.get(stage) or {}) if section is None else section
+        config = from_dict(STAGES[stage].config, {**section, **values}, where=f"run config, step '{name}'")
+        steps.append(Step(name, stage, config, list(deps), outputs or [values["out"]]))
+
+    add("labelled", "labelled", {"source": t["train"], "per_class": t["per_class"], "seed": t["seed"],
+                                 "out": p("labelled")}, section={})
+    add("target", "embed", {**enc, "source": [p(LABELLED_SHARD)], "split": "train", "out": p("target")},
+        ["labelled"])
+    add("eval", "embed", {**enc, "source": t["test"], "split": "test", "out": p("eval")})
+    index = cfg.get("index_spec") or f"faiss:{p('index')}"
+    if not cfg.get("index_spec"):
+        add("index", "index", {**enc, "source": cfg["pool"], "out": p("index")})
+    index_deps = [] if cfg.get("index_spec") else ["index"]
+    add("candidates", "retrieve", {"embeddings": p("target"), "index": index, "out": p("candidates")},
+        ["target", *index_deps])
+    retrieved = TRANSFER_SETS["retrieved"]
+    add("manifest", "curate", {"candidates": p("candidates"), "eval_embeddings": p("eval"),
+                               "out": p(retrieved.manifest)}, ["candidates", "eval"])
+    collect = cfg.get("collect", "materialize")
+    if collect not in COLLECT:
+        raise ConfigError(f"run config: collect must be materialize or download, got {collect!r}")
+    add(retrieved.shards, collect, {"manifest": p(retrieved.manifest), "out": p(retrieved.shards)}, ["manifest"])
+
+    adapt = {**enc, "seed": t["seed"], "out": p("teacher.pt")}
+    if (cfg.get("adapt") or {}).get("mode", "linear") in ("linear", "zeroshot"):
+        adapt.update(embeddings=p("target"), eval=[p("eval")])  # the embeddings of `target`, not recomputed
+    else:
+        adapt.update(train=[p(LABELLED_SHARD)], per_class=0, eval=t["test"])
+    add("teacher", "adapt", adapt, ["target", "eval", "labelled"], [p("teacher.pt"), p("teacher.pt.json")])
+
+    arms = arm_runs(cfg)
+    used = {a.transfer_set for a in arms}
+    if "random" in used:
+        pool, tset = index.removeprefix("faiss:").split("?")[0], TRANSFER_SETS["random"]
+        add(tset.manifest, "sample", {"source": [pool], "like": p(retrieved.manifest), "out": p(tset.manifest)},
+            ["manifest", *index_deps])
+        add(tset.shards, collect, {"manifest": p(tset.manifest), "out": p(tset.shards)}, [tset.manifest])
+    if "target" in used:
+        tset = TRANSFER_SETS["target"]
+        add(tset.manifest, "sample", {"source": t["train"], "like": p(retrieved.manifest), "exclude": [p("target")],
+                                      "out": p(tset.manifest)}, ["manifest", "target"])
+        add(tset.shards, "materialize", {"manifest": p(tset.manifest), "out": p(tset.shards)}, [tset.manifest])
+
+    labelled = {"target": [p(LABELLED_SHARD)], "per_class": 0}
+    for arm in arms:
+        step = arm.step
+        if arm.transfer_set == LABELLED:
+            d = cfg.get("distill") or {}
+            add(step("init"), "init", {"student": d.get("student", "resnet18"), "seed": arm.seed,
+                                       "small_input": d.get("small_input", False),
+                                       "image_size": d.get("image_size", 0), "embeddings": p("target"),
+                                       "out": p(f"{step('init')}/student.pt")}, ["target"], section={})
+            ft = {**(cfg.get("finetune") or {}), **cfg["experiment"].get("labelled", {})}
+            add(step("finetune"), "finetune", {**labelled, "student": p(f"{step('init')}/student.pt"),
+                                               "seed": arm.seed, "out": p(step("finetune"))},
+                [step("init"), "labelled"], section=ft)
+        else:
+            # a mode whose teacher logits train the classifier distils the labelled images as transfer images;
+            # feature KD learns no classifier from the teacher, so the labelled images join every step with CE
+            learns = KD_MODES[arm.method].learns_classifier
+            shards = TRANSFER_SETS[arm.transfer_set].shards
+            add(step("distill"), "distill", {"transfer": [p(shards)], "teacher": p("teacher.pt"),
+                                             "mode": arm.method, "seed": arm.seed, "target": [p(LABELLED_SHARD)],
+                                             "target_mix": "transfer" if learns else "step",
+                                             "target_per_class": 0, "out": p(step("distill"))},
+                [shards, "teacher", "labelled"])
+            add(step("finetune"), "finetune", {**labelled, "student": p(f"{step('distill')}/student.pt"),
+                                               "seed": arm.seed, "out": p(step("finetune"))},
+                [step("distill"), "labelled"])
+        add(step("evaluate"), "evaluate", {"source": t["test"], "checkpoint": p(f"{step('finetune')}/student.pt"),
+                                           "out": p(f"arms/{arm.name}/eval.json")}, [step("finetune")])
+    return steps
