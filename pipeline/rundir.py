@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from distill.kd_modes import KD_MODES
 from pipeline.config import ConfigError
 from pipeline.labelled import SHARD
+from pipeline.stages import kd_modes
 
 STEPS_DIR = "steps"
 LABELLED_SHARD = f"labelled/{SHARD}"
@@ -40,7 +40,11 @@ TRANSFER_SETS: dict[str, TransferSet] = {
     "retrieved": TransferSet("manifest", "shards", "the pool images retrieved for the target"),
 }
 SET_ORDER = (LABELLED, *TRANSFER_SETS)
-METHOD_ORDER = (NO_KD, *KD_MODES)
+
+
+def method_order() -> tuple[str, ...]:
+    """The arms' methods in report order: no KD, then the KD modes as registered."""
+    return (NO_KD, *kd_modes())
 
 
 class Arm(NamedTuple):
@@ -69,9 +73,10 @@ def parse_arm(arm: str) -> tuple[str, str]:
     if arm == LABELLED:
         return LABELLED, NO_KD
     tset, _, method = arm.partition("/")
-    if tset not in TRANSFER_SETS or method not in KD_MODES:
+    modes = kd_modes()
+    if tset not in TRANSFER_SETS or method not in modes:
         raise ConfigError(f"experiment arm {arm!r}: expected '{LABELLED}' or SET/METHOD with SET in "
-                          f"{', '.join(TRANSFER_SETS)} and METHOD in {', '.join(KD_MODES)}")
+                          f"{', '.join(TRANSFER_SETS)} and METHOD a KD mode: {', '.join(modes)}")
     return tset, method
 
 

@@ -8,16 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distill.kd_modes import KD_MODES
 from pipeline.io import atomic_path
 from pipeline.report import plots
 from pipeline.report.gather import KEY_SETTINGS, UNKNOWN, flatten, gather, pool_shares, summary_rows
 from pipeline.rundir import NO_KD
+from pipeline.stages import kd_modes
 
 log = logging.getLogger("rakt.report")
-
-METHOD_TEXT = {NO_KD: "no distillation", **{name: mode.report for name, mode in KD_MODES.items()}}
-
 
 def _mean_std(row: dict) -> str:
     """'37.2 ± 0.5%' over several seeds; '39.4%' for one (a spread of one seed is no spread)."""
@@ -39,6 +36,11 @@ def _pct(x) -> str:
 
 def _num(x) -> str:
     return f"{x:,}" if isinstance(x, (int, np.integer)) else ("—" if x is None else str(x))
+
+
+def _method_text(method: str) -> str:
+    modes = kd_modes()
+    return "no distillation" if method == NO_KD else modes[method].report if method in modes else method
 
 
 def _what_happened(ctx: dict, rows: list[dict], shares: dict) -> str:
@@ -67,7 +69,7 @@ def _what_happened(ctx: dict, rows: list[dict], shares: dict) -> str:
     base = next((r for r in rows if r.get("transfer_set") == "labelled"), None)
     if best:
         text = (f"The best student, trained on the {best['transfer_set']} transfer set with "
-                f"{METHOD_TEXT.get(best['method'], best['method'])}, reached {_mean_std(best)} over "
+                f"{_method_text(best['method'])}, reached {_mean_std(best)} over "
                 f"{best['seeds']} seed{'s' if best['seeds'] != 1 else ''}")
         if base:
             text += f" vs {100 * base['mean']:.1f}% for the labelled-only student"

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.rundir import METHOD_ORDER, SET_ORDER, TRANSFER_SETS, Arm
+from pipeline.rundir import SET_ORDER, TRANSFER_SETS, Arm, method_order
 
 log = logging.getLogger("rakt.report")
 
@@ -164,10 +164,12 @@ def summary_rows(ctx: dict) -> list[dict]:
                          "std": acc.std(ddof=1) if len(acc) > 1 else 0.0, "min": acc.min(), "max": acc.max(),
                          "seconds_mean": float(np.mean(secs)), "values": list(acc)})
 
+    methods = method_order()
+
     def rank(r):
         ts, m = r.get("transfer_set"), r.get("method")
-        return (SET_ORDER.index(ts) if ts in SET_ORDER else 9, METHOD_ORDER.index(m)
-                if m in METHOD_ORDER else 9, str(ts), str(m))
+        return (SET_ORDER.index(ts) if ts in SET_ORDER else 9, methods.index(m) if m in methods else 9, str(ts),
+                str(m))
     for r in rows:
         r["label"] = f"{r.get('transfer_set')} / {r.get('method')}"
     return sorted(rows, key=rank)

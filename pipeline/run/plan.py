@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.kd_modes import KD_MODES
 from pipeline.config import ConfigError, from_dict
 from pipeline.io import kit_dir
 from pipeline.run.config import expand
 from pipeline.rundir import LABELLED, LABELLED_SHARD, TRANSFER_SETS, arm_runs
-from pipeline.stages import STAGES
+from pipeline.stages import STAGES, kd_modes
 
 ENCODER_KEYS = ("model", "pretrained", "image_size", "batch_size", "workers", "device", "precision")
 COLLECT = ("materialize", "download")  # the stages that turn a manifest into shards
@@ -94,7 +93,7 @@ def plan(cfg: dict) -> list[Step]:
         else:
             # a mode whose teacher logits train the classifier distils the labelled images as transfer images;
             # feature KD learns no classifier from the teacher, so the labelled images join every step with CE
-            learns = KD_MODES[arm.method].learns_classifier
+            learns = kd_modes()[arm.method].learns_classifier
             shards = TRANSFER_SETS[arm.transfer_set].shards
             add(step("distill"), "distill", {"transfer": [p(shards)], "teacher": p("teacher.pt"),
                                              "mode": arm.method, "seed": arm.seed, "target": [p(LABELLED_SHARD)],
