@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distill.kd_modes import MODES, modes_help
+from distill.kd_modes import KD_MODES, modes_help
 from pipeline.config import PRECISION_HELP, PRECISIONS, option
 
 AUGMENTS = ("none", "shift", "crop")
@@ -62,7 +62,7 @@ class DistillConfig(TrainConfig):
     student: str = option("resnet18", "timm model name of the student")
     small_input: bool = option(False, "CIFAR-style 32-px stem (timm ResNets)")
     image_size: int = option(0, "training resolution in px (0 = 32 with --small-input, else 224)")
-    mode: str = option("task", modes_help(), choices=MODES)
+    mode: str = option("task", modes_help(), choices=KD_MODES)
     temperature: float = option(4.0, "KD temperature")
     target: list[str] = option([], "optional labelled target images to distill on too (see --target-mix)")
     target_mix: str = option("transfer", "transfer: the target images join the transfer set (KD only, once per epoch) | "

@@ -7,7 +7,7 @@ import json
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import yaml
 
@@ -21,7 +21,7 @@ PRECISION_HELP = ("auto (bf16 autocast on a GPU and on CPUs with native bf16: av
                   "bf16 | fp16 (GPU); stored outputs stay float32")
 
 
-def option(default: Any, help: str, positional: bool = False, choices: tuple | None = None):
+def option(default: Any, help: str, positional: bool = False, choices: Collection[str] | None = None):
     """A config field with its CLI help text."""
     meta = {"help": help, "positional": positional, "choices": choices}
     if isinstance(default, list):

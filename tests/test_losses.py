@@ -205,3 +205,28 @@ def test_teacher_outputs_from_an_adapted_teacher_style_object():
     assert set(teacher_outputs(lambda x: x.mean(dim=(2, 3)), images)) == {"logits"}
     with pytest.raises(TypeError, match="teacher returned str"):
         teacher_outputs(lambda x: "logits", images)
+
+
+def test_a_new_kd_mode_is_one_registry_entry(monkeypatch, capsys):
+    """Registering a mode in distill/kd_modes.py is all it takes: DistillTask trains with it, `rakt distill --mode`
+    accepts it and `rakt run` plans an arm with it (distilling the labelled images as transfer images)."""
+    from distill.config import DistillConfig
+    from distill.kd_modes import KD_MODES, KDMode
+    from pipeline.cli import build_parser
+    from pipeline.config import from_dict
+    from pipeline.run import load_run_config, plan
+
+    monkeypatch.setitem(KD_MODES, "blend", KDMode(
+        "half logit KD, half feature KD", "blended KD",
+        lambda w, step, total: {"kd": 0.5 * w.kd, "feature": 0.5 * w.feature}, learns_classifier=True))
+    task = DistillTask(TinyStudent(), TinyTeacher(), mode="blend", teacher_dim=6)
+    out = task(torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)))
+    assert set(out) == {"kd", "feature", "loss"}
+    assert torch.allclose(out["loss"], 0.5 * out["kd"] + 0.5 * out["feature"])
+    assert from_dict(DistillConfig, {"mode": "blend", "out": "x"}).mode == "blend"
+    assert build_parser().parse_args(["distill", "--mode", "blend", "--out", "x"]).mode == "blend"
+    cfg = load_run_config(None, ["run_dir=/tmp/rakt-plan-only", "experiment.arms=['retrieved/blend']"])
+    step = next(s for s in plan(cfg) if s.name == "arms/retrieved-blend-s0/distill")
+    assert step.config.mode == "blend" and step.config.target_mix == "transfer"
+    with pytest.raises(Exception, match="KD mode"):
+        load_run_config(None, ["experiment.arms=['retrieved/blended']"])
