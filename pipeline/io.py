@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexes.base import atomic_path  # noqa: F401  (one helper for both packages)
+from indexes.helpers import atomic_path, json_hash, l2_normalize  # noqa: F401  (one definition for both packages)
 
 log = logging.getLogger("rakt")
 
@@ -60,10 +60,6 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def json_hash(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
