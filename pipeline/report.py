@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline import report_plots as plots
+from pipeline.formats import EMBEDDINGS_JSON, MANIFEST_JSON, MANIFEST_PARQUET, REMOVED_PARQUET
 from pipeline.io import atomic_path
 
 log = logging.getLogger("rakt.report")
@@ -122,14 +123,14 @@ def _gather(run: Path) -> dict:
         if arm.get("accuracy") is None and arm["eval"]:
             arm["accuracy"] = arm["eval"].get("accuracy")
         ctx["arms"].append(arm)
-    emb = _json(run / "target" / "embeddings.json") or {}
+    emb = _json(run / "target" / EMBEDDINGS_JSON) or {}
     first_eval = next((a["eval"] for a in ctx["arms"] if a["eval"]), {}) or {}
     ctx["classes"] = list(res.get("classes") or emb.get("classes") or first_eval.get("classes") or [])
     for ts, (mdir, sdir) in MANIFESTS.items():
-        if (run / mdir / "manifest.parquet").exists():
-            df = pq.read_table(run / mdir / "manifest.parquet").to_pandas()
-            removed = run / mdir / "removed.parquet"
-            ctx["manifests"][ts] = {"df": df, "meta": _json(run / mdir / "manifest.json") or {},
+        if (run / mdir / MANIFEST_PARQUET).exists():
+            df = pq.read_table(run / mdir / MANIFEST_PARQUET).to_pandas()
+            removed = run / mdir / REMOVED_PARQUET
+            ctx["manifests"][ts] = {"df": df, "meta": _json(run / mdir / MANIFEST_JSON) or {},
                                     "removed": pq.read_table(removed).to_pandas() if removed.exists() else None,
                                     "shards": _json(run / sdir / "materialize.json")}
     ctx["index"] = _json(run / "index" / "index.json") or {}
