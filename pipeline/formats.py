@@ -1,7 +1,8 @@
 """The data contracts between stages (docs/formats.md) as code: file names, schemas, readers and writers.
 
 Stages import the contracts from here, never from each other. The index directory (section 2) is reached only
-through the `Index` protocol (indexes/base.py); the embedding model check lives in pipeline/io.py.
+through the `Index` protocol (indexes/base.py, opened by indexes/registry.py); its file names are re-exported
+here for readers of a run directory. Sections follow docs/formats.md.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from indexes.layout import INDEX_JSON, METADATA_DIR  # noqa: F401  (section 2's file names, re-exported)
 from pipeline.io import InputError, read_json
 
 # --- 1. embedding set ------------------------------------------------------------------------------
@@ -60,6 +62,10 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     if len(col) == 0:
         return np.zeros((0, col.type.list_size), np.float32)
     return col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), col.type.list_size)
+
+
+# --- 2. index directory: opened only through indexes.registry.open_index (the Index protocol) ---------
+# Its file names, INDEX_JSON and METADATA_DIR, are indexes/layout.py's (imported above).
 
 
 # --- 3. candidates ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline import report_plots as plots
-from pipeline.formats import EMBEDDINGS_JSON, MANIFEST_JSON, MANIFEST_PARQUET, REMOVED_PARQUET
+from pipeline.formats import EMBEDDINGS_JSON, INDEX_JSON, MANIFEST_JSON, MANIFEST_PARQUET, REMOVED_PARQUET
 from pipeline.io import atomic_path
 
 log = logging.getLogger("rakt.report")
@@ -133,7 +133,7 @@ def _gather(run: Path) -> dict:
             ctx["manifests"][ts] = {"df": df, "meta": _json(run / mdir / MANIFEST_JSON) or {},
                                     "removed": pq.read_table(removed).to_pandas() if removed.exists() else None,
                                     "shards": _json(run / sdir / "materialize.json")}
-    ctx["index"] = _json(run / "index" / "index.json") or {}
+    ctx["index"] = _json(run / "index" / INDEX_JSON) or {}
     return ctx
 
 
