@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from pipeline.io import EMBEDDINGS_JSON, InputError, embedding_matrix, read_embedding_set
+from pipeline.formats import EMBEDDINGS_JSON, embedding_matrix, read_embedding_set
+from pipeline.io import InputError
 from pipeline.sources import open_source
 
 log = logging.getLogger("rakt")

@@ -1,27 +1,12 @@
 """The Index protocol: what retrieval needs from any image index."""
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
 
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it to `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+from indexes.helpers import atomic_path  # noqa: F401  (its old home; faiss_build imports it from here)
 
 
 class IndexSpecError(ValueError):
@@ -41,12 +26,18 @@ class Index(Protocol):
     size: int
     model: str
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (scores float32 [n, k], ids int64 [n, k]), best first."""
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return (scores float32 [n, k], ids int64 [n, k]), best first.
+
+        `nprobe`: IVF lists to visit (None or 0: the index's default); an index without that knob ignores it.
+        """
         ...
 
-    def metadata(self, ids: np.ndarray) -> pa.Table:
-        """Rows for `ids` in the given order, with at least `id` and one of url / path / (shard, key)."""
+    def metadata(self, ids: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """Rows for `ids` in the given order, with at least `id` and one of url / path / (shard, key).
+
+        `columns` (None = all) selects the columns to read, in that order.
+        """
         ...
 
     def embeddings(self, ids: np.ndarray) -> np.ndarray:
@@ -56,3 +47,15 @@ class Index(Protocol):
     def info(self) -> dict:
         """A JSON-able description: kind, model, dim, metric, size, parts, ..."""
         ...
+
+    def identity(self) -> str:
+        """A short hash of what the index holds (e.g. of its description file), recorded by retrieve."""
+        ...
+
+    def set_backend(self, backend: str) -> None:
+        """Choose how to search ("auto", "faiss", "torch"); an index with one way to search ignores it."""
+        ...
+
+
+CORE_MEMBERS = ("dim", "metric", "size", "model", "search", "metadata", "embeddings", "info")
+"""What an index must have to be opened; `open_index` supplies the other members' defaults (BasicIndex)."""

@@ -26,12 +26,12 @@ import pyarrow.parquet as pq
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing logs are noise
 import faiss  # noqa: E402
 
-from indexes.base import IndexSpecError, atomic_path
+from indexes.base import IndexSpecError
+from indexes.helpers import atomic_path, l2_normalize
+from indexes.layout import INDEX_JSON, METADATA_DIR  # noqa: F401  (re-exported)
 
 log = logging.getLogger("rakt.indexes")
 
-INDEX_JSON = "index.json"
-METADATA_DIR = "metadata"
 MIN_POINTS_PER_LIST = 39  # faiss k-means warns below 39 training points per centroid
 FLAT_MAX_VECTORS = 2_000_000  # beyond this an exhaustive scan is too slow per query, whatever the memory
 GPU_PQ_M = (96, 64, 56, 48, 40, 32, 28, 24, 20, 16, 12, 8, 4, 3, 2, 1)  # code sizes GpuIndexIVFPQ supports
@@ -118,8 +118,7 @@ def prep_vectors(x: np.ndarray, normalize: bool) -> np.ndarray:
     """float32 C-contiguous copy, L2-normalized when asked (zero vectors stay zero)."""
     x = np.array(x, dtype=np.float32, order="C", copy=True)
     if normalize:
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x /= np.where(norms > 0, norms, 1)
+        x = l2_normalize(x, axis=1)
     return x
 
 

@@ -2,8 +2,8 @@
 
 Index directory layout (docs/formats.md): `index.json` (written last), `index-000.faiss` (several parts
 allowed: part j's ids are offset by the sizes of the parts before it) and `metadata/part-*.parquet`, whose
-concatenated row i describes FAISS id i. Building lives in indexes/faiss_build.py; `build_faiss_index` is
-re-exported here.
+concatenated row i describes FAISS id i. Building lives in indexes/faiss_build.py (`build_faiss_index` is
+re-exported here), reading and checking the files in indexes/faiss_files.py.
 
 Search backends (chosen at the first search or by `set_backend`, per part, results merged as one):
   auto   faiss-gpu when it sees GPUs (sharded over several, fp16 flat storage when fp32 does not fit); else
@@ -24,10 +24,12 @@ import pyarrow.parquet as pq
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing logs are noise
 import faiss  # noqa: E402
 
-from indexes.base import IndexSpecError
-from indexes.faiss_build import (INDEX_JSON, METADATA_DIR, METRICS, build_faiss_index, choose_index, exact_knn,
-                                 gpu_count, ivf_of, merge_topk, parse_memory, prepare_ivfpq, prep_vectors, recall_at,
-                                 set_nprobe, to_gpu)
+from indexes.base import IndexSpecError  # noqa: E402
+from indexes.faiss_build import (build_faiss_index, choose_index, exact_knn, gpu_count, ivf_of,  # noqa: E402,F401
+                                 merge_topk, parse_memory, prepare_ivfpq, prep_vectors, recall_at, set_nprobe, to_gpu)
+from indexes.faiss_files import read_index_dir  # noqa: E402
+from indexes.helpers import json_hash  # noqa: E402
+from indexes.layout import INDEX_JSON, METADATA_DIR, METADATA_PARTS  # noqa: E402
 
 __all__ = ["BACKENDS", "FaissIndex", "build_faiss_index", "choose_index", "exact_knn", "parse_memory", "prepare_ivfpq",
            "recall_at", "set_nprobe", "to_gpu", "INDEX_JSON", "METADATA_DIR"]
@@ -36,46 +38,6 @@ log = logging.getLogger("rakt.indexes")
 
 BACKENDS = ("auto", "faiss", "torch")
 FAISS_GPU_MAX_K = 2048  # faiss GPU k-selection limit; larger k is searched on the CPU copy of the part
-
-
-def _read_part(path: Path, mmap: bool) -> tuple[faiss.Index, bool]:
-    """Read one FAISS file, memory-mapped when asked and supported; returns (index, mapped).
-
-    faiss 1.15 maps IVF inverted lists (IVF-PQ parts) only with IO_FLAG_MMAP (OnDiskInvertedLists over the file);
-    IO_FLAG_MMAP_IFC maps flat codes but reads IVF lists into RAM, so the file's fourcc picks the order.
-    """
-    if mmap:
-        names = ("IO_FLAG_MMAP", "IO_FLAG_MMAP_IFC") if _looks_ivf(path) else ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP")
-        for name in names:
-            if not hasattr(faiss, name):
-                continue
-            try:
-                index = faiss.read_index(str(path), getattr(faiss, name))
-            except RuntimeError as e:
-                log.debug("%s failed for %s: %s", name, path, str(e).strip().splitlines()[-1])
-                continue
-            ivf = ivf_of(index)
-            if ivf is None or isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists):
-                log.debug("%s: memory-mapped with faiss.%s", path, name)
-                return index, True
-            log.info("%s: faiss.%s read the IVF lists into RAM (not mapped)", path, name)
-            return index, False
-        log.info("%s: this index type cannot be memory-mapped by faiss %s; reading it into RAM", path,
-                 faiss.__version__)
-    try:
-        return faiss.read_index(str(path)), False
-    except RuntimeError as e:
-        raise IndexSpecError(f"{path}: not a readable FAISS index ({str(e).strip().splitlines()[-1]}); "
-                             f"rebuild it with `rakt index build`") from None
-
-
-def _looks_ivf(path: Path) -> bool:
-    """Whether a FAISS file's 4-byte tag names an IVF index ("Iw.." / "Iv..")."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(2) in (b"Iw", b"Iv")
-    except OSError:
-        return False
 
 
 class FaissIndex:
@@ -98,7 +60,7 @@ class FaissIndex:
         self._current_nprobe = self.nprobe
         self._direct_map = False
         if meta_files is None:
-            meta_files = sorted((path / METADATA_DIR).glob("part-*.parquet"))
+            meta_files = sorted((path / METADATA_DIR).glob(METADATA_PARTS))
         self._files = [pq.ParquetFile(f) for f in meta_files]
         self._synth_id = "id" not in self._files[0].schema_arrow.names  # published metadata: id = the FAISS id
         groups = [(fi, g, f.metadata.row_group(g).num_rows) for fi, f in enumerate(self._files)
@@ -116,91 +78,10 @@ class FaissIndex:
 
         A folder without index.json in the published layout (indexes/published.py) opens too; `model` declares
         its embedding model. gpu=False keeps search on the CPU whatever the backend; `backend` is one of
-        BACKENDS (module doc).
+        BACKENDS (module doc). Reading and checking the files is indexes/faiss_files.py.
         """
-        from indexes.published import describe_published, is_published, split_spec
-
-        path, options = split_spec(str(path))
-        path = Path(path)
-        jpath = path / INDEX_JSON
-        fix = f"build one with `rakt index build POOL --out {path}`"
-        if not path.is_dir():
-            raise IndexSpecError(f"{path}: no such index directory; {fix}")
-        model = model or options.get("model")
-        if is_published(path):
-            info, meta_files = describe_published(path, model)
-            return cls._open_described(path, info, f"{path} (published index)", meta_files, mmap, gpu, backend)
-        if not jpath.exists():
-            raise IndexSpecError(f"{jpath} not found: {path} is not an index directory or its build did not "
-                                 f"finish; {fix} (a published index needs FAISS parts: see docs/formats.md)")
-        try:
-            info = json.loads(jpath.read_text())
-        except json.JSONDecodeError as e:
-            raise IndexSpecError(f"{jpath}: not valid JSON ({e}); rebuild the index ({fix})") from None
-        missing = [key for key in ("dim", "metric", "count", "parts", "model") if key not in info]
-        if missing:
-            raise IndexSpecError(f"{jpath}: missing key(s) {', '.join(missing)}; add them or rebuild the index")
-        if info["metric"] not in METRICS:
-            raise IndexSpecError(f"{jpath}: metric must be one of {', '.join(METRICS)}, got {info['metric']!r}")
-        if model and model != info["model"]:
-            log.warning("%s records model %r; ignoring the declared model %r", jpath, info["model"], model)
-        meta_files = sorted((path / METADATA_DIR).glob("part-*.parquet"))
-        if not meta_files:
-            raise IndexSpecError(f"{path / METADATA_DIR}: no part-*.parquet metadata; each FAISS id needs a row "
-                                 f"(id, url / path / shard+key); rebuild the index ({fix})")
-        if "id" not in pq.ParquetFile(meta_files[0]).schema_arrow.names:
-            raise IndexSpecError(f"{meta_files[0]}: metadata has no 'id' column; rebuild the index")
-        return cls._open_described(path, info, str(jpath), meta_files, mmap, gpu, backend)
-
-    @classmethod
-    def _open_described(cls, path: Path, info: dict, source: str, meta_files: list[Path], mmap: bool,
-                        gpu: bool | None, backend: str) -> "FaissIndex":
-        """Read and check the parts `info` names; dim / metric / count left None are taken from the parts."""
-        published = info["dim"] is None
-        parts, mapped = [], bool(info["parts"]) and mmap
-        for name in info["parts"]:
-            file = path / name
-            if not file.exists():
-                raise IndexSpecError(f"{file}: index part listed in {source} is missing; restore the file or "
-                                     + ("fix the part list in rakt.json" if published else
-                                        "rebuild the index with `rakt index build`"))
-            index, was_mapped = _read_part(file, mmap)
-            mapped = mapped and was_mapped
-            if info["dim"] is None:
-                metric = {v: k for k, v in METRICS.items()}.get(index.metric_type)
-                if metric is None:
-                    raise IndexSpecError(f"{file}: faiss metric type {index.metric_type} is neither inner product "
-                                         f"nor L2; rakt searches ip or l2 indexes only")
-                info = {**info, "dim": index.d, "metric": metric}
-                first = file
-            elif index.d != int(info["dim"]):
-                raise IndexSpecError(f"{file}: part has dim {index.d} but " + (
-                    f"{first} has dim {info['dim']}; the parts of one index must agree: remove the stray part"
-                    if published else f"{source} says dim {info['dim']}; the part belongs to another index: fix "
-                                      f"index.json or rebuild the index"))
-            if index.metric_type != METRICS[info["metric"]]:
-                raise IndexSpecError(f"{file}: part metric differs from " + (
-                    f"{first} (metric {info['metric']!r}); the parts of one index must agree" if published else
-                    f"{source} (metric {info['metric']!r}); fix index.json or rebuild the index"))
-            parts.append(index)
-        if not parts:
-            raise IndexSpecError(f"{source}: 'parts' lists no FAISS files; rebuild the index")
-        total = sum(p.ntotal for p in parts)
-        if info["count"] is None:
-            info = {**info, "count": total, "factory": _factory_name(parts[0]), "ivf_lists": _ivf_lists(parts[0])}
-        elif total != int(info["count"]):
-            raise IndexSpecError(f"{source}: count is {info['count']} but its parts hold {total} vectors; fix "
-                                 f"index.json or rebuild the index")
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in meta_files)
-        meta_dir = meta_files[0].parent
-        if rows < total or (rows > total and not published):
-            raise IndexSpecError(f"{meta_dir}: metadata has {rows} rows but the index holds {total} vectors; row i "
-                                 f"must describe FAISS id i: " + ("the metadata folder is incomplete or belongs to "
-                                 "another index" if published else "rebuild the index or its metadata"))
-        if rows > total:
-            log.warning("%s: metadata has %d rows for %d vectors; rows past the last FAISS id are never read",
-                        meta_dir, rows, total)
-        return cls(path, info, parts, mapped, gpu, backend, meta_files)
+        found = read_index_dir(path, mmap, model)
+        return cls(found.path, found.info, found.parts, found.mapped, gpu, backend, found.meta_files)
 
     # --- search backends ------------------------------------------------------------------------------
 
@@ -349,6 +230,13 @@ class FaissIndex:
                                      f"vectors ({str(e).strip().splitlines()[-1]}); use a flat or IVF index") from None
         return out
 
+    def identity(self) -> str:
+        """json_hash of index.json (as written), or of info() for a published folder without one."""
+        jpath = self.path / INDEX_JSON
+        if jpath.exists():
+            return json_hash(json.loads(jpath.read_text()))
+        return json_hash(self.info())
+
     def info(self) -> dict:
         """index.json plus where and how it is open."""
         return {**self._info, "path": str(self.path.resolve()), "size": self.size, "device": self.device,
@@ -357,24 +245,6 @@ class FaissIndex:
 
     def __repr__(self) -> str:
         return f"FaissIndex({str(self.path)!r}, {self._info.get('factory')}, size={self.size}, dim={self.dim})"
-
-
-def _factory_name(index: faiss.Index) -> str:
-    """A short description of a part read from disk, e.g. 'IndexIVFPQ(nlist=64, M=8)'."""
-    ivf = ivf_of(index)
-    name = type(faiss.downcast_index(index)).__name__
-    if ivf is None:
-        return name
-    pq_m = f", M={ivf.pq.M}" if hasattr(ivf, "pq") else ""
-    return f"{name}(nlist={ivf.nlist}{pq_m})"
-
-
-def _ivf_lists(index: faiss.Index) -> str:
-    """How the IVF lists of a part are held: 'ondisk' (mapped) or 'ram'; 'n/a' without IVF."""
-    ivf = ivf_of(index)
-    if ivf is None:
-        return "n/a"
-    return "ondisk" if isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists) else "ram"
 
 
 def _check_backend(backend: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from indexes.base import IndexSpecError
+from indexes.layout import INDEX_JSON
 
 log = logging.getLogger("rakt.indexes")
 
@@ -49,7 +50,7 @@ def split_spec(rest: str) -> tuple[str, dict[str, str]]:
 
 def is_published(path: Path) -> bool:
     """A folder without index.json that holds FAISS parts (or a rakt.json sidecar naming them)."""
-    return path.is_dir() and not (path / "index.json").exists() and (
+    return path.is_dir() and not (path / INDEX_JSON).exists() and (
         (path / SIDECAR).exists() or bool(_find_parts(path)))
 
 

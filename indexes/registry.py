@@ -15,7 +15,9 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from indexes.base import Index, IndexSpecError
+from indexes.base import CORE_MEMBERS, Index, IndexSpecError
+from indexes.basic import BasicIndex
+from indexes.layout import is_index_dir
 
 ENTRY_POINT_GROUP = "rakt.indexes"
 IndexFactory = Callable[[str], Index]
@@ -23,7 +25,7 @@ IndexFactory = Callable[[str], Index]
 _REGISTRY: dict[str, IndexFactory] = {}
 # a scheme is >= 2 characters so Windows drive letters ("C:\\...") still read as paths
 _SPEC = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9_.+-]+):(?P<rest>.*)$", re.DOTALL)
-_PROTOCOL_MEMBERS = ("dim", "metric", "size", "model", "search", "metadata", "embeddings", "info")
+DEFAULT_SCHEME = "faiss"  # the built-in scheme: index directories built by `rakt index build`, published folders
 
 
 def register_index(scheme: str) -> Callable[[IndexFactory], IndexFactory]:
@@ -81,10 +83,43 @@ def open_index(spec: str | Path) -> Index:
         index = _REGISTRY["faiss"](text)
         where = "faiss"
     if not isinstance(index, Index):
-        missing = [name for name in _PROTOCOL_MEMBERS if not hasattr(index, name)]
-        raise IndexSpecError(f"{where} returned a {type(index).__name__}, which is not an Index: it lacks "
-                             f"{', '.join(missing)} (see indexes/base.py)")
+        missing = [name for name in CORE_MEMBERS if not hasattr(index, name)]
+        if missing:
+            raise IndexSpecError(f"{where} returned a {type(index).__name__}, which is not an Index: it lacks "
+                                 f"{', '.join(missing)} (see indexes/base.py)")
+        index = BasicIndex(index)  # an index with the core members only: the rest get their defaults
     return index
+
+
+def index_spec(path: str | Path) -> str:
+    """The spec that opens the index directory at `path` with the built-in scheme."""
+    return f"{DEFAULT_SCHEME}:{path}"
+
+
+def is_index_spec(spec: str) -> bool:
+    """Whether `spec` names an index rather than image files: a 'faiss:' spec, or an index directory (built, with
+    index.json, or published)."""
+    return spec.startswith(f"{DEFAULT_SCHEME}:") or is_index_dir(spec)
+
+
+def has_scheme(spec: str) -> bool:
+    """Whether `spec` is 'scheme:rest' rather than a plain path."""
+    return bool(_SPEC.match(spec)) and not Path(spec).exists()
+
+
+def spec_location(spec: str) -> str:
+    """Where a built-in spec's index lives: the path without the 'faiss:' prefix and '?options'."""
+    return spec.removeprefix(f"{DEFAULT_SCHEME}:").split("?")[0]
+
+
+def absolute_spec(spec: str) -> str:
+    """The index spec with its path made absolute (plain paths and 'scheme:path' whose path exists)."""
+    if Path(spec).exists():
+        return str(Path(spec).resolve())
+    match = _SPEC.match(spec)
+    if match and match.group("rest") and Path(match.group("rest")).exists():
+        return f"{match.group('scheme')}:{Path(match.group('rest')).resolve()}"
+    return spec
 
 
 @register_index("faiss")

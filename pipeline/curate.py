@@ -8,25 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import CurateConfig, config_hash, to_dict
 from pipeline.curate_filters import empty_removed, leakage_matches, load_eval_set, near_duplicates
+from pipeline.formats import (CANDIDATE_COLUMNS, CANDIDATES_JSON, CANDIDATES_PARQUET, LOCATOR_COLUMNS,  # noqa: F401
+                              MANIFEST_JSON, MANIFEST_PARQUET, REMOVED_PARQUET, REMOVED_SCHEMA, read_candidates)
 from pipeline.io import InputError, json_hash, read_json, timed, write_json, write_parquet
 from pipeline.prompts import TEXT_QUERY_PREFIX
 
 log = logging.getLogger("rakt.curate")
 
-CANDIDATES_PARQUET = "candidates.parquet"
-CANDIDATES_JSON = "candidates.json"
-MANIFEST_PARQUET = "manifest.parquet"
-MANIFEST_JSON = "manifest.json"
-REMOVED_PARQUET = "removed.parquet"
-CANDIDATE_COLUMNS = ("query_id", "query_label", "rank", "pool_id", "score")
-LOCATOR_COLUMNS = ("shard", "key", "path", "url", "caption")
 NEAR_DUP_ROUNDS = 4
-REMOVED_SCHEMA = pa.schema([("pool_id", pa.int64()), ("id", pa.string()), ("reason", pa.string()),
-                           ("matched_id", pa.string()), ("matched_pool_id", pa.int64()), ("cosine", pa.float32())])
 UNLABELLED = "unlabelled"
 
 
@@ -109,22 +101,6 @@ def run(cfg: CurateConfig) -> dict:
 def _model_of(meta: dict) -> str:
     """The model id of an embedding set, as indexes record it."""
     return str(meta.get("model", ""))
-
-
-def read_candidates(path: Path) -> pd.DataFrame:
-    """candidates.parquet as a frame with the contract's columns and dtypes; one row per (query, pool image)."""
-    if not path.exists():
-        raise InputError(f"{path}: candidates not found; run `rakt retrieve ... --out {path.parent}` first")
-    table = pq.read_table(path)
-    missing = [c for c in CANDIDATE_COLUMNS if c not in table.column_names]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(CANDIDATE_COLUMNS)} "
-                         "(rerun `rakt retrieve`)")
-    df = table.select(list(CANDIDATE_COLUMNS)).to_pandas()
-    df = df.astype({"query_id": str, "query_label": "Int64", "rank": "int64", "pool_id": "int64",
-                    "score": "float32"})
-    df = df.sort_values(["query_id", "rank", "pool_id"], kind="mergesort")
-    return df.drop_duplicates(["query_id", "pool_id"], keep="first").reset_index(drop=True)
 
 
 def query_table(cands: pd.DataFrame, path: Path) -> pd.DataFrame:

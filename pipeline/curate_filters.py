@@ -9,7 +9,8 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from pipeline.io import InputError, embedding_matrix, read_embedding_set
+from pipeline.formats import embedding_matrix, read_embedding_set
+from pipeline.io import InputError, l2_normalize
 
 log = logging.getLogger("rakt.curate")
 
@@ -40,8 +41,7 @@ class EvalSet:
 def normalize(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero), float32 C-contiguous, as faiss wants."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+    return np.ascontiguousarray(l2_normalize(vectors, axis=1), dtype=np.float32)
 
 
 def pool_vectors(index, pool_ids: np.ndarray) -> np.ndarray:

@@ -28,18 +28,17 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, DownloadConfig, config_hash, to_dict
 from pipeline.download_guard import AddressGuard, parse_networks
 from pipeline.download_proxy import filtering_proxy, proxy_environment
 from pipeline.engines import connect_ray, import_ray
 from pipeline.download_report import OOM_SHARD_COUNT, REPORT_JSON, build_report, log_summary
+from pipeline.formats import MANIFEST_PARQUET, read_manifest
 from pipeline.io import InputError, file_hash, read_json, timed, write_json, write_parquet
 
 log = logging.getLogger("rakt.download")
 
-MANIFEST_PARQUET = "manifest.parquet"
 INPUT_DIR = "_input"
 INPUT_PARQUET = "urls.parquet"
 RUN_JSON = "run.json"
@@ -54,7 +53,7 @@ def run(cfg: DownloadConfig) -> dict:
     mpath = Path(cfg.manifest) / MANIFEST_PARQUET
     out = Path(cfg.out)
     with timed("download"):
-        rows = read_manifest(mpath)
+        rows = url_rows(mpath)
         mhash = file_hash(mpath)
         out.mkdir(parents=True, exist_ok=True)
         n_shards = math.ceil(len(rows) / cfg.shard_size)
@@ -115,18 +114,13 @@ def check_settings(cfg: DownloadConfig) -> None:
         import_ray()  # img2dataset's ray distributor silently does nothing without Ray: say how to install it
 
 
-def read_manifest(path: Path) -> pa.Table:
-    """Manifest rows sorted by (pool_id, query_id): the order that fixes the shard split across reruns."""
-    if not path.exists():
-        raise InputError(f"{path}: transfer manifest not found; run `rakt curate ... --out {path.parent}` first")
-    table = pq.read_table(path)
-    if "pool_id" not in table.column_names:
-        raise InputError(f"{path}: no 'pool_id' column; is this a transfer manifest from `rakt curate`?")
+def url_rows(path: Path) -> pa.Table:
+    """Manifest rows sorted by (pool_id, query_id) (formats.read_manifest); a manifest without URLs is refused."""
+    table = read_manifest(path)
     if "url" not in table.column_names or table["url"].null_count == len(table):
         raise InputError(f"{path}: the manifest has no image URLs: it points at a local pool (shard+key or path); "
                          f"write it as shards with `rakt materialize {path.parent} --out DIR` instead")
-    order = [(c, "ascending") for c in ("pool_id", "query_id") if c in table.column_names]
-    return table.sort_by(order)  # a stable sort
+    return table
 
 
 def check_previous(out: Path, mhash: str, shard_size: int) -> set[int]:

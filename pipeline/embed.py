@@ -29,8 +29,8 @@ from pipeline.config import ConfigError, EmbedConfig, config_hash
 from pipeline.device import loader_workers, set_threads
 from pipeline.encoders import ImageEncoder, encoder_model_id, load_image_encoder
 from pipeline.engines import EngineOptions, get_engine, raise_if_failed
-from pipeline.io import (EMBEDDINGS_JSON, InputError, embedding_table, read_json, timed, write_json,
-                         write_parquet)
+from pipeline.formats import EMBEDDINGS_JSON, embedding_table
+from pipeline.io import InputError, read_json, timed, write_json, write_parquet
 from pipeline.progress import Progress
 from pipeline.sources import Partition, Sample, Source, count_hint, open_source
 

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError, EmbedConfig, EncoderConfig, EngineConfig, IndexBuildConfig, to_dict
 from pipeline.engines import Engine, EngineOptions, get_engine, raise_if_failed
 from pipeline.progress import Progress
-from pipeline.io import (EMBEDDINGS_JSON, InputError, atomic_path, embedding_matrix, json_hash, read_embedding_set,
-                         read_json, timed)
+from pipeline.formats import EMBEDDINGS_JSON, EMBEDDING_PARTS, embedding_matrix, read_embedding_set
+from pipeline.io import InputError, atomic_path, json_hash, read_json, timed
 
 if TYPE_CHECKING:
     import faiss
@@ -98,7 +98,7 @@ def _index_config_hash(cfg: IndexBuildConfig) -> str:
 
 def _embeddings_hash(emb_dir: Path, meta: dict) -> str:
     """embeddings.json (less its timestamp: embed rewrites it on every run) plus every part file's name and size."""
-    parts = [(p.name, p.stat().st_size) for p in sorted(emb_dir.glob("part-*.parquet"))]
+    parts = [(p.name, p.stat().st_size) for p in sorted(emb_dir.glob(EMBEDDING_PARTS))]
     return json_hash({"meta": {k: v for k, v in meta.items() if k != "created"}, "parts": parts})
 
 
@@ -146,7 +146,7 @@ def rows_per_task(empty_bytes: int, code_bytes: int) -> int:
 def add_tasks(emb_dir: Path, max_rows: int) -> list[AddTask]:
     """The embedding set's part files in id order, grouped into tasks of up to `max_rows` vectors (or one file)."""
     groups: list[tuple[list[str], int]] = []
-    for path in sorted(emb_dir.glob("part-*.parquet")):  # the order read_embedding_set gives ids in
+    for path in sorted(emb_dir.glob(EMBEDDING_PARTS)):  # the order read_embedding_set gives ids in
         rows = pq.read_metadata(path).num_rows
         if not groups or groups[-1][1] + rows > max_rows:
             groups.append(([], 0))

@@ -7,7 +7,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.io import EMBEDDINGS_JSON, InputError, read_json
+from pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, EMBEDDINGS_JSON, MANIFEST_JSON, MANIFEST_PARQUET,
+                              is_manifest_dir)
+from pipeline.io import InputError, read_json
 
 BAR = "▇"
 BAR_WIDTH = 40
@@ -17,17 +19,17 @@ UNLABELLED = "unlabelled"
 def inspect_text(path: str | Path) -> str:
     """Counts, per-class and per-query tables, a score histogram and removal counts, as text."""
     path = Path(path)
-    if (path / "manifest.parquet").exists():
+    if is_manifest_dir(path):
         return _manifest_text(path)
-    if (path / "candidates.parquet").exists():
+    if (path / CANDIDATES_PARQUET).exists():
         return _candidates_text(path)
     raise InputError(f"{path}: neither a transfer manifest (manifest.parquet) nor a candidates directory "
                      "(candidates.parquet); pass the --out directory of `rakt curate` or `rakt retrieve`")
 
 
 def _manifest_text(path: Path) -> str:
-    df = pq.read_table(path / "manifest.parquet").to_pandas()
-    meta = read_json(path / "manifest.json", "manifest metadata") if (path / "manifest.json").exists() else {}
+    df = pq.read_table(path / MANIFEST_PARQUET).to_pandas()
+    meta = read_json(path / MANIFEST_JSON, "manifest metadata") if (path / MANIFEST_JSON).exists() else {}
     counts = meta.get("counts", {})
     lines = [f"transfer manifest {path}",
              f"  images {len(df)}  unique pool ids {df['pool_id'].nunique()}  queries {counts.get('queries', '?')}"
@@ -47,8 +49,8 @@ def _manifest_text(path: Path) -> str:
 
 
 def _candidates_text(path: Path) -> str:
-    df = pq.read_table(path / "candidates.parquet").to_pandas()
-    meta = read_json(path / "candidates.json", "candidates metadata") if (path / "candidates.json").exists() else {}
+    df = pq.read_table(path / CANDIDATES_PARQUET).to_pandas()
+    meta = read_json(path / CANDIDATES_JSON, "candidates metadata") if (path / CANDIDATES_JSON).exists() else {}
     valid = df[df["pool_id"] >= 0]
     lines = [f"candidates {path}",
              f"  rows {len(df)}  valid {len(valid)}  unique pool ids {valid['pool_id'].nunique()}"

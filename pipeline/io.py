@@ -1,4 +1,7 @@
-"""Small I/O helpers shared by the stages: atomic writes, hashes, the embedding-set contract, the data kit."""
+"""Small I/O helpers shared by the stages: atomic writes, hashes, L2 normalization, the data kit.
+
+The data contracts (embedding set, candidates, manifest, ...) live in pipeline/formats.py.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,17 +13,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexes.base import atomic_path  # noqa: F401  (one helper for both packages)
+from indexes.helpers import atomic_path, json_hash, l2_normalize  # noqa: F401  (one definition for both packages)
 
 log = logging.getLogger("rakt")
-
-EMBEDDINGS_JSON = "embeddings.json"
-
 
 class InputError(ValueError):
     """Input rakt cannot use; the message names the file/row and what to do."""
@@ -62,56 +60,12 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def json_hash(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 @contextlib.contextmanager
 def timed(stage: str) -> Iterator[None]:
     """Log how long a stage took."""
     start = time.perf_counter()
     yield
     log.info("%s took %.1f s", stage, time.perf_counter() - start)
-
-
-# --- the embedding-set contract -------------------------------------------------------------------
-
-def embedding_table(ids, labels, splits, vectors: np.ndarray, extra: dict | None = None) -> pa.Table:
-    """One partition of an embedding set: id, label, split, embedding (+ locator columns in `extra`)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, dim = vectors.shape if vectors.ndim == 2 else (0, 0)
-    emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
-    cols = {
-        "id": pa.array([str(i) for i in ids], pa.string()),
-        "label": pa.array([None if lab is None or lab < 0 else int(lab) for lab in labels], pa.int64()),
-        "split": pa.array(list(splits), pa.string()),
-        "embedding": emb,
-    }
-    for name, values in (extra or {}).items():
-        cols[name] = pa.array(values)
-    return pa.table(cols)
-
-
-def read_embedding_set(path: str | Path, split: str | None = None,
-                       columns: list[str] | None = None) -> tuple[dict, pa.Table]:
-    """Read an embedding set directory: (embeddings.json metadata, table of all partitions in order)."""
-    path = Path(path)
-    meta = read_json(path / EMBEDDINGS_JSON, "embedding set metadata (embeddings.json); run `rakt embed` first")
-    parts = sorted(path.glob("part-*.parquet"))
-    if not parts:
-        raise InputError(f"{path}: no part-*.parquet files; the embedding set is empty or unfinished")
-    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
-    if split:
-        table = table.filter(pc.equal(table["split"], split))
-    return meta, table
-
-
-def embedding_matrix(table: pa.Table) -> np.ndarray:
-    """The `embedding` column as a float32 [n, dim] array."""
-    col = table["embedding"].combine_chunks()
-    if len(col) == 0:
-        return np.zeros((0, col.type.list_size), np.float32)
-    return col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), col.type.list_size)
 
 
 def check_index_model(model: str | None, index_model: str, index_label: str, what: str, fix: str,
@@ -136,3 +90,15 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
+
+
+_FORMATS_NAMES = ("EMBEDDINGS_JSON", "embedding_table", "read_embedding_set", "embedding_matrix")
+
+
+def __getattr__(name: str):
+    """The embedding-set names that lived here before pipeline/formats.py, still importable from here."""
+    if name in _FORMATS_NAMES:
+        from pipeline import formats
+
+        return getattr(formats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,18 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 from pipeline.config import ConfigError, MaterializeConfig, config_hash, to_dict
 from pipeline.progress import Progress
+from pipeline.formats import IMAGE_EXTS, MANIFEST_PARQUET, read_manifest
 from pipeline.io import InputError, atomic_path, file_hash, read_json, timed, write_json
 
 log = logging.getLogger("rakt.materialize")
 
-MANIFEST_PARQUET = "manifest.parquet"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TAR_MTIME = 946684800  # 2000-01-01: fixed member times make reruns byte-identical
 MAX_LOGGED = 20  # missing images logged one by one per shard; the rest only counted
 
@@ -45,7 +43,7 @@ def run(cfg: MaterializeConfig) -> dict:
     mpath = Path(cfg.manifest) / MANIFEST_PARQUET
     out = Path(cfg.out)
     with timed("materialize"):
-        rows = read_manifest(mpath)
+        rows = manifest_rows(mpath)
         mhash = file_hash(mpath)
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".shard-*.tmp-*"):
@@ -97,13 +95,9 @@ def run(cfg: MaterializeConfig) -> dict:
             "shards": n_shards}
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
+def manifest_rows(path: Path) -> pd.DataFrame:
     """Manifest rows sorted by pool_id, each with its sample key and locator kind ('shard', 'path' or None)."""
-    if not path.exists():
-        raise InputError(f"{path}: transfer manifest not found; run `rakt curate ... --out {path.parent}` first")
-    df = pq.read_table(path).to_pandas()
-    if "pool_id" not in df.columns:
-        raise InputError(f"{path}: no 'pool_id' column; is this a transfer manifest from `rakt curate`?")
+    df = read_manifest(path).to_pandas()
     has_shard = df["shard"].notna() & df["key"].notna() if {"shard", "key"} <= set(df.columns) else False
     has_path = df["path"].notna() if "path" in df.columns else False
     df["locator"] = np.where(has_shard, "shard", np.where(has_path, "path", None))
@@ -112,8 +106,6 @@ def read_manifest(path: Path) -> pd.DataFrame:
             raise InputError(f"{path}: the manifest locates its images by url only; materialize reads a local pool "
                              "(shard+key or path); fetch them with `rakt download` instead")
         raise InputError(f"{path}: no locator columns (shard+key or path) with values; rebuild the index with them")
-    df = df.sort_values(["pool_id", "query_id"] if "query_id" in df else ["pool_id"], kind="mergesort")
-    df = df.reset_index(drop=True)
     nth = df.groupby("pool_id", sort=False).cumcount().to_numpy()
     df["sample_key"] = [f"{p:010d}" if n == 0 else f"{p:010d}-{n}" for p, n in zip(df["pool_id"], nth)]
     return df

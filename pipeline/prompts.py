@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.io import InputError, check_index_model
-from pipeline.sources import read_classes
+from pipeline.formats import read_classes
+from pipeline.io import InputError, check_index_model, l2_normalize
 
 if TYPE_CHECKING:
     from pipeline.config import EncoderConfig, RetrieveConfig
@@ -103,8 +103,7 @@ def text_query_id(class_name: str, template_index: int | None = None) -> str:
 def class_vectors(per_prompt: np.ndarray) -> np.ndarray:
     """[classes, templates, dim] prompt embeddings -> [classes, dim] normalized means (zero-shot classifier)."""
     mean = per_prompt.mean(axis=1)
-    norms = np.linalg.norm(mean, axis=1, keepdims=True)
-    return (mean / np.where(norms > 0, norms, 1)).astype(np.float32)
+    return l2_normalize(mean, axis=1).astype(np.float32)
 
 
 def text_queries(encoder: TextEncoder, classes: list[str], templates: list[str],

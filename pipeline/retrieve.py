@@ -8,9 +8,7 @@ Writes `candidates.parquet` (query_id, query_label, rank, pool_id, score; one ro
 """
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,22 +19,20 @@ import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, RetrieveConfig, config_hash
 from pipeline.progress import Progress
-from pipeline.io import (EMBEDDINGS_JSON, InputError, check_index_model, embedding_matrix, json_hash, read_embedding_set, read_json,
-                         timed, write_json, write_parquet)
+from pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, CANDIDATES_SCHEMA, EMBEDDINGS_JSON, embedding_matrix,
+                              read_embedding_set)
+from pipeline.io import (InputError, check_index_model, json_hash, l2_normalize, read_json, timed, write_json,
+                         write_parquet)
 from pipeline.prompts import TextQueries, build_text_queries
 
 log = logging.getLogger("rakt")
 
-CANDIDATES_PARQUET = "candidates.parquet"
-CANDIDATES_JSON = "candidates.json"
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9_.+-]+):(.*)$", re.DOTALL)
-SCHEMA = pa.schema([("query_id", pa.string()), ("query_label", pa.int64()), ("rank", pa.int32()),
-                    ("pool_id", pa.int64()), ("score", pa.float32())])
+SCHEMA = CANDIDATES_SCHEMA
 
 
 def run(cfg: RetrieveConfig) -> dict:
     """Search the index with every query of the embedding set; write candidates.parquet + candidates.json."""
-    from indexes.registry import open_index
+    from indexes.registry import absolute_spec, open_index
 
     start = time.perf_counter()
     if not cfg.embeddings and cfg.query_mode != "text":
@@ -53,35 +49,28 @@ def run(cfg: RetrieveConfig) -> dict:
         meta, queries = _queries(emb_dir, cfg.query_split)
     index = open_index(cfg.index)
     _check_compatible(meta, index, emb_dir, cfg)
-    _set_backend(index, cfg.backend)  # after the checks: it may load the vectors onto a GPU
+    index.set_backend(cfg.backend)  # after the checks: it may load the vectors onto a GPU
     text = build_text_queries(cfg, meta, index) if cfg.query_mode != "image" else None
     queries, vectors = _query_set(queries, text)
     if index.metric == "ip":  # cosine: unit queries (a no-op for normalized embedding sets)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.where(norms > 0, norms, 1)
-    kwargs = {}
-    if cfg.nprobe > 0:
-        if "nprobe" in inspect.signature(index.search).parameters:
-            kwargs["nprobe"] = cfg.nprobe
-        else:
-            log.warning("retrieve: %s ignores --nprobe", type(index).__name__)
+        vectors = l2_normalize(vectors, axis=1)
     n = len(vectors)
     scores = np.empty((n, cfg.k), np.float32)
     ids = np.empty((n, cfg.k), np.int64)
     with timed("retrieve"), Progress(n, "retrieve", unit="query") as bar:
         for begin in range(0, n, cfg.batch_size):
-            s, i = index.search(vectors[begin:begin + cfg.batch_size], cfg.k, **kwargs)
+            s, i = index.search(vectors[begin:begin + cfg.batch_size], cfg.k, nprobe=cfg.nprobe or None)
             scores[begin:begin + len(s)], ids[begin:begin + len(s)] = s, i
             bar.update(len(s))
     table = _candidates(queries, scores, ids)
     out = Path(cfg.out)
     write_parquet(out / CANDIDATES_PARQUET, table)
     info = {
-        "index": _absolute_spec(cfg.index), "index_model": index.model,
+        "index": absolute_spec(cfg.index), "index_model": index.model,
         "embeddings": str(emb_dir.resolve()) if emb_dir else None,
         "embeddings_model": meta.get("model"), "query_split": cfg.query_split, "k": cfg.k, "n_queries": n,
         "n_candidates": table.num_rows, "config_hash": config_hash(cfg),
-        "inputs": {"embeddings_json_hash": json_hash(meta) if meta else None, "index_json_hash": _index_hash(index)},
+        "inputs": {"embeddings_json_hash": json_hash(meta) if meta else None, "index_json_hash": index.identity()},
         **_text_info(cfg, text, n),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -125,14 +114,6 @@ def _check_compatible(meta: dict, index, emb_dir: Path, cfg: RetrieveConfig) -> 
                          f"only {index.size} images; lower --k to at most {index.size}")
 
 
-def _set_backend(index, backend: str) -> None:
-    """Pass --backend to indexes that offer a choice (FaissIndex.set_backend); others search their own way."""
-    if hasattr(index, "set_backend"):
-        index.set_backend(backend)
-    elif backend != "auto":
-        log.debug("retrieve: %s has no search backends; --backend %s ignored", type(index).__name__, backend)
-
-
 def _query_set(images: pa.Table | None, text: TextQueries | None) -> tuple[pa.Table, np.ndarray]:
     """Image queries then text queries: a table of (id, label) and their vectors, row for row."""
     tables, vectors = [], []
@@ -167,21 +148,3 @@ def _candidates(queries: pa.Table, scores: np.ndarray, ids: np.ndarray) -> pa.Ta
         "pool_id": pa.array(ids[keep], pa.int64()),
         "score": pa.array(scores[keep].astype(np.float32), pa.float32()),
     }, schema=SCHEMA)
-
-
-def _absolute_spec(spec: str) -> str:
-    """The index spec with its path made absolute (plain paths and 'scheme:path' whose path exists)."""
-    if Path(spec).exists():
-        return str(Path(spec).resolve())
-    match = _SCHEME.match(spec)
-    if match and match.group(2) and Path(match.group(2)).exists():
-        return f"{match.group(1)}:{Path(match.group(2)).resolve()}"
-    return spec
-
-
-def _index_hash(index) -> str:
-    """json_hash of the index's index.json when it has one, else of its info()."""
-    path = getattr(index, "path", None)
-    if path is not None and (Path(path) / "index.json").exists():
-        return json_hash(read_json(Path(path) / "index.json", "index description"))
-    return json_hash(index.info())

@@ -21,12 +21,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from webdataset.tariterators import base_plus_ext
 
-from indexes.published import is_published
+from indexes.registry import has_scheme, is_index_spec
 from pipeline.config import ConfigError, SampleConfig, config_hash, to_dict
-from pipeline.curate import LOCATOR_COLUMNS, MANIFEST_JSON, MANIFEST_PARQUET, REMOVED_PARQUET, REMOVED_SCHEMA
-from pipeline.io import EMBEDDINGS_JSON, InputError, read_embedding_set, read_json, timed, write_json, write_parquet
-from pipeline.materialize import IMAGE_EXTS
-from pipeline.sources import _detect, _has_end_marker
+from pipeline.formats import (EMBEDDINGS_JSON, IMAGE_EXTS, LOCATOR_COLUMNS, MANIFEST_JSON, MANIFEST_PARQUET,
+                              REMOVED_PARQUET, REMOVED_SCHEMA, is_manifest_dir, manifest_size,
+                              read_embedding_set)
+from pipeline.io import InputError, read_json, timed, write_json, write_parquet
+from pipeline.shard_records import has_end_marker
+from pipeline.source_specs import detect_source
 
 log = logging.getLogger("rakt.sample")
 
@@ -101,14 +103,14 @@ def wanted(cfg: SampleConfig) -> int:
     path = Path(cfg.like) / MANIFEST_PARQUET
     if not path.exists():
         raise InputError(f"{path}: transfer manifest not found (--like); pass a `rakt curate` --out directory")
-    return pq.ParquetFile(path).metadata.num_rows
+    return manifest_size(path)
 
 
 def open_pool(specs: list[str]) -> Pool:
     """The pool of one index directory (or 'faiss:' spec), or of the image samples in WebDataset shards."""
     if not specs:
         raise InputError(f"rakt sample: no source given; pass {SOURCES}")
-    if any(s.startswith("faiss:") or (Path(s) / "index.json").exists() or is_published(Path(s)) for s in specs):
+    if any(is_index_spec(s) for s in specs):
         if len(specs) > 1:
             raise InputError(f"{', '.join(specs)}: an index directory must be the only source")
         return index_pool(specs[0])
@@ -116,7 +118,7 @@ def open_pool(specs: list[str]) -> Pool:
     for spec in specs:
         if "{" not in spec and not Path(spec).exists():
             raise InputError(f"{spec}: source not found; pass {SOURCES}")
-        kind, paths = _detect(spec)
+        kind, paths = detect_source(spec)
         if kind != "shards":
             raise InputError(f"{spec}: neither an index directory nor WebDataset shards; pass {SOURCES}")
         shards += paths
@@ -128,7 +130,7 @@ def index_pool(spec: str) -> Pool:
     from indexes.registry import open_index
 
     index = open_index(spec)
-    source = spec if spec.startswith("faiss:") else str(Path(spec).resolve())
+    source = spec if has_scheme(spec) else str(Path(spec).resolve())
     def ids() -> pa.ChunkedArray:
         return index.metadata(np.arange(index.size, dtype=np.int64), columns=["id"])["id"].cast(pa.string())
 
@@ -140,7 +142,7 @@ def shard_pool(specs: list[str], shards: list[str]) -> Pool:
     locs, unreadable = [], 0
     for shard in shards:
         try:
-            if not _has_end_marker(shard):
+            if not has_end_marker(shard):
                 raise tarfile.ReadError("no end-of-archive blocks (truncated?)")
             locs += [(shard, key) for key in list_image_keys(shard)]
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -175,7 +177,7 @@ def read_excluded(paths: list[str]) -> pa.Array:
         path = Path(spec)
         if (path / EMBEDDINGS_JSON).exists():
             ids.append(read_embedding_set(path, columns=["id"])[1]["id"])
-        elif (path / MANIFEST_PARQUET).exists():
+        elif is_manifest_dir(path):
             ids.append(pq.read_table(path / MANIFEST_PARQUET, columns=["id"])["id"])
         else:
             raise InputError(f"{path}: --exclude takes embedding sets (with {EMBEDDINGS_JSON}, from `rakt embed`) "

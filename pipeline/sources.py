@@ -12,32 +12,25 @@ source changes it only where a new image ranks among the N. Unlabelled samples a
 from __future__ import annotations
 
 import collections
-import gzip
 import hashlib
 import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-import braceexpand
 import pandas as pd
-from webdataset import tariterators
 
+from pipeline.formats import IMAGE_EXTS, classes_beside, is_image_name, read_classes  # noqa: F401  (re-exported)
 from pipeline.io import InputError
+from pipeline.shard_records import shard_records
+from pipeline.source_specs import ACCEPTED, detect_source
 
 log = logging.getLogger("rakt")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 LOCATOR_ORDER = ("shard", "key", "path", "url", "caption")
-ACCEPTED = ("accepted sources: an image folder (class subfolders), a CSV/parquet manifest with a 'path' "
-            "column, WebDataset shards (a .tar/.tar.gz/.tgz file, a brace pattern like "
-            "'shards-{000000..000009}.tar', or a folder of shards)")
 
 
 @dataclass
@@ -106,7 +99,7 @@ class Source:
         return Sample(entry.id, data, entry.label, entry.split, {"path": path, **entry.extra})
 
     def _read_shard(self, shard: str, stats: collections.Counter) -> Iterator[Sample]:
-        for record in _shard_records(shard, stats):
+        for record in shard_records(shard, stats):
             key = record["__key__"]
             if self.keep is not None and (shard, key) not in self.keep:
                 continue
@@ -148,55 +141,6 @@ def _json_split(record: dict, shard: str) -> str | None:
     return None if split is None else str(split)
 
 
-def _shard_records(shard: str, stats: collections.Counter,
-                   select_files: Callable[[str], bool] | None = None) -> Iterator[dict]:
-    """The samples of one shard via webdataset's tar iteration; a broken stream ends it with a counted skip.
-
-    Gzip shards are decompressed with `gzip` (it raises on a truncated stream, where tarfile's own stream
-    mode may stop silently); a plain tar must end in its end-of-archive blocks. After a break the last
-    sample may miss members: it is kept only if it has every member the shard's first sample had.
-    """
-    errors: list[Exception] = []
-
-    def stop(exn: Exception) -> bool:
-        errors.append(exn)
-        return False
-
-    complete = _has_end_marker(shard)
-    held, reference, count = None, None, 0
-    with (gzip.open if shard.endswith((".gz", ".tgz")) else open)(shard, "rb") as stream:
-        files = tariterators.tar_file_expander([{"url": shard, "stream": stream}], handler=stop,
-                                               select_files=select_files)
-        for record in tariterators.group_by_keys(files, handler=stop):
-            if held is not None:
-                yield held
-                count += 1
-            if reference is None:
-                reference = {k for k in record if not k.startswith("__")}
-            held = record
-    broken = bool(errors) or not complete
-    if held is not None and (not broken or (count > 0 and reference <= {k for k in held if k[:2] != "__"})):
-        yield held
-        count += 1
-    if broken:
-        why = str(errors[0].args[0] if errors[0].args else "") if errors else "no end-of-archive blocks"
-        stats["truncated_shard"] += 1
-        log.warning("%s: truncated or corrupt shard (%s); kept the %d samples before the break",
-                    shard, why.split(" @ ")[0] or type(errors[0]).__name__, count)
-
-
-def _has_end_marker(shard: str) -> bool:
-    """An uncompressed tar ends in zero blocks; gzip streams check their own length."""
-    if not shard.endswith(".tar"):
-        return True
-    size = os.path.getsize(shard)
-    if size % 512 or size < 1024:
-        return False
-    with open(shard, "rb") as f:
-        f.seek(size - 1024)
-        return f.read() == bytes(1024)
-
-
 def count_hint(source: "Source", partitions: list[Partition] | None = None, max_shards: int = 256) -> int | None:
     """How many samples the partitions hold, for progress lines: files counted, shards from their tar headers;
     None when there are more than `max_shards` shards to list (too slow to count up front)."""
@@ -229,10 +173,10 @@ def open_source(specs: list[str], *, classes_file: str = "", per_class: int = 0,
     if partition_size < 1:
         raise InputError(f"partition_size must be at least 1, got {partition_size}")
     classes = read_classes(Path(classes_file)) if classes_file else None
-    found = [(spec, *_detect(spec)) for spec in specs]
+    found = [(spec, *detect_source(spec)) for spec in specs]
     if not classes_file:
         for spec, kind, paths in found:
-            here = (_class_dirs(Path(paths[0])) or None) if kind == "folder" else _beside(paths[0])
+            here = (_class_dirs(Path(paths[0])) or None) if kind == "folder" else classes_beside(paths[0])
             classes = _merge_classes(classes, here, spec)
     entries: dict[str, _FileEntry] = {}
     columns: set[str] = set()
@@ -272,44 +216,6 @@ def open_source(specs: list[str], *, classes_file: str = "", per_class: int = 0,
                   [c for c in LOCATOR_ORDER if c in columns], used, keep)
 
 
-def _detect(spec: str) -> tuple[str, list[str]]:
-    """(kind, absolute files) of one spec: shards, manifest or folder."""
-    if re.search(r"\{[^{}]*\}", spec):
-        paths = [os.path.abspath(p) for p in braceexpand.braceexpand(spec)]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise InputError(f"{spec}: {len(missing)} of {len(paths)} shards not found (first: {missing[0]}); "
-                             f"{ACCEPTED}")
-        return "shards", paths
-    path = Path(spec)
-    if not path.exists():
-        raise InputError(f"source not found: {spec}; {ACCEPTED}")
-    if path.is_file() and spec.endswith(SHARD_SUFFIXES):
-        return "shards", [str(path.resolve())]
-    if path.is_file() and spec.lower().endswith(MANIFEST_SUFFIXES):
-        return "manifest", [str(path.resolve())]
-    if path.is_dir():
-        tars = sorted(str(p.resolve()) for p in path.iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
-        return ("shards", tars) if tars else ("folder", [str(path.resolve())])
-    raise InputError(f"source {spec}: not an image folder, manifest or shard; {ACCEPTED}")
-
-
-def _beside(path: str) -> list[str] | None:
-    txt = Path(path).parent / "classes.txt"
-    return read_classes(txt) if txt.is_file() else None
-
-
-def read_classes(path: Path) -> list[str]:
-    """Class names, one per line (blank lines skipped); an unreadable or empty file is an InputError."""
-    try:
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise InputError(f"classes file {path}: cannot read it ({e.strerror or e})") from None
-    if not names:
-        raise InputError(f"classes file {path}: empty; write one class name per line")
-    return names
-
-
 def _merge_classes(current: list[str] | None, new: list[str] | None, spec: str) -> list[str] | None:
     if current is None or new is None or current == new:
         return current if current is not None else new
@@ -328,15 +234,11 @@ def _add_entries(entries: dict[str, _FileEntry], new: dict[str, _FileEntry], spe
     return fresh
 
 
-def _is_image_name(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS if "." in name else False
-
-
 def _class_dirs(root: Path) -> list[str]:
     """Subfolders that hold images, sorted: their names are the classes of a folder source."""
     names = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not _is_image_name(d.name) and any(_is_image_name(f.name) for f in d.rglob("*")):
+        if not is_image_name(d.name) and any(is_image_name(f.name) for f in d.rglob("*")):
             names.append(d.name)
     return names
 
@@ -351,7 +253,7 @@ def _folder_entries(root: Path, subdirs: list[str], classes: list[str] | None) -
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        names = [n for n in filenames + [d for d in dirnames if _is_image_name(d)] if _is_image_name(n)]
+        names = [n for n in filenames + [d for d in dirnames if is_image_name(d)] if is_image_name(n)]
         found += [os.path.join(dirpath, n) for n in names]
     entries = {}
     for path in sorted(found, key=lambda p: Path(p).relative_to(root).as_posix()):
@@ -417,7 +319,7 @@ def _manifest_label(value, classes: list[str] | None, manifest: Path) -> tuple[i
 def _shard_labels(shard: str, classes: list[str] | None) -> list[tuple[str, int]]:
     """(key, label) of a shard's samples with a valid .cls, reading only the .cls members."""
     pairs = []
-    for record in _shard_records(shard, collections.Counter(), select_files=lambda f: f.endswith(".cls")):
+    for record in shard_records(shard, collections.Counter(), select_files=lambda f: f.endswith(".cls")):
         label = _parse_label(record["cls"], classes) if "cls" in record else None
         if label is not None:
             pairs.append((record["__key__"], label))

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from indexes.registry import list_index_schemes, open_index
 from pipeline.cli import main
-from pipeline.io import embedding_table
+from pipeline.formats import embedding_table
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "custom-index.md"
 

@@ -13,6 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
+from pipeline.formats import EMBEDDINGS_JSON, INDEX_JSON, MANIFEST_JSON, MANIFEST_PARQUET, REMOVED_PARQUET
 from pipeline.rundir import SET_ORDER, TRANSFER_SETS, Arm, method_order
 
 log = logging.getLogger("rakt.report")
@@ -109,18 +110,18 @@ def gather(run: Path) -> dict:
         if arm.get("accuracy") is None and arm["eval"]:
             arm["accuracy"] = arm["eval"].get("accuracy")
         ctx["arms"].append(arm)
-    emb = _json(run / "target" / "embeddings.json") or {}
+    emb = _json(run / "target" / EMBEDDINGS_JSON) or {}
     first_eval = next((a["eval"] for a in ctx["arms"] if a["eval"]), {}) or {}
     ctx["classes"] = list(res.get("classes") or emb.get("classes") or first_eval.get("classes") or [])
     for ts, tset in reversed(TRANSFER_SETS.items()):  # the retrieved set first
         mdir, sdir = tset.manifest, tset.shards
-        if (run / mdir / "manifest.parquet").exists():
-            df = pq.read_table(run / mdir / "manifest.parquet").to_pandas()
-            removed = run / mdir / "removed.parquet"
-            ctx["manifests"][ts] = {"df": df, "meta": _json(run / mdir / "manifest.json") or {},
+        if (run / mdir / MANIFEST_PARQUET).exists():
+            df = pq.read_table(run / mdir / MANIFEST_PARQUET).to_pandas()
+            removed = run / mdir / REMOVED_PARQUET
+            ctx["manifests"][ts] = {"df": df, "meta": _json(run / mdir / MANIFEST_JSON) or {},
                                     "removed": pq.read_table(removed).to_pandas() if removed.exists() else None,
                                     "shards": _json(run / sdir / "materialize.json")}
-    ctx["index"] = _json(run / "index" / "index.json") or {}
+    ctx["index"] = _json(run / "index" / INDEX_JSON) or {}
     return ctx
 
 

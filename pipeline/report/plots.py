@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.formats import IMAGE_EXTS
 from pipeline.io import atomic_path
 
 log = logging.getLogger("rakt.report")
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def _plt():
