@@ -90,15 +90,3 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
-
-
-_FORMATS_NAMES = ("EMBEDDINGS_JSON", "embedding_table", "read_embedding_set", "embedding_matrix")
-
-
-def __getattr__(name: str):
-    """The embedding-set names that lived here before pipeline/formats.py, still importable from here."""
-    if name in _FORMATS_NAMES:
-        from pipeline import formats
-
-        return getattr(formats, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,8 @@ from distill.teacher_model import build_teacher, save_teacher
 from pipeline.cli import main
 from pipeline.config import AdaptConfig, ConfigError, EncoderConfig
 from pipeline.encoders import encoder_model_id, load_text_encoder
-from pipeline.io import InputError, embedding_table, write_json, write_parquet
+from pipeline.formats import embedding_tableNone
+from pipeline.io import InputError, write_json, write_parquet
 
 TEACHER = "teachers/tf_efficientnet_lite0.in1k.safetensors"
 CLASSES = ["ant", "bee", "cat"]

@@ -15,7 +15,8 @@ from indexes.faiss_index import build_faiss_index
 from pipeline import cli
 from pipeline.config import CurateConfig, RetrieveConfig
 from pipeline.curate import run
-from pipeline.io import InputError, embedding_table, write_json, write_parquet
+from pipeline.formats import embedding_tableNone
+from pipeline.io import InputError, write_json, write_parquet
 from pipeline.retrieve import run as retrieve
 
 DIM = 32

@@ -26,7 +26,8 @@ from indexes.faiss_index import FaissIndex  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.config import ConfigError, EmbedConfig, from_dict  # noqa: E402
 from pipeline.engines import EngineOptions, RayEngine, connect_ray, get_engine  # noqa: E402
-from pipeline.io import InputError, embedding_matrix, embedding_table, read_embedding_set  # noqa: E402
+from pipeline.formats import embedding_matrix, embedding_table, read_embedding_set  # noqa: E402
+from pipeline.io import InputError
 
 
 @pytest.fixture(scope="module", autouse=True)

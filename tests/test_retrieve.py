@@ -12,7 +12,8 @@ import pytest
 
 from indexes.faiss_index import build_faiss_index
 from pipeline.cli import main
-from pipeline.io import embedding_table, json_hash
+from pipeline.formats import embedding_tableNone
+from pipeline.io import json_hash
 
 POOL, D, MODEL = 400, 16, "open_clip:test:random"
 
