@@ -322,7 +322,7 @@ def precision_check(args, device, root: Path) -> dict:
     from pipeline import embed
     from pipeline.config import from_dict
     from pipeline.stages import STAGES
-    from pipeline.formats import embedding_matrix, read_embedding_setNone
+    from pipeline.formats import embedding_matrix, read_embedding_set
 
     data = Path(args.data)
     pool = [str(data / "pool" / "pool-000000.tar.gz")]

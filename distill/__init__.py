@@ -1,1 +1,1 @@
-"""Teacher adaptation and student distillation (to come)."""
+"""Teacher adaptation, students, KD losses and one training loop: rakt adapt, distill, finetune, evaluate."""

@@ -199,11 +199,26 @@ def _draw_seed(cfg: DistillConfig | FinetuneConfig) -> int:
     return cfg.draw_seed if cfg.draw_seed >= 0 else cfg.seed
 
 
+# config type -> runner: `rakt distill` and `rakt finetune` share this module (pipeline.cli); a training stage
+# added here is one runner + one entry
+RUNNERS = {DistillConfig: run_distill, FinetuneConfig: run_finetune}
+
+
+def runner_for(cfg: object):
+    """The runner registered for cfg's config type (or the nearest base class that has one)."""
+    for kind in type(cfg).__mro__:
+        if kind in RUNNERS:
+            return RUNNERS[kind]
+    raise TypeError(f"no training runner for {type(cfg).__name__}; expected one of "
+                    f"{', '.join(k.__name__ for k in RUNNERS)}")
+
+
 def run(cfg: DistillConfig | FinetuneConfig) -> dict:
     """The stage runner for pipeline.cli: distill or finetune by the config's type (torchrun-aware)."""
+    runner = runner_for(cfg)
     owned = not torch.distributed.is_initialized()
     try:
-        return run_finetune(cfg) if isinstance(cfg, FinetuneConfig) else run_distill(cfg)
+        return runner(cfg)
     finally:
         if owned and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from indexes.base import atomic_path
+from pipeline.io import atomic_path
 from pipeline.io import InputError
 
 log = logging.getLogger("rakt")

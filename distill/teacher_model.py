@@ -30,7 +30,6 @@ from pipeline.io import InputError, atomic_path
 
 log = logging.getLogger("rakt")
 
-MODES = ("linear", "zeroshot", "reprogram", "finetune")
 ENCODER_KEYS = ("model", "pretrained", "image_size")
 FORMAT = "rakt-teacher/1"
 
@@ -97,16 +96,16 @@ class AdaptedTeacher(nn.Module):
 
     def __init__(self, backbone: nn.Module, encode: str, dim: int, num_classes: int, pixels: PixelPipeline,
                  *, mode: str, logit_scale: float = 1.0, prompt_size: int = 0, bias: bool = True,
-                 model_id: str = "") -> None:
+                 model_id: str = "", prompt: bool = False, trains_backbone: bool = False) -> None:
         super().__init__()
         self.backbone, self.encode, self.dim, self.pixels, self.mode = backbone, encode, dim, pixels, mode
         self.model_id = model_id  # the backbone's embedding-space id (pipeline.encoders.encoder_model_id)
         self.head = nn.Linear(dim, num_classes, bias=bias)
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
-        self.prompt = PaddingPrompt(pixels.crop, prompt_size) if mode == "reprogram" else None
+        self.prompt = PaddingPrompt(pixels.crop, prompt_size) if prompt else None
         self.register_buffer("mean", torch.tensor(pixels.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pixels.std).view(1, 3, 1, 1), persistent=False)
-        self.backbone_trainable = mode == "finetune"
+        self.backbone_trainable = trains_backbone
         self.backbone.requires_grad_(self.backbone_trainable)
         self.autocast_dtype: torch.dtype | None = None  # the backbone's autocast (--precision), set by build_teacher
         self.train(False)
@@ -163,13 +162,15 @@ def build_teacher(cfg: EncoderConfig, num_classes: int, mode: str, *, logit_scal
                   prompt_size: int = 0, bias: bool = True, encoder: ImageEncoder | None = None) -> AdaptedTeacher:
     """An AdaptedTeacher around the encoder `cfg` names (built once through pipeline.encoders, or the given
     `encoder` of that config), on its device."""
-    if mode not in MODES:
-        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    from distill.adapt_modes import get_mode  # the mode registry builds on this module
+
+    spec = get_mode(mode)
     encoder = encoder or load_image_encoder(encoder_config(cfg))
     is_timm = cfg.model.startswith(TIMM_PREFIX)
     teacher = AdaptedTeacher(encoder.model, "forward" if is_timm else "encode_image", encoder.dim, num_classes,
                              PixelPipeline.from_transform(encoder.preprocess), mode=mode,
-                             logit_scale=logit_scale, prompt_size=prompt_size, bias=bias, model_id=encoder.model_id)
+                             logit_scale=logit_scale, prompt_size=prompt_size, bias=bias, model_id=encoder.model_id,
+                             prompt=spec.prompt, trains_backbone=spec.trains_backbone)
     teacher.autocast_dtype = encoder.autocast_dtype
     return teacher.to(encoder.device)
 

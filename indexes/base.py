@@ -6,7 +6,6 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import pyarrow as pa
 
-from indexes.helpers import atomic_path  # noqa: F401  (its old home; faiss_build imports it from here)
 
 
 class IndexSpecError(ValueError):

@@ -10,9 +10,10 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.config import CurateConfig, config_hash, to_dict
-from pipeline.curate_filters import empty_removed, leakage_matches, load_eval_set, near_duplicates
-from pipeline.formats import (CANDIDATE_COLUMNS, CANDIDATES_JSON, CANDIDATES_PARQUET, LOCATOR_COLUMNS,  # noqa: F401
-                              MANIFEST_JSON, MANIFEST_PARQUET, REMOVED_PARQUET, REMOVED_SCHEMA, read_candidates)
+from pipeline.curate_filters import empty_removed, load_eval_set
+from pipeline.curate_rules import CurateContext, registered, rules
+from pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, LOCATOR_COLUMNS, MANIFEST_JSON, MANIFEST_PARQUET,
+                              REMOVED_PARQUET, REMOVED_SCHEMA, read_candidates)
 from pipeline.io import InputError, json_hash, read_json, timed, write_json, write_parquet
 from pipeline.prompts import TEXT_QUERY_PREFIX
 
@@ -44,26 +45,15 @@ def run(cfg: CurateConfig) -> dict:
         counts: dict = {"queries": len(queries), "image_queries": n_image, "text_queries": len(queries) - n_image}
         cands = cands[cands["pool_id"] >= 0]
         counts["candidates"] = len(cands)
-        low = cands["score"] < cfg.min_score
-        counts["below_min_score"] = int(low.sum())
-        cands = cands[~low]
-
         ev = load_eval_set(cfg.eval_embeddings, cfg.eval_split, cmeta.get("embeddings"), index.model, index.dim,
                            _model_of)
-        if not ev.enabled:
-            log.warning("leakage guard is OFF: %s", ev.reason)
-        pool_ids = np.unique(cands["pool_id"].to_numpy())
-        leaked = leakage_matches(index, pool_ids, ev, cfg.leakage_threshold)
-        counts["leakage_removed"] = len(leaked)
-        if len(pool_ids) and len(leaked) > len(pool_ids) // 2:
-            log.warning("the leakage guard removed %d of %d candidate pool images (cosine > %g to an eval image): "
-                        "a threshold too low for this embedding model? see %s", len(leaked), len(pool_ids),
-                        cfg.leakage_threshold, out / REMOVED_PARQUET)
-        cands = cands[~cands["pool_id"].isin(leaked["pool_id"])]
-
-        hits, near = select_filtered(cands, quotas, cfg, index)
+        ctx = CurateContext(cfg, index, ev, out / REMOVED_PARQUET)
+        cands, removed_parts = apply_candidate_rules(cands, ctx, counts)
+        hits, dropped = select_filtered(cands, quotas, ctx)
         images = summarize(hits, cfg.dedup)
-        counts["near_dup_removed"] = len(near)
+        for rule in registered("selected"):  # a rule that did not run counts 0
+            counts[rule.count] = sum(len(part) for part in dropped.get(rule.name, []))
+            removed_parts.extend(dropped.get(rule.name, []))
         counts["dedup_merged"] = int((~hits["took"]).sum()) if len(hits) else 0
         counts["selected"] = len(images)
         counts["empty_slots"] = int(quotas.sum()) - len(images)
@@ -75,8 +65,7 @@ def run(cfg: CurateConfig) -> dict:
                         counts["empty_slots"], int(quotas.sum()), fetched, max(2 * int(fetched or 1), k + 1))
 
         manifest = attach_metadata(images, index)
-        removed = pd.concat([leaked, near], ignore_index=True) if len(near) else leaked
-        removed = add_pool_names(removed, index)
+        removed = add_pool_names(concat_removed(removed_parts), index)
         write_parquet(out / REMOVED_PARQUET,
                       pa.Table.from_pandas(removed, schema=REMOVED_SCHEMA, preserve_index=False))
         write_parquet(out / MANIFEST_PARQUET, manifest)
@@ -193,29 +182,60 @@ def select(cands: pd.DataFrame, quotas: pd.Series, dedup: bool) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def select_filtered(cands: pd.DataFrame, quotas: pd.Series, cfg: CurateConfig, index) -> tuple[pd.DataFrame,
-                                                                                             pd.DataFrame]:
-    """Select, drop near duplicates, reselect without them (refilling from deeper ranks), a few rounds."""
-    near = empty_removed()
+def apply_candidate_rules(cands: pd.DataFrame, ctx: CurateContext, counts: dict) -> tuple[pd.DataFrame, list]:
+    """The "candidates" rules in registry order: the rows kept, and their removed.parquet rows (counts set)."""
+    removed = []
+    for rule in registered("candidates"):
+        if not rule.when(ctx.cfg):
+            counts[rule.count] = 0
+            continue
+        res = rule.fn(cands, ctx)
+        cands = res.kept
+        counts[rule.count] = len(res.removed) if res.count is None else int(res.count)
+        removed.append(res.removed)
+    return cands, removed
+
+
+def select_filtered(cands: pd.DataFrame, quotas: pd.Series, ctx: CurateContext) -> tuple[pd.DataFrame, dict]:
+    """Select, drop what the "selected" rules reject, reselect without it (refilling from deeper ranks), a few
+    rounds; returns the hits and, per rule name, its removed.parquet frames (one per round that dropped)."""
+    cfg, index = ctx.cfg, ctx.index
+    active = rules("selected", cfg)
+    dropped: dict[str, list] = {rule.name: [] for rule in active}
     hits = select(cands, quotas, cfg.dedup)
-    if cfg.near_dup <= 0:
-        return hits, near
+    if not active:
+        return hits, dropped
     for rnd in range(NEAR_DUP_ROUNDS):
         images = summarize(hits, dedup=True)
         images["id"] = index.metadata(images["pool_id"].to_numpy(np.int64))["id"].to_pylist() if len(images) else []
-        dropped = near_duplicates(index, images, cfg.near_dup)
-        if dropped.empty:
+        this_round = []
+        for rule in active:
+            res = rule.fn(images, ctx)
+            if len(res.removed):
+                log.info("%s round %d: %d of %d images dropped", rule.label, rnd + 1, len(res.removed), len(images))
+                dropped[rule.name].append(res.removed)
+                this_round.append((rule, res.removed))
+            images = res.kept
+        if not this_round:
             break
-        log.info("near-dup round %d: %d of %d images dropped", rnd + 1, len(dropped), len(images))
-        near = pd.concat([near, dropped], ignore_index=True)
-        hits = hits[~hits["pool_id"].isin(dropped["pool_id"])]
+        gone = np.concatenate([frame["pool_id"].to_numpy(np.int64) for _, frame in this_round])
+        hits = hits[~hits["pool_id"].isin(gone)]
         if rnd == NEAR_DUP_ROUNDS - 1:
-            log.warning("near-dup filter still dropped %d images in round %d (the last); their slots stay empty",
-                        len(dropped), rnd + 1)
+            for rule, frame in this_round:
+                log.warning("%s filter still dropped %d images in round %d (the last); their slots stay empty",
+                            rule.label, len(frame), rnd + 1)
         else:
-            cands = cands[~cands["pool_id"].isin(near["pool_id"])]
+            cands = cands[~cands["pool_id"].isin(gone)]
             hits = select(cands, quotas, cfg.dedup)
-    return hits, near
+    return hits, dropped
+
+
+def concat_removed(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """The rules' removed.parquet rows, in rule order."""
+    parts = [part for part in parts if len(part)]
+    if not parts:
+        return empty_removed()
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 def summarize(hits: pd.DataFrame, dedup: bool) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from distill.teacher_model import build_teacher, save_teacher
 from pipeline.cli import main
 from pipeline.config import AdaptConfig, ConfigError, EncoderConfig
 from pipeline.encoders import encoder_model_id, load_text_encoder
-from pipeline.formats import embedding_tableNone
+from pipeline.formats import embedding_table
 from pipeline.io import InputError, write_json, write_parquet
 
 TEACHER = "teachers/tf_efficientnet_lite0.in1k.safetensors"
@@ -229,3 +229,18 @@ def test_linear_embeds_train_images_when_no_embedding_set(tiny_clip, make_folder
                               per_class=4, eval=[str(root)], out=str(tmp_path / "t.pt")))
     assert summary["train_count"] == 12 and summary["eval_count"] == 15 and summary["fit"]["holdout_rows"] == 3
     assert read_teacher_meta(tmp_path / "t.pt")["classes"] == CLASSES
+
+
+def test_adapt_modes_registry_is_the_list_of_modes():
+    import dataclasses
+
+    from distill.adapt_modes import ADAPT_MODES, get_mode
+    from pipeline.config import AdaptConfig
+
+    field = {f.name: f for f in dataclasses.fields(AdaptConfig)}["mode"]
+    assert field.metadata["choices"] == tuple(ADAPT_MODES)  # pipeline/config.py cannot import distill: kept equal here
+    for mode in ADAPT_MODES.values():
+        assert f"{mode.name}: {mode.help}" in field.metadata["help"]
+    assert [m.name for m in ADAPT_MODES.values() if m.inputs == "images"] == ["reprogram", "finetune"]
+    with pytest.raises(InputError, match="mode must be one of linear, zeroshot, reprogram, finetune"):
+        get_mode("lora")

@@ -15,7 +15,7 @@ from indexes.faiss_index import build_faiss_index
 from pipeline import cli
 from pipeline.config import CurateConfig, RetrieveConfig
 from pipeline.curate import run
-from pipeline.formats import embedding_tableNone
+from pipeline.formats import embedding_table
 from pipeline.io import InputError, write_json, write_parquet
 from pipeline.retrieve import run as retrieve
 
@@ -228,3 +228,32 @@ def test_running_out_of_candidates_warns_and_counts_empty_slots(tmp_path, caplog
         df, meta = curate(cands, tmp_path / "m", budget=100, per_query_k=8)
     assert len(df) == 15 and meta["counts"]["empty_slots"] == 9
     assert "9 of 24 slots stay empty" in caplog.text and "--k" in caplog.text
+
+
+def test_a_registered_rule_is_applied_counted_and_audited(tmp_path, monkeypatch):
+    from pipeline import curate_rules
+    from pipeline.curate_rules import RuleResult, register, removed_rows, without
+
+    monkeypatch.setattr(curate_rules, "RULES", dict(curate_rules.RULES))  # the test's rule stays in the test
+
+    @register("odd_pool_ids", phase="candidates", count="odd_removed")
+    def odd_pool_ids(cands, ctx):
+        odd = np.unique(cands.loc[cands["pool_id"] % 2 == 1, "pool_id"].to_numpy())
+        gone = removed_rows(odd, "odd_pool_id")
+        return RuleResult(without(cands, gone), gone)
+
+    assert list(curate_rules.RULES)[-1] == "odd_pool_ids"
+    world = World(seed=8)
+    for i in range(3):
+        world.query(f"q{i}", i, i)
+    cands = world.build(tmp_path, k=30)
+    retrieved = set(pq.read_table(cands / "candidates.parquet")["pool_id"].to_pylist())
+    df, meta = curate(cands, tmp_path / "m", budget=3 * 6)
+    assert len(df) == 15 and (df["pool_id"] % 2 == 0).all()
+    odd = sorted(p for p in retrieved if p % 2)
+    assert meta["counts"]["odd_removed"] == len(odd) > 0
+    removed = pq.read_table(tmp_path / "m" / "removed.parquet").to_pandas()
+    assert removed["reason"].tolist() == ["odd_pool_id"] * len(odd) and removed["pool_id"].tolist() == odd
+    assert removed["id"].tolist() == [f"pool_{p:05d}" for p in odd] and removed["matched_id"].isna().all()
+    with pytest.raises(ValueError, match="already registered"):
+        register("odd_pool_ids", phase="candidates", count="x")(odd_pool_ids)

@@ -20,7 +20,7 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, EmbedConfig
 from pipeline.embed import EmbedWorkerBuilder
 from pipeline.engines import LocalEngine, TasksFailedError, get_engine, raise_if_failed
-from pipeline.formats import embedding_matrix, read_embedding_setNone
+from pipeline.formats import embedding_matrix, read_embedding_set
 from pipeline.sources import open_source
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import pytest
 from conftest import image_array, write_folder
 from indexes.faiss_index import FaissIndex
 from pipeline.cli import main
-from pipeline.formats import embedding_matrix, embedding_table, read_embedding_setNone
+from pipeline.formats import embedding_matrix, embedding_table, read_embedding_set
 
 ROOT = Path(__file__).resolve().parents[1]
 

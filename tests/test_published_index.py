@@ -16,7 +16,7 @@ from indexes.base import Index, IndexSpecError
 from indexes.faiss_index import FaissIndex, prepare_ivfpq
 from indexes.registry import open_index
 from pipeline.cli import main
-from pipeline.formats import embedding_tableNone
+from pipeline.formats import embedding_table
 
 N, D, NLIST, NPROBE = 3000, 32, 16, 4
 PART_SIZES = (1000, 1200, 800)  # the FAISS parts

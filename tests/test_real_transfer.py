@@ -29,7 +29,7 @@ from distill.students import create_student, save_student
 from pipeline import embed
 from distill.config import DistillConfig, EvaluateConfig, FinetuneConfig
 from pipeline.config import AdaptConfig, EmbedConfig
-from pipeline.formats import read_embedding_setNone
+from pipeline.formats import read_embedding_set
 
 CIFAR = KIT / "target" / "cifar10"
 LABELLED_SHARD = CIFAR / "cifar10-train-000000.tar.gz"  # the few-shot draw (10 per class) comes from here

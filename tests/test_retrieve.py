@@ -12,7 +12,7 @@ import pytest
 
 from indexes.faiss_index import build_faiss_index
 from pipeline.cli import main
-from pipeline.formats import embedding_tableNone
+from pipeline.formats import embedding_table
 from pipeline.io import json_hash
 
 POOL, D, MODEL = 400, 16, "open_clip:test:random"

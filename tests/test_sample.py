@@ -14,7 +14,7 @@ from conftest import image_array, jpeg_bytes, write_shard
 from indexes.faiss_index import build_faiss_index
 from pipeline import cli
 from pipeline.config import ConfigError, MaterializeConfig, SampleConfig
-from pipeline.formats import embedding_tableNone
+from pipeline.formats import embedding_table
 from pipeline.io import InputError, write_json, write_parquet
 from pipeline.materialize import run as materialize
 from pipeline.sample import run

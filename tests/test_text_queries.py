@@ -16,7 +16,7 @@ from pipeline.config import CurateConfig, EncoderConfig, RetrieveConfig
 from pipeline.curate import plan_quotas
 from pipeline.curate import run as curate
 from pipeline.encoders import encoder_model_id, load_image_encoder, load_text_encoder
-from pipeline.formats import embedding_tableNone
+from pipeline.formats import embedding_table
 from pipeline.io import InputError
 from pipeline.prompts import DEFAULT_TEMPLATES, load_classes, load_templates, prompt, text_queries
 from pipeline.retrieve import run as retrieve

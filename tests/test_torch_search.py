@@ -20,7 +20,7 @@ from indexes.faiss_index import FaissIndex, build_faiss_index, recall_at
 from indexes.registry import register_index
 from indexes.torch_search import TorchExactSearch
 from pipeline.cli import main
-from pipeline.formats import embedding_tableNone
+from pipeline.formats import embedding_table
 
 D, N = 32, 5003  # N is no multiple of the block sizes used below
 MODEL = "test:torch-search"
