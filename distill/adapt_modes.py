@@ -2,9 +2,8 @@
 help text). ADAPT_MODES is the only list of modes; distill/teacher.py runs the chosen one, and
 distill/teacher_model.py builds the teacher's shape (prompt? trainable backbone?) from its entry.
 
-Adding a mode = one fit function `fit(cfg) -> Fitted` + `@register(...)` in this file + a test, plus the name
-in pipeline/config.py AdaptConfig.mode choices (pipeline does not import distill; tests/test_adapt.py checks
-that both lists agree).
+Adding a mode = one fit function `fit(cfg) -> Fitted` + `@register(...)` in this file + a test; the config's
+choices (distill/config.py AdaptConfig.mode) are this registry's names.
 """
 from __future__ import annotations
 
@@ -17,7 +16,8 @@ import torch
 from distill.teacher_data import Labelled, load_embeddings, load_images
 from distill.teacher_fit import fit_images, fit_linear, zeroshot_weights
 from distill.teacher_model import AdaptedTeacher, build_teacher, encoder_config
-from pipeline.config import AdaptConfig, ConfigError
+from distill.config import AdaptConfig
+from pipeline.config import ConfigError
 from pipeline.encoders import encoder_model_id, load_image_encoder, load_text_encoder, require_text_tower
 from pipeline.io import InputError
 from pipeline.prompts import load_classes, load_templates

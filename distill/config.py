@@ -1,11 +1,12 @@
-"""Typed configs of the training stages: `rakt distill`, `rakt finetune`, `rakt evaluate` and the fresh student
-of the labelled-only arm (`init`). Bound to CLI flags and YAML like every stage config (pipeline/config.py)."""
+"""Typed configs of this package's stages: `rakt adapt`, `rakt distill`, `rakt finetune`, `rakt evaluate` and the
+fresh student of the labelled-only arm (`init`). Bound to CLI flags and YAML like every stage config
+(pipeline/config.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from distill.kd_modes import KD_MODES, modes_help
-from pipeline.config import PRECISION_HELP, PRECISIONS, option
+from pipeline.config import PRECISION_HELP, PRECISIONS, EncoderConfig, RegisteredNames, option
 
 AUGMENTS = ("none", "shift", "crop")
 
@@ -13,9 +14,9 @@ AUGMENTS = ("none", "shift", "crop")
 @dataclass
 class EvaluateConfig:
     source: list[str] = option([], "labelled target test images: image folder (class subfolders), CSV/parquet "
-                               "manifest (path,label) or WebDataset shards with .cls", positional=True)
+                                   "manifest (path,label) or WebDataset shards with .cls", positional=True)
     checkpoint: str = option("", "student checkpoint file (from the trainer / distill.students.save_student), or "
-                             "bare weights with --model")
+                                 "bare weights with --model")
     model: str = option("", "timm model name when --checkpoint holds bare weights ('' = read it from the checkpoint)")
     small_input: bool = option(False, "with --model: the student uses the 32-px (CIFAR-style) ResNet stem")
     classes: str = option("", "classes.txt (one name per line) naming label indices; default: found beside the source")
@@ -25,6 +26,30 @@ class EvaluateConfig:
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
     threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)")
     out: str = option("", "output report JSON (accuracy, per-class accuracy, confusion matrix)")
+
+
+@dataclass
+class AdaptConfig(EncoderConfig):
+    """`rakt adapt`: fit the teacher to the target task (distill/teacher.py); batch_size also sets training batches."""
+    mode: str = option("linear", "how the teacher is fitted to the task (distill/adapt_modes.py and the README "
+                                 "describe each mode)", choices=RegisteredNames("distill.adapt_modes:ADAPT_MODES"))
+    train: list[str] = option([], "labelled target images (folder, manifest or shards, as for `rakt embed`)")
+    embeddings: str = option("", "linear: the train embedding set from `rakt embed` with the same model (reused, "
+                                 "not recomputed)")
+    eval: list[str] = option([], "test images (source specs) and/or, for linear/zeroshot, an eval embedding set")
+    eval_split: str = option("", "rows/samples of this split in --eval ('' = all)")
+    split: str = option("", "train rows/samples of this split ('' = all)")
+    per_class: int = option(0, "few-shot: keep N training images per class (draw with --seed); 0 keeps all")
+    seed: int = option(0, "seed of the few-shot draw, the holdout split and training")
+    classes: str = option("", "classes.txt (one name per line); default: recorded with the source / embedding set")
+    templates: str = option("default", "zeroshot prompt templates: 'default' or a file, one template with '{}' a line")
+    epochs: int = option(10, "reprogram/finetune: passes over the training images")
+    lr: float = option(0.0, "learning rate of head and prompt (0 = the mode's default, 0.01)")
+    backbone_lr: float = option(0.01, "finetune: backbone learning rate as a fraction of lr")
+    weight_decay: float = option(-1.0, "L2 penalty; -1 = linear: chosen on the holdout split, others: 0")
+    prompt_size: int = option(30, "reprogram: width in px of the learnable border around the downscaled image")
+    holdout: float = option(0.2, "linear: fraction of train held out to choose the weight decay (never the test set)")
+    out: str = option("", "teacher checkpoint path (e.g. teacher.pt); the report goes to OUT.json")
 
 
 @dataclass
@@ -38,15 +63,15 @@ class TrainConfig:
     clip: float = option(1.0, "max gradient norm (0 = no clipping)")
     ema: float = option(0.0, "EMA decay of the saved student (e.g. 0.999; 0 = off)")
     augment: str = option("crop", "training views: crop (flip + random resized crop) | shift (flip + translation up "
-                              "to 1/8 of the side) | none", choices=AUGMENTS)
+                                  "to 1/8 of the side) | none", choices=AUGMENTS)
     crop_scale: float = option(0.6, "crop: smallest area fraction of a random resized crop")
     device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
     threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use); images are decoded once "
-                          "and augmented in batches, so training needs no DataLoader workers")
+                              "and augmented in batches, so training needs no DataLoader workers")
     seed: int = option(0, "seed of initialisation, shuffling, augmentation and the few-shot draw")
     draw_seed: int = option(-1, "seed of the few-shot draw of labelled target images (-1 = --seed); fix it to keep "
-                            "the teacher's labelled images across training seeds")
+                                "the teacher's labelled images across training seeds")
     checkpoint_every: int = option(100, "write OUT/checkpoint.pt every N steps (and at the end)")
     resume: bool = option(True, "continue from OUT/checkpoint.pt when it exists")
     compile: bool = option(False, "torch.compile the training module")
@@ -57,7 +82,7 @@ class TrainConfig:
 class DistillConfig(TrainConfig):
     """`rakt distill`: the adapted teacher -> a timm student on the transfer shards."""
     transfer: list[str] = option([], "transfer-set WebDataset shards (files, brace patterns or a folder)",
-                             positional=True)
+                                 positional=True)
     teacher: str = option("", "adapted teacher checkpoint (from `rakt adapt`)")
     student: str = option("resnet18", "timm model name of the student")
     small_input: bool = option(False, "CIFAR-style 32-px stem (timm ResNets)")
@@ -65,19 +90,20 @@ class DistillConfig(TrainConfig):
     mode: str = option("task", modes_help(), choices=KD_MODES)
     temperature: float = option(4.0, "KD temperature")
     target: list[str] = option([], "optional labelled target images to distill on too (see --target-mix)")
-    target_mix: str = option("transfer", "transfer: the target images join the transfer set (KD only, once per epoch) | "
-                                     "step: --target-batch-size of them join every step, with hard-label CE weighted "
-                                     "--hard-weight (measured worse: docs/results.md)", choices=("transfer", "step"))
+    target_mix: str = option("transfer", "transfer: the target images join the transfer set (KD only, once per "
+                                         "epoch) | step: --target-batch-size of them join every step, with "
+                                         "hard-label CE weighted --hard-weight (measured worse: docs/results.md)",
+                             choices=("transfer", "step"))
     target_per_class: int = option(0, "few-shot draw of N target images per class (0 = all)")
     hard_weight: float = option(1.0, "target-mix step: weight of the hard-label CE on target images")
     target_batch_size: int = option(0, "target-mix step: labelled target images joined to each step (0 = --batch-size)")
     classes: str = option("", "classes.txt of the target task (default: recorded with the target images)")
     cache_teacher: bool = option(False, "compute teacher outputs once (beside the decoded shards, in teacher-cache/) "
-                                    "instead of running the teacher every step; see --teacher-view")
+                                        "instead of running the teacher every step; see --teacher-view")
     teacher_view: str = option("same", "with --cache-teacher: same (the student trains on --cache-views fixed views, "
-                                   "epoch e on view e mod V, with the teacher's outputs on that view) | clean (the "
-                                   "teacher's outputs on the whole image; the student gets fresh views each epoch)",
-                           choices=("same", "clean"))
+                                       "epoch e on view e mod V, with the teacher's outputs on that view) | clean (the "
+                                       "teacher's outputs on the whole image; the student gets fresh views each epoch)",
+                               choices=("same", "clean"))
     cache_views: int = option(4, "augmented views per image in the teacher cache (teacher-view same)")
     cache_seed: int = option(-1, "seed of the cached views (-1 = --seed); fix it to share one cache across seeds")
 

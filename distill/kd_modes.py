@@ -5,7 +5,8 @@ A mode weighs the loss terms of distill/losses.py at each training step: "kd" (K
 so the config and the CLI read the names without loading torch.
 
 To add a mode: one `KD_MODES` entry here (its weights at a step, whether it learns the classifier from the
-teacher's logits, its help and report texts) plus its test; a new loss term is also computed in losses.py (`DistillTask.forward`).
+teacher's logits, its help and report texts) plus its test; a new loss term is also computed in losses.py
+(`DistillTask.forward`).
 """
 from __future__ import annotations
 

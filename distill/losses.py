@@ -100,8 +100,9 @@ class DistillTask(nn.Module):
 
     `mode` names a distill.kd_modes entry, which weighs the terms "kd" (student logits vs teacher logits) and
     "feature" (projected student features vs teacher features) at each step. In every mode, labels (>= 0) add
-    hard_weight * ce. The teacher is held outside the module tree (so `parameters()`/`state_dict()` are the student's and the projector's only), frozen and kept in eval
-    mode; move it to the device yourself. teacher may be None when every batch brings `teacher_out`.
+    hard_weight * ce. The teacher is held outside the module tree (so `parameters()`/`state_dict()` are the
+    student's and the projector's only), frozen and kept in eval mode; move it to the device yourself. teacher may
+    be None when every batch brings `teacher_out`.
     """
 
     def __init__(self, student: nn.Module, teacher: Callable[[torch.Tensor], Any] | None = None, *,

@@ -30,7 +30,8 @@ from distill.adapt_modes import AdaptMode, get_mode
 from distill.teacher_data import accuracy_report, is_embedding_set, load_embeddings, load_images
 from distill.teacher_fit import image_logits
 from distill.teacher_model import AdaptedTeacher, build_teacher, load_teacher, read_teacher_meta, save_teacher
-from pipeline.config import AdaptConfig, ConfigError, config_hash, to_dict
+from distill.config import AdaptConfig
+from pipeline.config import ConfigError, config_hash, to_dict
 from pipeline.device import set_threads
 from pipeline.io import InputError, timed, write_json
 

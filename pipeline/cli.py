@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 
-from pipeline.config import ConfigError, from_dict, load_yaml
+from pipeline.config import ConfigError, RegisteredNames, from_dict, load_yaml
 from indexes.base import IndexSpecError
 from pipeline.io import InputError, setup_logging
 from pipeline.stages import STAGES
@@ -20,8 +20,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if "default" not in text:
             text += f" (default: {default!r})"
         kw = {"help": text, "default": argparse.SUPPRESS}
-        if f.metadata.get("choices"):
+        if f.metadata.get("choices") is not None:
             kw["choices"] = f.metadata["choices"]
+            if isinstance(kw["choices"], RegisteredNames):  # listed when the help is shown, not when rakt starts
+                kw["metavar"] = f.name.upper()
+                kw["help"] += "; one of: %(choices)s"
         if isinstance(default, list):
             kw["nargs"] = "*" if f.metadata.get("positional") else "+"
         elif isinstance(default, bool):

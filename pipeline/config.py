@@ -5,9 +5,10 @@ import dataclasses
 import difflib
 import json
 import hashlib
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, Iterator
 
 import yaml
 
@@ -19,6 +20,27 @@ class ConfigError(ValueError):
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_HELP = ("auto (bf16 autocast on a GPU and on CPUs with native bf16: avx512_bf16/AMX; else fp32) | fp32 | "
                   "bf16 | fp16 (GPU); stored outputs stay float32")
+
+
+class RegisteredNames(Collection[str]):
+    """The names of a registry ("module:NAME", a dict) read when first needed: a config offers them as choices
+    without loading the registry's module (and torch) when the CLI starts."""
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+
+    def _names(self) -> Collection[str]:
+        module, _, attr = self.ref.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
 
 
 def option(default: Any, help: str, positional: bool = False, choices: Collection[str] | None = None):
@@ -33,13 +55,13 @@ def option(default: Any, help: str, positional: bool = False, choices: Collectio
 class EncoderConfig:
     model: str = option("ViT-B-32", "open_clip model name (e.g. ViT-B-32), or 'timm:NAME' for a timm model")
     pretrained: str = option(
-        "laion2b_s34b_b79k",
-        "open_clip pretrained tag, a local checkpoint file (.pt/.bin/.safetensors), or '' for random init",
-    )
+            "laion2b_s34b_b79k",
+            "open_clip pretrained tag, a local checkpoint file (.pt/.bin/.safetensors), or '' for random init",
+        )
     image_size: int = option(0, "encoder input resolution in px (0 = the model's own); part of the embedding-model id")
     batch_size: int = option(256, "images per forward pass")
     workers: int = option(-1, "DataLoader worker processes for decoding (0 = in process; -1 = auto: none on a CPU "
-                          "device with <= 4 cores, whose cores the model's threads use, up to 8 for a GPU)")
+                              "device with <= 4 cores, whose cores the model's threads use, up to 8 for a GPU)")
     threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
@@ -49,16 +71,16 @@ class EncoderConfig:
 class EngineConfig:
     """Where a stage's partitions run (pipeline/engines.py); the same flags on every stage that has them."""
     engine: str = option("local", "local (in this process) | ray (Ray Data actors on a Ray cluster; pip install "
-                              "'rakt[ray]')", choices=("local", "ray"))
+                                  "'rakt[ray]')", choices=("local", "ray"))
     ray_address: str = option("", "with --engine ray: '' = start (or join this process's) local Ray, 'auto' = the "
-                              "cluster this node belongs to, or ray://HOST:10001")
+                                  "cluster this node belongs to, or ray://HOST:10001")
 
 
 @dataclass
 class EmbedConfig(EngineConfig, EncoderConfig):
     source: list[str] = option([], "image folder (class subfolders), CSV/parquet manifest (path,label), or "
-                               "WebDataset shards (files, brace patterns or a folder of .tar/.tar.gz)",
-                           positional=True)
+                                   "WebDataset shards (files, brace patterns or a folder of .tar/.tar.gz)",
+                               positional=True)
     out: str = option("", "output embedding set directory")
     split: str = option("", "split name for every row (default: the sample's own 'split' field, else 'train')")
     per_class: int = option(0, "keep N images per class (few-shot draw with --seed); 0 keeps all")
@@ -70,7 +92,7 @@ class EmbedConfig(EngineConfig, EncoderConfig):
 @dataclass
 class IndexBuildConfig(EngineConfig, EncoderConfig):
     source: list[str] = option([], "pool images (folder, manifest or shards) or an existing embedding set directory",
-                           positional=True)
+                               positional=True)
     out: str = option("", "output index directory")
     kind: str = option("auto", "auto | flat | ivfpq | a faiss index_factory string (e.g. 'IVF1024,PQ32')")
     memory_budget: str = option("4G", "RAM the index may use, e.g. 500M, 16G; decides flat vs IVF-PQ with kind=auto")
@@ -93,19 +115,19 @@ class RetrieveConfig:
     nprobe: int = option(0, "IVF lists to visit (0 = the index's default)")
     force: bool = option(False, "query even if the embedding model differs from the index's")
     backend: str = option("auto", "search backend for FAISS indexes: auto (faiss-gpu, else torch exact search on CUDA "
-                              "for flat indexes, else faiss CPU) | faiss | torch (exact, flat only; CPU too)",
-                      choices=("auto", "faiss", "torch"))
+                                  "for flat indexes, else faiss CPU) | faiss | torch (exact, flat only; CPU too)",
+                          choices=("auto", "faiss", "torch"))
     query_mode: str = option("image", "image: the embedding set's images | text: class-name prompts (open_clip text "
-                                  "tower) | both: images and prompts together", choices=("image", "text", "both"))
+                                      "tower) | both: images and prompts together", choices=("image", "text", "both"))
     classes: str = option("", "classes file for text queries, one name per line (default: the classes recorded in "
-                          "the embedding set)")
+                              "the embedding set)")
     templates: str = option("default", "prompt templates for text queries: 'default' or a file, one template with "
-                                   "'{}' per line")
+                                       "'{}' per line")
     text_queries: str = option("class", "class: one query per class (normalized mean of its prompts) | prompt: one "
-                                    "query per class x template", choices=("class", "prompt"))
+                                        "query per class x template", choices=("class", "prompt"))
     model: str = option("", "open_clip model for text queries (default: model_name recorded in the embedding set)")
     pretrained: str = option("", "its pretrained tag or checkpoint (default: the embedding set's, when --model is "
-                             "not given; '' with --model = random init)")
+                                 "not given; '' with --model = random init)")
 
 
 @dataclass
@@ -115,12 +137,12 @@ class CurateConfig:
     budget: int = option(10000, "transfer-set size N, counting the query images (paper rule: k = N/queries - 1)")
     per_query_k: int = option(0, "pool images per query; 0 = the paper's fixed-budget rule")
     balance: str = option("query", "query: every query gets k | class: every class gets an equal share",
-                      choices=("query", "class"))
+                          choices=("query", "class"))
     dedup: bool = option(True, "an image retrieved by several queries counts once (best score, all query ids)")
     near_dup: float = option(0.0, "drop images whose cosine to a better-scored kept image exceeds this (0 = off)")
     min_score: float = option(-1.0, "drop candidates scoring below this")
     eval_embeddings: str = option("", "embedding set of the target test/eval images for the leakage guard "
-                                  "(default: rows of --eval-split in the query embedding set)")
+                                      "(default: rows of --eval-split in the query embedding set)")
     eval_split: str = option("test", "split of the query embedding set used by the leakage guard")
     leakage_threshold: float = option(0.95, "drop pool images whose cosine to any eval image exceeds this")
     index: str = option("", "index spec (default: the one recorded by retrieve)")
@@ -130,12 +152,12 @@ class CurateConfig:
 class SampleConfig:
     """`rakt sample`: a uniform random transfer manifest (the paper's random-pool and target-unlabelled baselines)."""
     source: list[str] = option([], "index directory (sample its pool metadata) or WebDataset shards (files, brace "
-                               "patterns or a folder) to sample from", positional=True)
+                                   "patterns or a folder) to sample from", positional=True)
     out: str = option("", "output transfer-manifest directory (same layout as `rakt curate`'s)")
     n: int = option(0, "images to draw (0 = as many as --like's manifest holds)")
     like: str = option("", "a transfer-manifest directory whose row count sets n (same-size baselines)")
     exclude: list[str] = option([], "embedding sets (or manifests) whose image ids are never drawn, e.g. the "
-                                "labelled target images")
+                                    "labelled target images")
     seed: int = option(0, "seed of the draw")
 
 
@@ -154,7 +176,7 @@ class DownloadConfig(EngineConfig):
     out: str = option("", "output WebDataset shard directory (img2dataset layout: 00000.tar, 00000_stats.json, ...)")
     image_size: int = option(256, "output image size in px")
     resize_mode: str = option("border", "border | keep_ratio | center_crop | no (img2dataset's resize modes)",
-                          choices=("border", "keep_ratio", "center_crop", "no"))
+                              choices=("border", "keep_ratio", "center_crop", "no"))
     encode_format: str = option("jpg", "jpg | png | webp", choices=("jpg", "png", "webp"))
     encode_quality: int = option(95, "jpg/webp quality 0-100 (png: compression 0-9)")
     processes: int = option(0, "download processes (0 = one per CPU core)")
@@ -163,7 +185,7 @@ class DownloadConfig(EngineConfig):
     retries: int = option(0, "extra attempts per failed URL")
     shard_size: int = option(10000, "samples (manifest rows) per output shard")
     max_image_area: int = option(89_478_485, "refuse images with more pixels than this, before decoding them "
-                                         "(decompression bombs); 0 = no limit")
+                                             "(decompression bombs); 0 = no limit")
     allow_private: bool = option(False, "fetch URLs whose host resolves to a private/loopback/link-local address")
     allow_network: list[str] = option([], "CIDRs exempted from the address guard, e.g. 127.0.0.0/8 10.0.0.0/8")
 
@@ -176,32 +198,6 @@ class LabelledConfig:
     per_class: int = option(0, "few-shot draw of N images per class (0 = all)")
     seed: int = option(0, "seed of the few-shot draw")
     out: str = option("", "output folder: labelled-000000.tar and classes.txt")
-
-
-@dataclass
-class AdaptConfig(EncoderConfig):
-    """`rakt adapt`: fit the teacher to the target task (distill/teacher.py); batch_size also sets training batches."""
-    mode: str = option("linear", "linear: logistic-regression probe on frozen embeddings | zeroshot: open_clip text "
-                             "head from class names x templates | reprogram: frozen backbone + learned padding "
-                             "visual prompt + linear output mapping (TDMR) | finetune: backbone + linear head",
-                   choices=("linear", "zeroshot", "reprogram", "finetune"))
-    train: list[str] = option([], "labelled target images (folder, manifest or shards, as for `rakt embed`)")
-    embeddings: str = option("", "linear: the train embedding set from `rakt embed` with the same model (reused, "
-                             "not recomputed)")
-    eval: list[str] = option([], "test images (source specs) and/or, for linear/zeroshot, an eval embedding set")
-    eval_split: str = option("", "rows/samples of this split in --eval ('' = all)")
-    split: str = option("", "train rows/samples of this split ('' = all)")
-    per_class: int = option(0, "few-shot: keep N training images per class (draw with --seed); 0 keeps all")
-    seed: int = option(0, "seed of the few-shot draw, the holdout split and training")
-    classes: str = option("", "classes.txt (one name per line); default: recorded with the source / embedding set")
-    templates: str = option("default", "zeroshot prompt templates: 'default' or a file, one template with '{}' a line")
-    epochs: int = option(10, "reprogram/finetune: passes over the training images")
-    lr: float = option(0.0, "learning rate of head and prompt (0 = the mode's default, 0.01)")
-    backbone_lr: float = option(0.01, "finetune: backbone learning rate as a fraction of lr")
-    weight_decay: float = option(-1.0, "L2 penalty; -1 = linear: chosen on the holdout split, others: 0")
-    prompt_size: int = option(30, "reprogram: width in px of the learnable border around the downscaled image")
-    holdout: float = option(0.2, "linear: fraction of train held out to choose the weight decay (never the test set)")
-    out: str = option("", "teacher checkpoint path (e.g. teacher.pt); the report goes to OUT.json")
 
 
 def from_dict(cls: type, values: dict, where: str = "config") -> Any:
@@ -243,7 +239,7 @@ def validate(cfg: Any, where: str = "config") -> None:
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
-        if choices and value not in choices:
+        if choices is not None and value not in choices:
             raise ConfigError(f"{where}: '{f.name}' must be one of {', '.join(choices)}, got {value!r}")
     if hasattr(cfg, "out") and not cfg.out:
         raise ConfigError(f"{where}: 'out' is required (where to write the result)")

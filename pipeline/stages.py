@@ -59,7 +59,7 @@ STAGES: dict[str, Stage] = {
                          "write a transfer manifest over a local pool into WebDataset shards"),
     "download": Stage("pipeline.config:DownloadConfig", "pipeline.download",
                       "download a transfer manifest's URLs into WebDataset shards (img2dataset)"),
-    "adapt": Stage("pipeline.config:AdaptConfig", "distill.teacher",
+    "adapt": Stage("distill.config:AdaptConfig", "distill.teacher",
                    "adapt the teacher to the target task: linear probe, zero-shot head, reprogram, finetune"),
     "init": Stage("distill.config:InitConfig", "distill.init",
                   "a randomly initialised student checkpoint (the labelled-only arm)"),

@@ -27,8 +27,8 @@ from conftest import KIT, write_shard
 from distill import distill_stage, evaluate, teacher
 from distill.students import create_student, save_student
 from pipeline import embed
-from distill.config import DistillConfig, EvaluateConfig, FinetuneConfig
-from pipeline.config import AdaptConfig, EmbedConfig
+from distill.config import AdaptConfig, DistillConfig, EvaluateConfig, FinetuneConfig
+from pipeline.config import EmbedConfig
 from pipeline.formats import read_embedding_set
 
 CIFAR = KIT / "target" / "cifar10"
