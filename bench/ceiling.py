@@ -189,11 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from distill import distill_stage, evaluate
+    from distill import distill, evaluate, finetune
     from distill.bank import open_bank
     from distill.data import ViewSpec
     from distill.students import create_student
-    from distill.teacher_model import PixelPipeline, build_teacher, save_teacher
+    from distill.teacher.model import PixelPipeline, build_teacher, save_teacher
     from distill.trainer_cache import build_cache
     from pipeline.config import EncoderConfig, from_dict
     from pipeline.stages import STAGES
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. distill: one epoch of `rakt distill` from the teacher cache
     common = {"device": str(device), "checkpoint_every": 0, "resume": False, "seed": 0}
-    summary = distill_stage.run(from_dict(STAGES["distill"].config, {
+    summary = distill.run(from_dict(STAGES["distill"].config, {
         **common, "transfer": transfer, "teacher": str(teacher_path), "student": args.student,
         "image_size": args.student_size, "epochs": 1, "batch_size": args.batch_size, "cache_teacher": True,
         "cache_views": 1, "out": str(root / "distill")}))
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     student_ceiling = rows[-1]
 
     # 3b. distill with the online teacher (no cache): student step + teacher forward on the same views
-    summary = distill_stage.run(from_dict(STAGES["distill"].config, {
+    summary = distill.run(from_dict(STAGES["distill"].config, {
         **common, "transfer": transfer, "teacher": str(teacher_path), "student": args.student,
         "image_size": args.student_size, "epochs": 1, "batch_size": args.batch_size, "cache_teacher": False,
         "out": str(root / "distill-online")}))
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. finetune: `rakt finetune` on the labelled images
     epochs = 4 if args.tiny else 40
-    summary = distill_stage.run(from_dict(STAGES["finetune"].config, {
+    summary = finetune.run(from_dict(STAGES["finetune"].config, {
         **common, "student": str(root / "distill" / "student.pt"), "target": labelled, "epochs": epochs,
         "batch_size": args.finetune_batch_size, "out": str(root / "finetune")}))
     report("finetune", f"{args.student} @{args.student_size}px, batch {args.finetune_batch_size}, CE",
@@ -318,7 +318,7 @@ def precision_check(args, device, root: Path) -> dict:
     """recall@10 of bf16 retrieval against fp32, and the adapted teacher's test accuracy, bf16 vs fp32."""
     import numpy as np
 
-    from distill import teacher as adapt
+    from distill.teacher import adapt
     from pipeline import embed
     from pipeline.config import from_dict
     from pipeline.stages import STAGES

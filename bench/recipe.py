@@ -59,7 +59,8 @@ def transfer_set(run: Path, cfg: dict, budget: int, settings: str = "") -> str:
     """The run's transfer shards, or those of a set curated at `budget` (and `settings`) from the run's candidates."""
     if not budget:
         return str(run / "shards")
-    from pipeline import curate, materialize
+    from pipeline import materialize
+    from pipeline.curate import curate
     from pipeline.config import from_dict
     from pipeline.stages import STAGES
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    from distill import distill_stage, evaluate
+    from distill import distill, evaluate, finetune
     from pipeline.config import from_dict
     from pipeline.stages import STAGES
     from pipeline.device import device_name
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         dcfg["out"] = str(out / "distill")
         dcfg["resume"] = False
         start = time.perf_counter()
-        summary = distill_stage.run(from_dict(STAGES["distill"].config, dcfg))
+        summary = distill.run(from_dict(STAGES["distill"].config, dcfg))
         seconds = time.perf_counter() - start
         score = lambda ckpt, where: evaluate.run(from_dict(STAGES["evaluate"].config, {  # noqa: E731
             "source": test, "checkpoint": ckpt, "out": str(out / where)}))["accuracy"]
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.finetune:
             fcfg = {**(cfg.get("finetune") or {}), "student": summary["student"], "target": [labelled],
                     "seed": args.seed, "out": str(out / "finetune"), "resume": False}
-            ft = distill_stage.run(from_dict(STAGES["finetune"].config, fcfg))
+            ft = finetune.run(from_dict(STAGES["finetune"].config, fcfg))
             row["val_finetuned"] = score(ft["student"], "eval-finetune.json")
         with open(run / "recipe.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

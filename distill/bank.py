@@ -128,7 +128,7 @@ def open_bank(specs: list[str], size: int, *, classes_file: str = "", per_class:
 
 def bank_from_tensors(images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None,
                       keys: list[str] | None = None) -> ImageBank:
-    """A bank of uint8 images already in memory (e.g. distill.teacher_data.load_images)."""
+    """A bank of uint8 images already in memory (e.g. distill.teacher.data.load_images)."""
     keys = keys or [f"{i:06d}" for i in range(len(labels))]
     return ImageBank(images.contiguous(), list(keys), labels.long(), classes)
 

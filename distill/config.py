@@ -30,9 +30,9 @@ class EvaluateConfig:
 
 @dataclass
 class AdaptConfig(EncoderConfig):
-    """`rakt adapt`: fit the teacher to the target task (distill/teacher.py); batch_size also sets training batches."""
-    mode: str = option("linear", "how the teacher is fitted to the task (distill/adapt_modes.py and the README "
-                                 "describe each mode)", choices=RegisteredNames("distill.adapt_modes:ADAPT_MODES"))
+    """`rakt adapt`: fit the teacher to the target task (distill/teacher/adapt.py); batch_size also sets training batches."""
+    mode: str = option("linear", "how the teacher is fitted to the task (distill/teacher/modes.py and the README "
+                                 "describe each mode)", choices=RegisteredNames("distill.teacher.modes:ADAPT_MODES"))
     train: list[str] = option([], "labelled target images (folder, manifest or shards, as for `rakt embed`)")
     embeddings: str = option("", "linear: the train embedding set from `rakt embed` with the same model (reused, "
                                  "not recomputed)")

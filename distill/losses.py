@@ -77,7 +77,7 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, kind: s
 def teacher_outputs(teacher: Callable[[torch.Tensor], Any], images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run a frozen teacher without grad and return {"logits", "features"} (what it provides).
 
-    A teacher with `features(x)` and `logits_from_features(f)` (distill.teacher_model.AdaptedTeacher) gives
+    A teacher with `features(x)` and `logits_from_features(f)` (distill.teacher.model.AdaptedTeacher) gives
     both from one backbone pass; any other callable may return logits, (logits, features) or such a dict.
     """
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """The stage registry: every stage's name, config class, module and one-line help, read by the CLI (`rakt NAME`)
-and by `rakt run` (its steps). A stage's function (default `run`) takes its config and returns the summary that
+and by `rakt run` (its steps). A stage module's `run(cfg) -> dict` takes its config and returns the summary that
 the CLI prints and `rakt run` records.
 
 Config classes and modules are named as strings and loaded when used, as entry points are: the packages depend
@@ -21,14 +21,13 @@ class Stage:
     config_name: str  # "module:Class" of the config dataclass (its fields: the CLI flags, the run config's section)
     module: str       # the module that runs the stage (imported when it runs)
     help: str         # one line for `rakt --help`
-    function: str = "run"
 
     @property
     def config(self) -> type:
         return _load(self.config_name)
 
     def runner(self) -> Callable[[Any], dict]:
-        return getattr(importlib.import_module(self.module), self.function)
+        return importlib.import_module(self.module).run
 
 
 def _load(name: str) -> Any:
@@ -46,27 +45,27 @@ STAGES: dict[str, Stage] = {
                       "write the few-shot draw of labelled target images as one WebDataset shard"),
     "embed": Stage("pipeline.config:EmbedConfig", "pipeline.embed",
                    "embed images with an open_clip (or timm) image encoder into an embedding set"),
-    "index": Stage("pipeline.config:IndexBuildConfig", "pipeline.index_build",
+    "index": Stage("pipeline.config:IndexBuildConfig", "pipeline.index",
                    "build a FAISS index directory from a pool of images or embeddings"),
     "retrieve": Stage("pipeline.config:RetrieveConfig", "pipeline.retrieve",
                       "query an index with a target embedding set: top-k neighbours per query"),
-    "curate": Stage("pipeline.config:CurateConfig", "pipeline.curate",
+    "curate": Stage("pipeline.config:CurateConfig", "pipeline.curate.curate",
                     "turn candidates into a transfer manifest under a budget"),
     "sample": Stage("pipeline.config:SampleConfig", "pipeline.sample",
                     "draw a uniform random transfer manifest from an index's pool or from shards (random-pool and "
                     "target-unlabelled baselines)"),
     "materialize": Stage("pipeline.config:MaterializeConfig", "pipeline.materialize",
                          "write a transfer manifest over a local pool into WebDataset shards"),
-    "download": Stage("pipeline.config:DownloadConfig", "pipeline.download",
+    "download": Stage("pipeline.config:DownloadConfig", "pipeline.download.download",
                       "download a transfer manifest's URLs into WebDataset shards (img2dataset)"),
-    "adapt": Stage("distill.config:AdaptConfig", "distill.teacher",
+    "adapt": Stage("distill.config:AdaptConfig", "distill.teacher.adapt",
                    "adapt the teacher to the target task: linear probe, zero-shot head, reprogram, finetune"),
     "init": Stage("distill.config:InitConfig", "distill.init",
                   "a randomly initialised student checkpoint (the labelled-only arm)"),
-    "distill": Stage("distill.config:DistillConfig", "distill.distill_stage",
-                     "distill the adapted teacher into a small timm student on the transfer set", "run_distill"),
-    "finetune": Stage("distill.config:FinetuneConfig", "distill.distill_stage",
-                      "finetune a distilled student on the labelled target images", "run_finetune"),
+    "distill": Stage("distill.config:DistillConfig", "distill.distill",
+                     "distill the adapted teacher into a small timm student on the transfer set"),
+    "finetune": Stage("distill.config:FinetuneConfig", "distill.finetune",
+                      "finetune a distilled student on the labelled target images"),
     "evaluate": Stage("distill.config:EvaluateConfig", "distill.evaluate",
                       "accuracy, per-class accuracy and confusion matrix of a student on labelled target test images"),
 }

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill.teacher import load_teacher, read_teacher_meta, run
-from distill.teacher_data import load_images
-from distill.teacher_fit import fit_images
-from distill.teacher_model import build_teacher, save_teacher
+from distill.teacher.adapt import load_teacher, read_teacher_meta, run
+from distill.teacher.data import load_images
+from distill.teacher.fit import fit_images
+from distill.teacher.model import build_teacher, save_teacher
 from pipeline.cli import main
 from distill.config import AdaptConfig
 from pipeline.config import ConfigError, EncoderConfig
@@ -235,7 +235,7 @@ def test_linear_embeds_train_images_when_no_embedding_set(tiny_clip, make_folder
 def test_adapt_modes_registry_is_the_list_of_modes():
     import dataclasses
 
-    from distill.adapt_modes import ADAPT_MODES, get_mode
+    from distill.teacher.modes import ADAPT_MODES, get_mode
     from distill.config import AdaptConfig
 
     field = {f.name: f for f in dataclasses.fields(AdaptConfig)}["mode"]

@@ -31,9 +31,9 @@ from PIL import Image
 from conftest import image_array, jpeg_bytes
 from pipeline.cli import main
 from pipeline.config import DownloadConfig
-from pipeline import download_proxy
-from pipeline.download_guard import AddressGuard
-from pipeline.download_report import failure_cause
+from pipeline.download import proxy as download_proxy
+from pipeline.download.guard import AddressGuard
+from pipeline.download.report import failure_cause
 
 if importlib.util.find_spec("img2dataset") is None:  # the `download` and `test` extras install it
     pytest.skip("img2dataset is not installed", allow_module_level=True)
@@ -475,7 +475,7 @@ def test_stray_json_in_out_is_refused_before_img2dataset_sees_it(tmp_path, capsy
 
 
 def test_worker_environment_is_restored(monkeypatch):
-    from pipeline.download import worker_environment
+    from pipeline.download.download import worker_environment
     monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS", raising=False)
     before = signal.getsignal(signal.SIGINT)
     with worker_environment(1234):

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402  (part of the test extra: a missing Ray fails this module, it is not skipped)
 
-import pipeline.index_build as index_build  # noqa: E402
+import pipeline.index as index_build  # noqa: E402
 from conftest import image_array, write_folder  # noqa: E402
 from indexes.faiss_index import FaissIndex  # noqa: E402
 from pipeline.cli import main  # noqa: E402

@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from conftest import KIT, write_shard
-from distill import distill_stage, evaluate, teacher
+from distill import distill, evaluate, finetune
+from distill.teacher import adapt as teacher
 from distill.students import create_student, save_student
 from pipeline import embed
 from distill.config import AdaptConfig, DistillConfig, EvaluateConfig, FinetuneConfig
@@ -116,13 +117,13 @@ def test_distilling_the_adapted_teacher_beats_training_on_the_labelled_images_al
 
     # 4. distill on the unlabelled transfer set (teacher outputs cached once), then finetune on the labelled images
     loop = dict(batch_size=64, device="cpu", seed=SEED, checkpoint_every=0)
-    summary = distill_stage.run(DistillConfig(
+    summary = distill.run(DistillConfig(
         transfer=[str(tmp_path / "transfer")], teacher=str(tmp_path / "teacher.pt"), student=STUDENT,
         image_size=STUDENT_SIZE, mode="task", temperature=2.0, epochs=8, lr=3e-3, cache_teacher=True,
         cache_views=1, out=str(tmp_path / "distill"), **loop))
     assert summary["transfer_samples"] == TRANSFER and summary["teacher_cache"]
     lap("distill")
-    distill_stage.run(FinetuneConfig(student=str(tmp_path / "distill" / "student.pt"), target=[str(labelled)],
+    finetune.run(FinetuneConfig(student=str(tmp_path / "distill" / "student.pt"), target=[str(labelled)],
                                      epochs=10, lr=1e-4, out=str(tmp_path / "finetune"), **loop))
     lap("finetune")
 
@@ -130,7 +131,7 @@ def test_distilling_the_adapted_teacher_beats_training_on_the_labelled_images_al
     #    larger learning rate than the finetune; its accuracy is flat from about 60 epochs on)
     torch.manual_seed(SEED)
     save_student(tmp_path / "init.pt", create_student(STUDENT, 10, image_size=STUDENT_SIZE))
-    distill_stage.run(FinetuneConfig(student=str(tmp_path / "init.pt"), target=[str(labelled)], epochs=60, lr=1e-3,
+    finetune.run(FinetuneConfig(student=str(tmp_path / "init.pt"), target=[str(labelled)], epochs=60, lr=1e-3,
                                      out=str(tmp_path / "baseline"), **loop))
     lap("baseline")
 

@@ -19,7 +19,7 @@ import yaml
 from conftest import image_array, jpeg_bytes, write_shard
 from pipeline import cli
 from pipeline.config import ConfigError
-from distill.teacher_data import load_images
+from distill.teacher.data import load_images
 from pipeline.run import KILL_BEFORE_RECORD, execute, load_run_config, status
 
 CLASSES = ["ant", "bee", "cat", "dog"]

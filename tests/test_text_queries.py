@@ -13,8 +13,8 @@ import torch
 from indexes.faiss_index import build_faiss_index
 from pipeline.cli import main
 from pipeline.config import CurateConfig, EncoderConfig, RetrieveConfig
-from pipeline.curate import plan_quotas
-from pipeline.curate import run as curate
+from pipeline.curate.curate import plan_quotas
+from pipeline.curate.curate import run as curate
 from pipeline.encoders import encoder_model_id, load_image_encoder, load_text_encoder
 from pipeline.formats import embedding_table
 from pipeline.io import InputError

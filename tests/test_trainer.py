@@ -19,9 +19,10 @@ import torch
 from conftest import image_array, jpeg_bytes, write_shard
 from distill.bank import open_bank
 from distill.data import ViewSpec, bank_batches
-from distill.distill_stage import run_distill, run_finetune
+from distill.distill import run as run_distill
+from distill.finetune import run as run_finetune
 from distill.students import load_student
-from distill.teacher_model import build_teacher, save_teacher
+from distill.teacher.model import build_teacher, save_teacher
 from distill.config import DistillConfig, FinetuneConfig
 from pipeline.config import EncoderConfig
 from pipeline.io import InputError
@@ -211,7 +212,7 @@ def test_teacher_cache_equals_fresh_teacher_outputs(world, tmp_path, one_torch_t
 
     import numpy as np
 
-    from distill.teacher_model import load_teacher
+    from distill.teacher.model import load_teacher
     from distill.trainer_cache import CACHE_DIR, cache_views, teacher_input
 
     shards = tmp_path / "shards"

@@ -6,10 +6,10 @@ img2dataset read), and `download_report.json` (written last). Sample keys are im
 (`shard * 10**digits + row`); each sample's `KEY.json` carries rakt's ids (`pool_id`, `id`, `query_id`,
 `query_ids`, ...), so every image traces back to its pool image and queries.
 
-Rows the address guard refuses (see `pipeline.download_guard`) keep their place in the shard split, but their
+Rows the address guard refuses (see `pipeline.download.guard`) keep their place in the shard split, but their
 url is replaced by `rakt-refused:CAUSE:URL`, a scheme urllib has no handler for: img2dataset fails them at
 once and no connection is made. The rows it lets through are fetched through rakt's filtering proxy
-(`pipeline.download_proxy`), which checks every request again -- each redirect hop, with a fresh resolution --
+(`pipeline.download.proxy`), which checks every request again -- each redirect hop, with a fresh resolution --
 and connects only to the address it checked; its refusals count as failures under the guard's cause.
 """
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Iterator
 import pyarrow as pa
 
 from pipeline.config import ConfigError, DownloadConfig, config_hash, to_dict
-from pipeline.download_guard import AddressGuard, parse_networks
-from pipeline.download_proxy import filtering_proxy, proxy_environment
+from pipeline.download.guard import AddressGuard, parse_networks
+from pipeline.download.proxy import filtering_proxy, proxy_environment
 from pipeline.engines import connect_ray, import_ray
-from pipeline.download_report import OOM_SHARD_COUNT, REPORT_JSON, build_report, log_summary
+from pipeline.download.report import OOM_SHARD_COUNT, REPORT_JSON, build_report, log_summary
 from pipeline.formats import MANIFEST_PARQUET, read_manifest
 from pipeline.io import InputError, file_hash, read_json, timed, write_json, write_parquet
 

@@ -162,7 +162,7 @@ def build_teacher(cfg: EncoderConfig, num_classes: int, mode: str, *, logit_scal
                   prompt_size: int = 0, bias: bool = True, encoder: ImageEncoder | None = None) -> AdaptedTeacher:
     """An AdaptedTeacher around the encoder `cfg` names (built once through pipeline.encoders, or the given
     `encoder` of that config), on its device."""
-    from distill.adapt_modes import get_mode  # the mode registry builds on this module
+    from distill.teacher.modes import get_mode  # the mode registry builds on this module
 
     spec = get_mode(mode)
     encoder = encoder or load_image_encoder(encoder_config(cfg))

@@ -10,8 +10,8 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.config import CurateConfig, config_hash, to_dict
-from pipeline.curate_filters import empty_removed, load_eval_set
-from pipeline.curate_rules import CurateContext, registered, rules
+from pipeline.curate.filters import empty_removed, load_eval_set
+from pipeline.curate.rules import CurateContext, registered, rules
 from pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, LOCATOR_COLUMNS, MANIFEST_JSON, MANIFEST_PARQUET,
                               REMOVED_PARQUET, REMOVED_SCHEMA, read_candidates)
 from pipeline.io import InputError, json_hash, read_json, timed, write_json, write_parquet

@@ -1,5 +1,5 @@
 """`rakt adapt`: adapt the teacher (a vision foundation model) to the target task, step 1 of task-oriented
-knowledge transfer. Modes (registered in distill/adapt_modes.py):
+knowledge transfer. Modes (registered in distill/teacher/modes.py):
 
   linear     logistic regression on frozen L2-normalized embeddings (full-batch LBFGS; the weight decay is
              chosen on a held-out fraction of train), fit on a `rakt embed` embedding set of the same model
@@ -11,7 +11,7 @@ knowledge transfer. Modes (registered in distill/adapt_modes.py):
 reprogram and finetune start their head from a linear probe on the starting features (LP-FT), then train
 with AdamW (cosine schedule), light augmentation (flip, shift) and cross-entropy.
 
-The checkpoint (`save_teacher` / `load_teacher`, distill/teacher_model.py) holds only what was learned; loading
+The checkpoint (`save_teacher` / `load_teacher`, distill/teacher/model.py) holds only what was learned; loading
 rebuilds the backbone through pipeline.encoders. The teacher maps [0, 1] images of any size to logits:
 
     teacher = load_teacher("teacher.pt", device="cuda")   # eval mode, frozen
@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from distill.adapt_modes import AdaptMode, get_mode
-from distill.teacher_data import accuracy_report, is_embedding_set, load_embeddings, load_images
-from distill.teacher_fit import image_logits
-from distill.teacher_model import AdaptedTeacher, build_teacher, load_teacher, read_teacher_meta, save_teacher
+from distill.teacher.modes import AdaptMode, get_mode
+from distill.teacher.data import accuracy_report, is_embedding_set, load_embeddings, load_images
+from distill.teacher.fit import image_logits
+from distill.teacher.model import AdaptedTeacher, build_teacher, load_teacher, read_teacher_meta, save_teacher
 from distill.config import AdaptConfig
 from pipeline.config import ConfigError, config_hash, to_dict
 from pipeline.device import set_threads

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import CurateConfig
-from pipeline.curate_filters import EvalSet, empty_removed, leakage_matches, near_duplicates
+from pipeline.curate.filters import EvalSet, empty_removed, leakage_matches, near_duplicates
 
 log = logging.getLogger("rakt.curate")
 

@@ -10,8 +10,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from distill.teacher_data import holdout_split
-from distill.teacher_model import AdaptedTeacher
+from distill.teacher.data import holdout_split
+from distill.teacher.model import AdaptedTeacher
 from pipeline.progress import Progress
 
 log = logging.getLogger("rakt")

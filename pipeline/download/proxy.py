@@ -23,7 +23,7 @@ import threading
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from pipeline.download_guard import BAD_SCHEME, BAD_URL, AddressGuard
+from pipeline.download.guard import BAD_SCHEME, BAD_URL, AddressGuard
 
 log = logging.getLogger("rakt.download")
 

@@ -17,7 +17,7 @@ OOM_SHARD_COUNT = 5  # img2dataset's default: shard names have 5 digits
 MAX_EXAMPLES = 3  # error messages kept per cause in the report
 MAX_MESSAGES = 100  # distinct error messages kept (most frequent first)
 
-# A refusal by rakt's filtering proxy (pipeline.download_proxy), as urllib reports it: "HTTP Error 403: rakt proxy
+# A refusal by rakt's filtering proxy (pipeline.download.proxy), as urllib reports it: "HTTP Error 403: rakt proxy
 # refused: CAUSE (...)", or "<urlopen error Tunnel connection failed: 403 rakt proxy refused: CAUSE (...)>" (HTTPS)
 PROXY_REFUSAL = re.compile(r"\b403:? rakt proxy refused: ([a-z_]+)")
 # (cause, pattern over img2dataset's error message), first match wins. The messages are those of urllib

@@ -1,6 +1,6 @@
 """Adapt modes: each `rakt adapt --mode` is one registered entry (how it fits the teacher, what it reads, its
-help text). ADAPT_MODES is the only list of modes; distill/teacher.py runs the chosen one, and
-distill/teacher_model.py builds the teacher's shape (prompt? trainable backbone?) from its entry.
+help text). ADAPT_MODES is the only list of modes; distill/teacher/adapt.py runs the chosen one, and
+distill/teacher/model.py builds the teacher's shape (prompt? trainable backbone?) from its entry.
 
 Adding a mode = one fit function `fit(cfg) -> Fitted` + `@register(...)` in this file + a test; the config's
 choices (distill/config.py AdaptConfig.mode) are this registry's names.
@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from distill.teacher_data import Labelled, load_embeddings, load_images
-from distill.teacher_fit import fit_images, fit_linear, zeroshot_weights
-from distill.teacher_model import AdaptedTeacher, build_teacher, encoder_config
+from distill.teacher.data import Labelled, load_embeddings, load_images
+from distill.teacher.fit import fit_images, fit_linear, zeroshot_weights
+from distill.teacher.model import AdaptedTeacher, build_teacher, encoder_config
 from distill.config import AdaptConfig
 from pipeline.config import ConfigError
 from pipeline.encoders import encoder_model_id, load_image_encoder, load_text_encoder, require_text_tower

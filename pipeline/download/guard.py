@@ -6,7 +6,7 @@ private, loopback, link-local (169.254.0.0/16 with the cloud metadata service, f
 unspecified or otherwise not global -- unless `allow_private` is set or the address lies in an allowed network.
 
 The downloader (img2dataset's urllib workers) resolves hosts again when it connects and follows HTTP redirects;
-`pipeline.download_proxy` closes that gap: its filtering proxy judges every request (each redirect hop) with
+`pipeline.download.proxy` closes that gap: its filtering proxy judges every request (each redirect hop) with
 `AddressGuard.judge`, the same policy, and connects to the address it checked.
 """
 from __future__ import annotations

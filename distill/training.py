@@ -1,0 +1,98 @@
+"""What `rakt distill` and `rakt finetune` share: torch.distributed from torchrun's environment (gloo on CPU, nccl
+on GPU; rank 0 writes checkpoints, metrics and the student), the loop settings from a config, batch preparation
+and the labelled images in memory."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+
+from distill.bank import ImageBank, bank_from_tensors
+from distill.losses import teacher_outputs
+from distill.teacher.data import load_images
+from distill.trainer import Prepare, TrainSettings
+from distill.trainer_cache import teacher_input
+from distill.views import render
+from pipeline.config import ConfigError
+from pipeline.device import channels_last, resolve_device
+
+
+def owns_process_group(run: Callable) -> Callable:
+    """A stage's run: destroys the torch.distributed process group afterwards when the run created it."""
+    @functools.wraps(run)
+    def wrapper(cfg):
+        owned = not torch.distributed.is_initialized()
+        try:
+            return run(cfg)
+        finally:
+            if owned and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    return wrapper
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world) — initialises torch.distributed from torchrun's environment when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        cuda = resolve_device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def settings(cfg, steps_per_epoch: int, meta: dict) -> TrainSettings:
+    return TrainSettings(out=cfg.out, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, lr=cfg.lr,
+                         weight_decay=cfg.weight_decay, warmup=cfg.warmup, clip=cfg.clip, ema=cfg.ema,
+                         device=cfg.device, precision=cfg.precision, seed=cfg.seed,
+                         checkpoint_every=cfg.checkpoint_every, compile=cfg.compile, resume=cfg.resume, meta=meta)
+
+
+def make_prepare(size: int, teacher=None) -> Prepare:
+    """prepare() of a batch {"unlabelled": ..., "labelled": ...} (either may be missing; distill/data.py batches):
+    each part's views rendered on the device at the student's `size`, labels (the unlabelled part's set to -1), and
+    with a teacher the teacher's outputs: cached ones from the batch, else the teacher run on the same views."""
+    def prepare(batch: dict, device: torch.device, epoch: int) -> dict:
+        images, labels, outs = [], [], []
+        for name in ("unlabelled", "labelled"):
+            part = batch.get(name)
+            if part is None:
+                continue
+            source = part["source"].to(device, non_blocking=True)
+            images.append(render(source, part["theta"], size))
+            labels.append(part["labels"].clamp(max=-1) if name == "unlabelled" else part["labels"])
+            if "teacher_logits" in part:
+                outs.append({k.removeprefix("teacher_"): v for k, v in part.items() if k.startswith("teacher_")})
+            elif teacher is not None:
+                outs.append(teacher_outputs(teacher, teacher_input(teacher, source, part["theta"])))
+        kwargs = {"images": channels_last(torch.cat(images)), "labels": torch.cat(labels).to(device)}
+        if outs:
+            keys = set.intersection(*(set(o) for o in outs))
+            kwargs["teacher_out"] = {k: torch.cat([o[k].to(device).float() for o in outs]) for k in sorted(keys)}
+        return kwargs
+    return prepare
+
+
+def check_config(cfg) -> None:
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.warmup < 0 or cfg.ema < 0 or cfg.ema >= 1 \
+            or not 0 < cfg.crop_scale <= 1:
+        raise ConfigError("epochs >= 1, batch_size >= 1, lr > 0, warmup >= 0, 0 <= ema < 1 and 0 < crop_scale <= 1 "
+                          "needed")
+
+
+def labelled_bank(specs: list[str], size: int, *, classes_file: str, per_class: int, seed: int,
+                   split: str = "") -> ImageBank:
+    """The labelled target images in memory (few-shot draw of `per_class` with `seed`)."""
+    data = load_images(specs, classes_file=classes_file, per_class=per_class, seed=seed, split=split,
+                       size=max(size, 32))
+    return bank_from_tensors(data.x, data.y, data.classes, data.ids)
+
+
+def draw_seed(cfg) -> int:
+    return cfg.draw_seed if cfg.draw_seed >= 0 else cfg.seed
+
+
