@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     from distill.bank import open_bank
     from distill.data import ViewSpec
     from distill.students import create_student
-    from distill.teacher.model import PixelPipeline, build_teacher, save_teacher
+    from distill.teacher.checkpoint import save_teacher
+    from distill.teacher.model import PixelPipeline
+    from distill.teacher.modes import build_teacher
     from distill.trainer_cache import build_cache
     from pipeline.config import EncoderConfig, from_dict
     from pipeline.stages import STAGES

@@ -13,7 +13,7 @@ from distill.config import DistillConfig
 from distill.data import ViewSpec, bank_batches, endless_batches, steps_per_epoch
 from distill.losses import DistillTask
 from distill.students import create_student
-from distill.teacher.model import load_teacher, read_teacher_meta
+from distill.teacher.checkpoint import load_teacher, read_teacher_meta
 from distill.trainer import Trainer, seed_everything
 from distill.trainer_cache import build_cache
 from distill.training import (check_config, draw_seed, init_distributed, labelled_bank, make_prepare,

@@ -6,11 +6,12 @@ from pathlib import Path
 from distill.config import InitConfig
 from distill.students import create_student, save_student
 from distill.trainer import seed_everything
+from pipeline.formats import EMBEDDINGS_JSON
 from pipeline.io import InputError, read_json
 
 
 def run(cfg: InitConfig) -> dict:
-    classes = read_json(Path(cfg.embeddings) / "embeddings.json", "embedding set").get("classes") or []
+    classes = read_json(Path(cfg.embeddings) / EMBEDDINGS_JSON, "embedding set").get("classes") or []
     if not classes:
         raise InputError(f"{cfg.embeddings}: the embedding set records no classes; the student needs the class count")
     seed_everything(cfg.seed)

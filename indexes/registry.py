@@ -17,7 +17,8 @@ from typing import Callable
 
 from indexes.base import CORE_MEMBERS, Index, IndexSpecError
 from indexes.basic import BasicIndex
-from indexes.layout import is_index_dir
+from indexes.layout import INDEX_JSON
+from indexes.published import is_published
 
 ENTRY_POINT_GROUP = "rakt.indexes"
 IndexFactory = Callable[[str], Index]
@@ -127,3 +128,9 @@ def _open_faiss(rest: str) -> Index:
     from indexes.faiss_index import FaissIndex  # faiss is imported only when a FAISS index is opened
 
     return FaissIndex.open(rest)
+
+
+def is_index_dir(path: str | Path) -> bool:
+    """A built index directory (with index.json) or a published folder (FAISS parts + metadata, no index.json)."""
+    path = Path(path)
+    return (path / INDEX_JSON).exists() or is_published(path)

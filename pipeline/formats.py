@@ -2,7 +2,8 @@
 
 Stages import the contracts from here, never from each other. The index directory (section 2) is reached only
 through the `Index` protocol (indexes/base.py, opened by indexes/registry.py); its file names are re-exported
-here for readers of a run directory. Sections follow docs/formats.md.
+here for readers of a run directory. The run directory of `rakt run` (section 9) is laid out by pipeline/rundir.py.
+Sections follow docs/formats.md.
 """
 from __future__ import annotations
 
@@ -132,6 +133,7 @@ def manifest_size(path: Path) -> int:
 # Image members / file names every stage accepts, in order of preference for a sample with several.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+LABELLED_SHARD = "labelled-000000.tar"  # `rakt labelled`: the few-shot draw as one shard (KEY.img, KEY.cls, KEY.json)
 _BRACES = re.compile(r"\{[^{}]*\}")
 
 

@@ -18,12 +18,12 @@ from PIL import Image
 from webdataset import TarWriter
 
 from pipeline.config import LabelledConfig
+from pipeline.formats import CLASSES_TXT, LABELLED_SHARD
 from pipeline.io import InputError, atomic_path
 from pipeline.sources import open_source
 
 log = logging.getLogger("rakt")
 
-SHARD = "labelled-000000.tar"
 KEY = re.compile(r"[A-Za-z0-9_-]+")  # ids usable as WebDataset keys as they are
 TAR_MTIME = 946684800  # fixed, so the shard's bytes depend on its content only
 
@@ -34,9 +34,9 @@ def run(cfg: LabelledConfig) -> dict:
         raise InputError(f"{', '.join(cfg.source)}: no class names (classes.txt beside the shards or folders of "
                          f"classes)")
     stats: collections.Counter = collections.Counter()
-    dest = Path(cfg.out, SHARD)
+    dest = Path(cfg.out, LABELLED_SHARD)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(Path(cfg.out, "classes.txt")) as tmp:
+    with atomic_path(Path(cfg.out, CLASSES_TXT)) as tmp:
         tmp.write_text("".join(f"{c}\n" for c in src.classes))
     count, per_label, keys = 0, collections.Counter(), set()
     with atomic_path(dest) as tmp, TarWriter(str(tmp), encoder=False, mtime=TAR_MTIME) as sink:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline.config import ConfigError
-from pipeline.labelled import SHARD
+from pipeline.formats import LABELLED_SHARD as SHARD
 from pipeline.stages import kd_modes
 
 STEPS_DIR = "steps"

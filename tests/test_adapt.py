@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill.teacher.adapt import load_teacher, read_teacher_meta, run
+from distill.teacher.adapt import run
+from distill.teacher.checkpoint import load_teacher, read_teacher_meta, save_teacher
 from distill.teacher.data import load_images
 from distill.teacher.fit import fit_images
-from distill.teacher.model import build_teacher, save_teacher
+from distill.teacher.modes import build_teacher
 from pipeline.cli import main
 from distill.config import AdaptConfig
 from pipeline.config import ConfigError, EncoderConfig

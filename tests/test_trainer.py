@@ -22,7 +22,8 @@ from distill.data import ViewSpec, bank_batches
 from distill.distill import run as run_distill
 from distill.finetune import run as run_finetune
 from distill.students import load_student
-from distill.teacher.model import build_teacher, save_teacher
+from distill.teacher.checkpoint import save_teacher
+from distill.teacher.modes import build_teacher
 from distill.config import DistillConfig, FinetuneConfig
 from pipeline.config import EncoderConfig
 from pipeline.io import InputError
@@ -212,7 +213,7 @@ def test_teacher_cache_equals_fresh_teacher_outputs(world, tmp_path, one_torch_t
 
     import numpy as np
 
-    from distill.teacher.model import load_teacher
+    from distill.teacher.checkpoint import load_teacher
     from distill.trainer_cache import CACHE_DIR, cache_views, teacher_input
 
     shards = tmp_path / "shards"

@@ -11,7 +11,7 @@ knowledge transfer. Modes (registered in distill/teacher/modes.py):
 reprogram and finetune start their head from a linear probe on the starting features (LP-FT), then train
 with AdamW (cosine schedule), light augmentation (flip, shift) and cross-entropy.
 
-The checkpoint (`save_teacher` / `load_teacher`, distill/teacher/model.py) holds only what was learned; loading
+The checkpoint (`save_teacher` / `load_teacher`, distill/teacher/checkpoint.py) holds only what was learned; loading
 rebuilds the backbone through pipeline.encoders. The teacher maps [0, 1] images of any size to logits:
 
     teacher = load_teacher("teacher.pt", device="cuda")   # eval mode, frozen
@@ -29,7 +29,9 @@ import torch
 from distill.teacher.modes import AdaptMode, get_mode
 from distill.teacher.data import accuracy_report, is_embedding_set, load_embeddings, load_images
 from distill.teacher.fit import image_logits
-from distill.teacher.model import AdaptedTeacher, build_teacher, load_teacher, read_teacher_meta, save_teacher
+from distill.teacher.checkpoint import load_teacher, read_teacher_meta, save_teacher
+from distill.teacher.model import AdaptedTeacher
+from distill.teacher.modes import build_teacher
 from distill.config import AdaptConfig
 from pipeline.config import ConfigError, config_hash, to_dict
 from pipeline.device import set_threads

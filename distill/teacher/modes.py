@@ -1,6 +1,6 @@
 """Adapt modes: each `rakt adapt --mode` is one registered entry (how it fits the teacher, what it reads, its
 help text). ADAPT_MODES is the only list of modes; distill/teacher/adapt.py runs the chosen one, and
-distill/teacher/model.py builds the teacher's shape (prompt? trainable backbone?) from its entry.
+`build_teacher` shapes the teacher (prompt? trainable backbone?) as a mode's entry says.
 
 Adding a mode = one fit function `fit(cfg) -> Fitted` + `@register(...)` in this file + a test; the config's
 choices (distill/config.py AdaptConfig.mode) are this registry's names.
@@ -15,9 +15,9 @@ import torch
 
 from distill.teacher.data import Labelled, load_embeddings, load_images
 from distill.teacher.fit import fit_images, fit_linear, zeroshot_weights
-from distill.teacher.model import AdaptedTeacher, build_teacher, encoder_config
+from distill.teacher.model import AdaptedTeacher, encoder_config, new_teacher
 from distill.config import AdaptConfig
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, EncoderConfig
 from pipeline.encoders import encoder_model_id, load_image_encoder, load_text_encoder, require_text_tower
 from pipeline.io import InputError
 from pipeline.prompts import load_classes, load_templates
@@ -80,6 +80,12 @@ def get_mode(name: str) -> AdaptMode:
     if name not in ADAPT_MODES:
         raise InputError(f"mode must be one of {', '.join(ADAPT_MODES)}, got {name!r}")
     return ADAPT_MODES[name]
+
+
+def build_teacher(cfg: EncoderConfig, num_classes: int, mode: str, **kwargs) -> AdaptedTeacher:
+    """An AdaptedTeacher shaped as adapt mode `mode` says (distill.teacher.model.new_teacher takes the rest)."""
+    spec = get_mode(mode)
+    return new_teacher(cfg, num_classes, mode, prompt=spec.prompt, trains_backbone=spec.trains_backbone, **kwargs)
 
 
 def _check_linear(cfg: AdaptConfig) -> None:

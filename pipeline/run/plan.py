@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from indexes.registry import index_spec, spec_location
 from pipeline.config import ConfigError, from_dict
 from pipeline.io import kit_dir
 from pipeline.run.config import expand
@@ -43,7 +44,7 @@ def plan(cfg: dict) -> list[Step]:
     add("target", "embed", {**enc, "source": [p(LABELLED_SHARD)], "split": "train", "out": p("target")},
         ["labelled"])
     add("eval", "embed", {**enc, "source": t["test"], "split": "test", "out": p("eval")})
-    index = cfg.get("index_spec") or f"faiss:{p('index')}"
+    index = cfg.get("index_spec") or index_spec(p("index"))
     if not cfg.get("index_spec"):
         add("index", "index", {**enc, "source": cfg["pool"], "out": p("index")})
     index_deps = [] if cfg.get("index_spec") else ["index"]
@@ -67,7 +68,7 @@ def plan(cfg: dict) -> list[Step]:
     arms = arm_runs(cfg)
     used = {a.transfer_set for a in arms}
     if "random" in used:
-        pool, tset = index.removeprefix("faiss:").split("?")[0], TRANSFER_SETS["random"]
+        pool, tset = spec_location(index), TRANSFER_SETS["random"]
         add(tset.manifest, "sample", {"source": [pool], "like": p(retrieved.manifest), "out": p(tset.manifest)},
             ["manifest", *index_deps])
         add(tset.shards, collect, {"manifest": p(tset.manifest), "out": p(tset.shards)}, [tset.manifest])
