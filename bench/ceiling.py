@@ -26,8 +26,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from embed import TINY_CLIP  # noqa: E402  (bench/embed.py, beside this script: the tiny model both benchmarks use)
-
 TARGET = 0.7  # the ratio every stage should reach
 
 
@@ -202,15 +200,14 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.device import autocast_dtype, device_name, dtype_name, resolve_device, set_threads
     from pipeline.embed import embed_partition
     from pipeline.encoders import load_image_encoder
+    from pipeline.encoders import TINY_CLIP
     from pipeline.sources import open_source
 
     device = resolve_device(args.device)
     threads = set_threads()
     root = Path(tempfile.mkdtemp(prefix="rakt-ceiling-"))
     if args.tiny:
-        model = root / "rakt-tiny-clip.json"
-        model.write_text(json.dumps(TINY_CLIP))
-        args.teacher_model, args.teacher_pretrained, args.teacher_size = str(model), "", 32
+        args.teacher_model, args.teacher_pretrained, args.teacher_size = TINY_CLIP, "", 32
         args.student_size = 32
         args.images, args.test_images = min(args.images, 512), min(args.test_images, 256)
         args.steps = args.steps or 3

@@ -10,21 +10,10 @@ Model loading is not timed; the clock starts at the first batch read. Prints the
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-# the tests' tiny architecture (random init): measures the pipeline around the model, not the model
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from pipeline.io import kit_dir
@@ -51,13 +40,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.config import EncoderConfig
     from pipeline.embed import image_batches
-    from pipeline.encoders import load_image_encoder
+    from pipeline.encoders import TINY_CLIP, load_image_encoder
     from pipeline.sources import open_source
 
-    model = args.model
-    if not model:
-        model = str(Path(tempfile.mkdtemp()) / "rakt-tiny-clip.json")
-        Path(model).write_text(json.dumps(TINY_CLIP))
+    model = args.model or TINY_CLIP
     cfg = EncoderConfig(model=model, pretrained=args.pretrained, image_size=args.image_size, batch_size=args.batch_size,
                         workers=args.workers, device=args.device, precision=args.precision)
     encoder = load_image_encoder(cfg)

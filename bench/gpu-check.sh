@@ -76,8 +76,8 @@ section() { echo; echo "## $1 ($(( $(date +%s) - START )) s in)"; echo '```'; }
 { section "a short rakt run at GPU sizes"
   if [ "$MODE" = tiny ]; then   # the same command on the kit with a tiny random-init open_clip model
     DATA=$($PY -c "from pipeline.io import kit_dir; print(kit_dir())")
-    PYTHONPATH=bench $PY -c "import json; from embed import TINY_CLIP; print(json.dumps(TINY_CLIP))" > "$OUT/rakt-tiny-clip.json"
-    $PY -m pipeline.cli run --run-dir "$OUT/run" --set "teacher.model=$OUT/rakt-tiny-clip.json" \
+    TINY=$($PY -c "from pipeline.encoders import TINY_CLIP; print(TINY_CLIP)")
+    $PY -m pipeline.cli run --run-dir "$OUT/run" --set "teacher.model=$TINY" \
       --set "teacher.pretrained=''" --set teacher.image_size=32 --set 'adapt={mode: linear}' \
       --set "target.train=[\"$DATA/target/cifar10/cifar10-train-000000.tar.gz\"]" \
       --set "pool=[\"$DATA/pool/pool-000000.tar.gz\"]" --set curate.budget=300 --set distill.epochs=1 \

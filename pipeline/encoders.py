@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -36,6 +37,9 @@ log = logging.getLogger("rakt")
 
 TIMM_PREFIX = "timm:"
 RANDOM_INIT_SEED = 0
+# a tiny open_clip architecture (random init) shipped with rakt, for tests and benchmarks that measure the pipeline
+# around the model: pass this path as the model name
+TINY_CLIP = str(resources.files("pipeline") / "models" / "rakt-tiny-clip.json")
 
 
 class ImageEncoder:

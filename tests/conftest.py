@@ -11,25 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.encoders import TINY_CLIP
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-# A registered-by-path tiny open_clip architecture: rakt accepts `--model path/to/NAME.json`.
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 KIT = Path(os.environ.get("RAKT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> str:
-    """Path of the tiny open_clip model config (random init): pass it as the model name."""
-    path = tmp_path_factory.mktemp("models") / "rakt-tiny-clip.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    return str(path)
+def tiny_clip() -> str:
+    """Path of rakt's tiny open_clip model config (random init; pipeline/models/): pass it as the model name."""
+    return TINY_CLIP
 
 
 @pytest.fixture(scope="session")
