@@ -71,7 +71,7 @@ class EncoderConfig:
 class EngineConfig:
     """Where a stage's partitions run (pipeline/engines.py); the same flags on every stage that has them."""
     engine: str = option("local", "local (in this process) | ray (Ray Data actors on a Ray cluster; pip install "
-                                  "'rakt[ray]')", choices=("local", "ray"))
+                                  "'rakt[ray]')", choices=RegisteredNames("pipeline.engines:ENGINES"))
     ray_address: str = option("", "with --engine ray: '' = start (or join this process's) local Ray, 'auto' = the "
                                   "cluster this node belongs to, or ray://HOST:10001")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io import atomic_path
-from pipeline.report import plots
+import pipeline.report.plots as plots
 from pipeline.report.gather import KEY_SETTINGS, UNKNOWN, flatten, gather, pool_shares, summary_rows
 from pipeline.rundir import NO_KD
 from pipeline.stages import kd_modes
