@@ -7,7 +7,6 @@ import numpy as np
 import pyarrow as pa
 
 
-
 class IndexSpecError(ValueError):
     """An index that cannot be opened or used as asked; the message names the file and the fix."""
 
