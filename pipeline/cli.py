@@ -9,7 +9,7 @@ import sys
 from pipeline.config import ConfigError, RegisteredNames, from_dict, load_yaml
 from indexes.base import IndexSpecError
 from pipeline.io import InputError, setup_logging
-from pipeline.stages import STAGES
+from pipeline.stages import STAGES, run_stage
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(inspect_text(args.manifest))
             return 0
         cfg = stage_config(args.command, args)
-        summary = STAGES[args.command].runner()(cfg)
+        summary = run_stage(args.command, cfg)
         print(json.dumps(summary, indent=2, default=str))
         return 0
     except (ConfigError, InputError, IndexSpecError) as e:

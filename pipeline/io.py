@@ -5,10 +5,12 @@ The data contracts (embedding set, candidates, manifest, ...) live in pipeline/f
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -50,6 +52,50 @@ def read_json(path: str | Path, what: str = "file") -> dict:
 def write_parquet(path: str | Path, table: pa.Table) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+# --- one writer per output: an OS lock that dies with its process -------------------------------------
+
+_HELD: dict[str, int] = {}  # lock files this process holds -> depth (a stage inside `rakt run` re-takes none)
+
+
+def lock_file(path: str | Path) -> Path:
+    """The lock file of an output `path` (a directory or a file): a hidden `.NAME.lock` beside it."""
+    path = Path(path).absolute()
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path, what: str = "output") -> Iterator[None]:
+    """Hold an exclusive lock on the output `path` while writing it; another process gets an InputError
+    naming the process that holds it. An flock: a killed holder (even kill -9) leaves no stale lock.
+    Re-entrant within one process, so `rakt run` and the stages it runs in process do not refuse each other."""
+    lock = lock_file(path)
+    key = str(lock)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise InputError(f"{path}: this {what} is being written by {holder} (lock {lock}); wait for it to "
+                         f"finish or stop it, or write elsewhere") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} ({' '.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:500]})\n".encode())
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        os.close(fd)  # releases the lock; the file stays (removing it would race the next writer)
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:

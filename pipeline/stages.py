@@ -14,6 +14,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pipeline.io import output_lock
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,15 @@ class Stage:
 
     def runner(self) -> Callable[[Any], dict]:
         return importlib.import_module(self.module).run
+
+
+def run_stage(name: str, cfg: Any) -> dict:
+    """Run stage `name` with its config while holding the lock of its output (`cfg.out`): one writer at a time."""
+    out = getattr(cfg, "out", "")
+    if not out:
+        return STAGES[name].runner()(cfg)
+    with output_lock(out, f"output of `rakt {name}`"):
+        return STAGES[name].runner()(cfg)
 
 
 def _load(name: str) -> Any:

@@ -186,3 +186,37 @@ def test_killed_in_every_stage_then_rerun_finishes_with_the_same_results(world, 
     for name in ("manifest/manifest.parquet", "shards/shard-00000.tar"):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     assert np.all([r["state"] == "done" for r in status(tmp_path / "killed")])
+
+
+HOLD = "import sys, time\nfrom pipeline.io import output_lock\nwith output_lock(sys.argv[1]):\n" \
+       "    print('held', flush=True)\n    time.sleep(120)\n"
+
+
+def test_one_run_per_directory_and_config_checked_before_writing(world, tiny_clip, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cfg = config(world, tiny_clip, run_dir)
+    execute(cfg, only="labelled")  # the run's lock and the stage's own do not refuse each other
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    recorded = (run_dir / "run.yaml").read_bytes()
+
+    assert cli.main(["run", str(cfg_path), "--set", "distill.epoks=3"]) == 2  # a typo: nothing is written
+    assert "unknown key 'epoks'" in capsys.readouterr().err
+    assert cli.main(["run", str(cfg_path), "--set", "curate={budget: ["]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert (run_dir / "run.yaml").read_bytes() == recorded
+    assert cli.main(["status", str(run_dir)]) == 0 and "labelled" in capsys.readouterr().out
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        record = (run_dir / "steps" / "labelled.json").read_bytes()
+        assert cli.main(["run", str(cfg_path), "--only", "labelled"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and "run directory" in err
+        assert (run_dir / "steps" / "labelled.json").read_bytes() == record
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a killed run leaves no stale lock
+        holder.wait()
+    assert cli.main(["run", str(cfg_path), "--only", "labelled"]) == 0

@@ -37,7 +37,12 @@ def load_run_config(path: str | None, overrides: list[str] = (), run_dir: str = 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY.SUB=VALUE, e.g. --set distill.epochs=3")
-        _set_key(base, key.strip().split("."), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())}); quote "
+                              f"the whole KEY=VALUE and close every bracket, e.g. --set 'curate={{budget: 36}}'") from None
+        _set_key(base, key.strip().split("."), parsed)
     if run_dir:
         base["run_dir"] = run_dir
     _check_keys(base)

@@ -18,13 +18,13 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ConfigError, to_dict
-from pipeline.io import atomic_path, json_hash, read_json, write_json
+from pipeline.io import atomic_path, json_hash, output_lock, read_json, write_json
 from pipeline.report import write_report
 from pipeline.report.results import write_results
 from pipeline.run.config import read_run_config
 from pipeline.run.plan import Step, plan
 from pipeline.rundir import record_path
-from pipeline.stages import STAGES
+from pipeline.stages import run_stage
 
 log = logging.getLogger("rakt.run")
 
@@ -58,12 +58,17 @@ def step_state(run_dir: str | Path, name: str, digest: str) -> str:
 def execute(cfg: dict, *, only: str = "") -> dict:
     """Run (or skip) every step of the run config; returns {"run_dir", "ran", "skipped", "results"}."""
     run_dir = Path(cfg["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_dir / "run.yaml") as tmp:
-        Path(tmp).write_text(yaml.safe_dump(cfg, sort_keys=False))
-    steps = plan(cfg)
+    steps = plan(cfg)  # every step's config is built (and validated) before anything is written
     hashes = step_hashes(steps, str(run_dir))
     wanted = needed(steps, only) if only else {s.name for s in steps}
+    with output_lock(run_dir, "run directory"):  # one `rakt run` per run directory; dies with its process
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run_dir / "run.yaml") as tmp:
+            Path(tmp).write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return _execute(cfg, run_dir, steps, hashes, wanted)
+
+
+def _execute(cfg: dict, run_dir: Path, steps: list[Step], hashes: dict[str, str], wanted: set[str]) -> dict:
     ran, skipped = [], []
     for i, step in enumerate(steps, 1):
         if step.name not in wanted:
@@ -117,7 +122,7 @@ def needed(steps: list[Step], only: str) -> set[str]:
 
 
 def run_step(step: Step) -> dict:
-    return STAGES[step.stage].runner()(step.config)
+    return run_stage(step.stage, step.config)
 
 
 def _clear(paths: list[str]) -> None:
