@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -30,7 +31,7 @@ from pipeline.device import loader_workers, set_threads
 from pipeline.encoders import ImageEncoder, encoder_model_id, load_image_encoder
 from pipeline.engines import EngineOptions, get_engine, raise_if_failed
 from pipeline.formats import EMBEDDINGS_JSON, embedding_table
-from pipeline.io import InputError, read_json, timed, write_json, write_parquet
+from pipeline.io import InputError, json_hash, read_json, timed, write_json, write_parquet
 from pipeline.progress import Progress
 from pipeline.sources import Partition, Sample, Source, count_hint, open_source
 
@@ -51,7 +52,9 @@ def run(cfg: EmbedConfig) -> dict:
                          partition_size=cfg.partition_size)
     model_id = encoder_model_id(cfg)
     _claim(out, _identity(cfg, source, model_id))
-    todo = [p for p in source.partitions if not _stats_path(out, p).exists()]
+    todo, redone, dropped = _todo(out, source)
+    if todo:  # the set is unfinished until embeddings.json is written again, last
+        (out / EMBEDDINGS_JSON).unlink(missing_ok=True)
     log.info("embed: %d partitions, %d done before, %d to embed with %s",
              len(source.partitions), len(source.partitions) - len(todo), len(todo), model_id)
     with timed("embed"):  # workers write to out, so with a cluster it must be a path every node sees
@@ -79,6 +82,7 @@ def run(cfg: EmbedConfig) -> dict:
     log.info("embedded %d images into %s (skipped: %s)", count, out, _causes(skipped) or "none")
     return {"out": str(out), "model": model_id, "dim": meta["dim"], "count": count,
             "skipped": meta["skipped"], "partitions": len(parts), "resumed": len(parts) - len(todo),
+            "redone": redone, "dropped": dropped,
             "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -104,6 +108,59 @@ def _abs_if_file(path: str) -> str:
 
 def _stats_path(out: Path, partition: Partition) -> Path:
     return out / f"part-{partition.name}.stats.json"
+
+
+def partition_digest(source: Source, partition: Partition) -> str:
+    """What a partition is made from: its files (path, size, modification time) and, for a per-class draw over
+    shards, the keys kept in them. Recorded in its stats file; a rerun redoes a partition whose digest changed."""
+    files = []
+    for path in partition.files:
+        try:
+            st = os.stat(path)
+            files.append((path, st.st_size, st.st_mtime_ns))
+        except OSError:
+            files.append((path, None, None))
+    kept = None
+    if source.keep is not None:
+        names = set(partition.files)
+        kept = sorted(f"{shard}/{key}" for shard, key in source.keep if shard in names)
+    return json_hash({"files": files, "kept": kept})
+
+
+def _todo(out: Path, source: Source) -> tuple[list[Partition], int, int]:
+    """The partitions to embed: not done, or done from files that changed since (or whose part file is gone or
+    damaged); part files of partitions the source no longer has are removed. Returns (todo, redone, dropped)."""
+    todo, redone = [], 0
+    for p in source.partitions:
+        stats, part = _stats_path(out, p), out / f"part-{p.name}.parquet"
+        if not stats.exists():
+            todo.append(p)
+            continue
+        recorded = read_json(stats, "partition stats").get("source_hash")
+        why = ("its part file is missing" if not part.exists() else "its part file is damaged" if not _readable(part)
+               else "its files changed" if recorded not in (None, partition_digest(source, p)) else "")
+        if why:
+            log.warning("embed: %s was embedded before but %s; embedding it again", p, why)
+            stats.unlink()
+            todo.append(p)
+            redone += 1
+    names = {f"part-{p.name}{ext}" for p in source.partitions for ext in (".parquet", ".stats.json")}
+    stale = [f for f in out.glob("part-*") if f.name not in names]
+    for f in stale:
+        f.unlink()
+    dropped = len({f.name.split(".")[0] for f in stale})
+    if redone or dropped:
+        log.warning("embed: the source changed since %s was started: %d partition(s) embedded again, %d no longer "
+                    "in the source removed", out, redone, dropped)
+    return todo, redone, dropped
+
+
+def _readable(part: Path) -> bool:
+    try:
+        pq.read_metadata(part)
+        return True
+    except (pa.ArrowInvalid, OSError):
+        return False
 
 
 # --- what an output directory was made from ---------------------------------------------------------
@@ -166,6 +223,7 @@ def embed_partition(encoder: ImageEncoder, source: Source, partition: Partition,
     """Embed one partition: write `part-NAME.parquet`, then `part-NAME.stats.json` (the done marker); both
     atomically. Every engine runs this, so outputs do not depend on where a partition was embedded."""
     start = time.perf_counter()
+    digest = partition_digest(source, partition)  # before reading: a file changed meanwhile is redone next run
     loader = image_batches(source, partition, encoder.preprocess, batch_size, workers, split)
     rows: list[tuple] = []
     vectors: list[np.ndarray] = []
@@ -179,7 +237,7 @@ def embed_partition(encoder: ImageEncoder, source: Source, partition: Partition,
                 progress.update(len(item["rows"]))
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), np.float32)
     write_parquet(out / f"part-{partition.name}.parquet", _table(rows, matrix, source.locator_columns))
-    stats = {"partition": partition.name, "count": len(rows), "skipped": dict(sorted(skipped.items())),
+    stats = {"partition": partition.name, "count": len(rows), "source_hash": digest, "skipped": dict(sorted(skipped.items())),
              "seconds": round(time.perf_counter() - start, 3), "dim": encoder.dim}
     write_json(_stats_path(out, partition), stats)
     return stats

@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from indexes.layout import INDEX_JSON, METADATA_DIR  # noqa: F401  (section 2's file names, re-exported)
-from pipeline.io import InputError, read_json
+from pipeline.io import InputError, parquet_rows, read_json, read_parquet
 
 # --- 1. embedding set ------------------------------------------------------------------------------
 
@@ -51,7 +50,8 @@ def read_embedding_set(path: str | Path, split: str | None = None,
     parts = sorted(path.glob(EMBEDDING_PARTS))
     if not parts:
         raise InputError(f"{path}: no part-*.parquet files; the embedding set is empty or unfinished")
-    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
+    fix = "rerun `rakt embed` with the same --out: it embeds a damaged partition again"
+    table = pa.concat_tables([read_parquet(p, fix, columns) for p in parts])
     if split:
         table = table.filter(pc.equal(table["split"], split))
     return meta, table
@@ -82,7 +82,7 @@ def read_candidates(path: Path) -> pd.DataFrame:
     """candidates.parquet as a frame with the contract's columns and dtypes; one row per (query, pool image)."""
     if not path.exists():
         raise InputError(f"{path}: candidates not found; run `rakt retrieve ... --out {path.parent}` first")
-    table = pq.read_table(path)
+    table = read_parquet(path, f"delete it and rerun `rakt retrieve ... --out {path.parent}`")
     missing = [c for c in CANDIDATE_COLUMNS if c not in table.column_names]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(CANDIDATE_COLUMNS)} "
@@ -116,7 +116,7 @@ def read_manifest(path: Path) -> pa.Table:
     """
     if not path.exists():
         raise InputError(f"{path}: transfer manifest not found; run `rakt curate ... --out {path.parent}` first")
-    table = pq.read_table(path)
+    table = read_parquet(path, f"delete {path.parent} and rerun `rakt curate` (or `rakt sample`)")
     if "pool_id" not in table.column_names:
         raise InputError(f"{path}: no 'pool_id' column; is this a transfer manifest from `rakt curate`?")
     order = [(c, "ascending") for c in ("pool_id", "query_id") if c in table.column_names]
@@ -125,7 +125,7 @@ def read_manifest(path: Path) -> pa.Table:
 
 def manifest_size(path: Path) -> int:
     """Rows of a manifest.parquet, from its footer."""
-    return pq.ParquetFile(path).metadata.num_rows
+    return parquet_rows(path, f"delete {path.parent} and rerun `rakt curate` (or `rakt sample`)")
 
 
 # --- 5. shards (and the pool / target shards stages read) ------------------------------------------

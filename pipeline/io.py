@@ -54,6 +54,22 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
         pq.write_table(table, tmp)
 
 
+def read_parquet(path: str | Path, fix: str, columns: list[str] | None = None) -> pa.Table:
+    """A parquet file as a table; a damaged (e.g. truncated) file is an InputError naming it and `fix`."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{path}: not a readable parquet file ({e}); {fix}") from None
+
+
+def parquet_rows(path: str | Path, fix: str) -> int:
+    """Rows of a parquet file, from its footer; a damaged file is an InputError naming it and `fix`."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{path}: not a readable parquet file ({e}); {fix}") from None
+
+
 # --- one writer per output: an OS lock that dies with its process -------------------------------------
 
 _HELD: dict[str, int] = {}  # lock files this process holds -> depth (a stage inside `rakt run` re-takes none)

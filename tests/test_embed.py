@@ -21,6 +21,7 @@ from pipeline.config import ConfigError, EmbedConfig
 from pipeline.embed import EmbedWorkerBuilder
 from pipeline.engines import LocalEngine, TasksFailedError, get_engine, raise_if_failed
 from pipeline.formats import embedding_matrix, read_embedding_set
+from pipeline.io import InputError
 from pipeline.sources import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,3 +225,74 @@ def test_local_engine_retries_and_engine_names(caplog):
     assert get_engine("local").run([], builder, 1) == []
     with pytest.raises(ConfigError, match="unknown engine 'spark'; known engines: local"):
         get_engine("spark")
+
+
+def test_rerun_after_the_source_changed_redoes_what_changed(tmp_path, tiny_clip, make_folder, make_images, to_jpeg,
+                                                             capsys):
+    """Files added to or removed from a folder between runs: every image once, none missing, as a fresh run."""
+    folder = make_folder(tmp_path / "imgs", {"a": [make_images(i) for i in range(3)],
+                                             "b": [make_images(10 + i) for i in range(3)]})
+    flags = [*tiny(tiny_clip), "--partition-size", "2", "--workers", "0"]
+    out, fresh = tmp_path / "emb", tmp_path / "fresh"
+
+    def ids(path: Path) -> list[str]:
+        return read_embedding_set(path)[1]["id"].to_pylist()
+
+    def files() -> list[str]:
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jpg"))
+
+    assert embed(str(folder), *flags, "--out", str(out)) == 0
+    (folder / "a" / "0a.jpg").write_bytes(to_jpeg(make_images(50)))  # sorts first: every later partition shifts
+    capsys.readouterr()
+    assert embed(str(folder), *flags, "--out", str(out)) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["count"] == 7 and summary["redone"] == 3 and summary["partitions"] == 4
+    assert sorted(ids(out)) == files()  # one of each: no duplicate, none missing
+    assert embed(str(folder), *flags, "--out", str(fresh)) == 0
+    assert parts(out) == parts(fresh)
+
+    for name in ("a/0a.jpg", "a/a_0001.jpg"):  # back to 5 images: the last partition is no longer in the source
+        (folder / name).unlink()
+    capsys.readouterr()
+    assert embed(str(folder), *flags, "--out", str(out)) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["count"] == 5 and summary["dropped"] == 1 and summary["partitions"] == 3
+    assert sorted(ids(out)) == files() and len(parts(out)) == 3
+    assert json.loads((out / "embeddings.json").read_text())["count"] == 5
+
+
+def test_damaged_part_file_is_named_and_redone(messy_folder, tiny_clip, tmp_path, capsys):
+    out = tmp_path / "emb"
+    flags = [str(messy_folder), *tiny(tiny_clip), "--partition-size", "5", "--workers", "0", "--out", str(out)]
+    assert embed(*flags) == 0
+    part = sorted(out.glob("part-*.parquet"))[1]
+    whole = part.read_bytes()
+    part.write_bytes(whole[:len(whole) // 2])  # truncated, e.g. a disk that filled up
+    with pytest.raises(InputError) as e:
+        read_embedding_set(out)
+    assert str(part) in str(e.value) and "rerun `rakt embed`" in str(e.value)
+    capsys.readouterr()
+    assert main(["index", "build", str(out), "--out", str(tmp_path / "index")]) == 2  # not a pyarrow traceback
+    assert str(part) in capsys.readouterr().err
+    assert embed(*flags) == 0
+    assert json.loads(capsys.readouterr().out)["redone"] == 1 and part.read_bytes() == whole
+
+
+HOLD = "import sys, time\nfrom pipeline.io import output_lock\nwith output_lock(sys.argv[1]):\n" \
+       "    print('held', flush=True)\n    time.sleep(120)\n"
+
+
+def test_one_writer_per_output_and_no_stale_lock(messy_folder, tiny_clip, tmp_path, capsys):
+    out = tmp_path / "emb"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        assert embed(str(messy_folder), *tiny(tiny_clip), "--out", str(out), "--workers", "0") == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and "being written by" in err
+        assert not out.exists()  # refused before writing anything
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a killed writer leaves no stale lock
+        holder.wait()
+    assert embed(str(messy_folder), *tiny(tiny_clip), "--out", str(out), "--workers", "0") == 0
