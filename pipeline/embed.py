@@ -176,7 +176,10 @@ def _claim(out: Path, identity: dict) -> None:
     if run_json.exists():
         before = read_json(run_json, "embed run record")
         diff = [k for k in IDENTITY_KEYS if before.get(k) != identity[k]]
-        if diff:
+        if diff and not any(out.glob("part-*.stats.json")):  # a claim nothing was made under (a failed start)
+            log.info("embed: %s holds no finished partition; replacing its %s", out, RUN_JSON)
+            write_json(run_json, {**identity, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        elif diff:
             what = "; ".join(f"{k}: {before.get(k)!r} there, {identity[k]!r} now" for k in diff)
             raise InputError(f"{out} holds an embedding set made with other settings ({what}); "
                              f"use another --out or delete it")

@@ -278,6 +278,16 @@ def test_damaged_part_file_is_named_and_redone(messy_folder, tiny_clip, tmp_path
     assert json.loads(capsys.readouterr().out)["redone"] == 1 and part.read_bytes() == whole
 
 
+def test_failed_first_run_does_not_block_the_corrected_one(messy_folder, tiny_clip, tmp_path, capsys):
+    out = tmp_path / "emb"
+    missing = tmp_path / "no-such-weights.pt"
+    assert embed(str(messy_folder), "--model", tiny_clip, "--pretrained", str(missing), "--out", str(out),
+                 "--workers", "0") == 2
+    assert str(missing) in capsys.readouterr().err
+    assert embed(str(messy_folder), *tiny(tiny_clip), "--out", str(out), "--workers", "0") == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 13
+
+
 HOLD = "import sys, time\nfrom pipeline.io import output_lock\nwith output_lock(sys.argv[1]):\n" \
        "    print('held', flush=True)\n    time.sleep(120)\n"
 
