@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing logs are noise
@@ -64,9 +65,18 @@ def read_index_dir(path: str | Path, mmap: bool = True, model: str | None = None
     if not meta_files:
         raise IndexSpecError(f"{path / METADATA_DIR}: no part-*.parquet metadata; each FAISS id needs a row "
                              f"(id, url / path / shard+key); rebuild the index ({fix})")
-    if "id" not in pq.ParquetFile(meta_files[0]).schema_arrow.names:
+    if "id" not in metadata_file(meta_files[0]).schema_arrow.names:
         raise IndexSpecError(f"{meta_files[0]}: metadata has no 'id' column; rebuild the index")
     return _read_described(path, info, str(jpath), meta_files, mmap)
+
+
+def metadata_file(path: Path) -> pq.ParquetFile:
+    """One metadata parquet file, opened; a damaged (e.g. truncated) file is an IndexSpecError naming it."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise IndexSpecError(f"{path}: index metadata is not a readable parquet file ({e}); restore it or rebuild "
+                             f"the index with `rakt index build`") from None
 
 
 def _read_described(path: Path, info: dict, source: str, meta_files: list[Path], mmap: bool) -> IndexFiles:
@@ -106,7 +116,7 @@ def _read_described(path: Path, info: dict, source: str, meta_files: list[Path],
     elif total != int(info["count"]):
         raise IndexSpecError(f"{source}: count is {info['count']} but its parts hold {total} vectors; fix "
                              f"index.json or rebuild the index")
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in meta_files)
+    rows = sum(metadata_file(f).metadata.num_rows for f in meta_files)
     meta_dir = meta_files[0].parent
     if rows < total or (rows > total and not published):
         raise IndexSpecError(f"{meta_dir}: metadata has {rows} rows but the index holds {total} vectors; row i "

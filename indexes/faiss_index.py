@@ -27,7 +27,7 @@ import faiss  # noqa: E402
 from indexes.base import IndexSpecError  # noqa: E402
 from indexes.faiss_build import (build_faiss_index, choose_index, exact_knn, gpu_count, ivf_of,  # noqa: E402,F401
                                  merge_topk, parse_memory, prepare_ivfpq, prep_vectors, recall_at, set_nprobe, to_gpu)
-from indexes.faiss_files import read_index_dir  # noqa: E402
+from indexes.faiss_files import metadata_file, read_index_dir  # noqa: E402
 from indexes.helpers import json_hash  # noqa: E402
 from indexes.layout import INDEX_JSON, METADATA_DIR, METADATA_PARTS  # noqa: E402
 
@@ -61,7 +61,7 @@ class FaissIndex:
         self._direct_map = False
         if meta_files is None:
             meta_files = sorted((path / METADATA_DIR).glob(METADATA_PARTS))
-        self._files = [pq.ParquetFile(f) for f in meta_files]
+        self._files = [metadata_file(f) for f in meta_files]
         self._synth_id = "id" not in self._files[0].schema_arrow.names  # published metadata: id = the FAISS id
         groups = [(fi, g, f.metadata.row_group(g).num_rows) for fi, f in enumerate(self._files)
                   for g in range(f.metadata.num_row_groups)]

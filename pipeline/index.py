@@ -29,7 +29,7 @@ from pipeline.config import ConfigError, EmbedConfig, EncoderConfig, EngineConfi
 from pipeline.engines import Engine, EngineOptions, get_engine, raise_if_failed
 from pipeline.progress import Progress
 from pipeline.formats import EMBEDDINGS_JSON, EMBEDDING_PARTS, embedding_matrix, read_embedding_set
-from pipeline.io import InputError, atomic_path, json_hash, read_json, timed
+from pipeline.io import InputError, atomic_path, json_hash, parquet_rows, read_json, timed
 
 if TYPE_CHECKING:
     import faiss
@@ -147,7 +147,7 @@ def add_tasks(emb_dir: Path, max_rows: int) -> list[AddTask]:
     """The embedding set's part files in id order, grouped into tasks of up to `max_rows` vectors (or one file)."""
     groups: list[tuple[list[str], int]] = []
     for path in sorted(emb_dir.glob(EMBEDDING_PARTS)):  # the order read_embedding_set gives ids in
-        rows = pq.read_metadata(path).num_rows
+        rows = parquet_rows(path, f"rerun `rakt embed` with --out {emb_dir}: it embeds a damaged partition again")
         if not groups or groups[-1][1] + rows > max_rows:
             groups.append(([], 0))
         groups[-1] = (groups[-1][0] + [str(path)], groups[-1][1] + rows)

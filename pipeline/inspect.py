@@ -5,11 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, EMBEDDINGS_JSON, MANIFEST_JSON, MANIFEST_PARQUET,
                               is_manifest_dir)
-from pipeline.io import InputError, read_json
+from pipeline.io import InputError, read_json, read_parquet
 
 BAR = "▇"
 BAR_WIDTH = 40
@@ -28,7 +27,7 @@ def inspect_text(path: str | Path) -> str:
 
 
 def _manifest_text(path: Path) -> str:
-    df = pq.read_table(path / MANIFEST_PARQUET).to_pandas()
+    df = read_parquet(path / MANIFEST_PARQUET, "rerun `rakt curate` (or `rakt sample`) into a fresh --out").to_pandas()
     meta = read_json(path / MANIFEST_JSON, "manifest metadata") if (path / MANIFEST_JSON).exists() else {}
     counts = meta.get("counts", {})
     lines = [f"transfer manifest {path}",
@@ -49,7 +48,7 @@ def _manifest_text(path: Path) -> str:
 
 
 def _candidates_text(path: Path) -> str:
-    df = pq.read_table(path / CANDIDATES_PARQUET).to_pandas()
+    df = read_parquet(path / CANDIDATES_PARQUET, "rerun `rakt retrieve` into a fresh --out").to_pandas()
     meta = read_json(path / CANDIDATES_JSON, "candidates metadata") if (path / CANDIDATES_JSON).exists() else {}
     valid = df[df["pool_id"] >= 0]
     lines = [f"candidates {path}",

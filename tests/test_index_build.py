@@ -143,3 +143,28 @@ def test_killed_build_resumes(tmp_path, tiny_clip):
     sb, ib = b.search(queries, 5)
     np.testing.assert_array_equal(ia, ib)
     np.testing.assert_allclose(sa, sb, atol=1e-5)
+
+
+def test_rebuild_after_the_pool_changed_holds_every_image_once(tmp_path, tiny_clip, capsys):
+    pool = _pool_folder(tmp_path / "pool", per_class=4)
+    out = tmp_path / "index"
+    flags = ["index", "build", str(pool), *_enc(tiny_clip), "--partition-size", "3", "--out", str(out)]
+    assert main(flags) == 0
+    (pool / "cat" / "0new.jpg").write_bytes((pool / "dog" / "dog_0000.jpg").read_bytes())  # sorts first in cat
+    capsys.readouterr()
+    assert main(flags) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 9
+    ids = FaissIndex.open(out).metadata(np.arange(9))["id"].to_pylist()
+    assert sorted(ids) == sorted(str(p.relative_to(pool)) for p in pool.rglob("*.jpg"))
+
+
+def test_damaged_index_metadata_is_named(tmp_path, capsys):
+    emb, _ = pool_set(tmp_path / "emb", n=50)
+    out = tmp_path / "index"
+    assert main(["index", "build", str(emb), "--kind", "flat", "--out", str(out)]) == 0
+    meta = sorted((out / "metadata").glob("*.parquet"))[0]
+    meta.write_bytes(meta.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["index", "info", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(meta) in err and "rebuild the index" in err
