@@ -189,7 +189,7 @@ def test_hostile_locators_are_never_copied(tmp_path, pool, caplog):
 
 
 def test_without_lineage_or_pool_root_nothing_is_read(tmp_path, pool, capsys):
-    root, originals, rows = pool
+    _, _, rows = pool
     manifest = write_manifest(tmp_path / "manifest", rows + [{"pool_id": 500, "path": "/etc/passwd"}])
     assert main(["materialize", str(manifest), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
