@@ -166,7 +166,9 @@ class MaterializeConfig:
     manifest: str = option("", "transfer-manifest directory (from `rakt curate`)", positional=True)
     out: str = option("", "output WebDataset shard directory")
     shard_size: int = option(10000, "samples per output shard")
-    pool_root: str = option("", "directory to resolve the pool's relative paths/shards against (if it moved)")
+    pool_root: str = option("", "the pool's folder: relative paths/shards resolve under it, a moved pool's are found "
+                                "in it, and files in it may be read (besides the folders/shards/manifests the index "
+                                "was built from, per the manifest's lineage); nothing outside is ever copied")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pipeline.config import ConfigError, MaterializeConfig, config_hash, to_dict
 from pipeline.progress import Progress
 from pipeline.formats import IMAGE_EXTS, MANIFEST_PARQUET, read_manifest
 from pipeline.io import InputError, atomic_path, file_hash, read_json, timed, write_json
+from pipeline.pool_roots import PoolResolver, PoolRoots, declared_roots, image_ext, pool_file
 
 log = logging.getLogger("rakt.materialize")
 
@@ -48,6 +49,9 @@ def run(cfg: MaterializeConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".shard-*.tmp-*"):
             stale.unlink()
+        roots = declared_roots(Path(cfg.manifest), cfg.pool_root)
+        log.info("materialize: reading only inside the pool's roots (%s): %s%s", roots.origin,
+                 ", ".join(map(str, roots.dirs)) or "-", f" and {len(roots.files)} pool files" if roots.files else "")
         resolver = PoolResolver(cfg.pool_root)
         n_shards = math.ceil(len(rows) / cfg.shard_size)
         shards = []
@@ -62,7 +66,7 @@ def run(cfg: MaterializeConfig) -> dict:
                 log.debug("%s done already; skipped", shard_name(j))
             else:
                 part = rows.iloc[j * cfg.shard_size:(j + 1) * cfg.shard_size]
-                stats = write_shard(part, out / shard_name(j), resolver)
+                stats = write_shard(part, out / shard_name(j), resolver, roots)
                 stats.update(manifest_hash=mhash, shard_size=cfg.shard_size, rows=[j * cfg.shard_size,
                                                                                    j * cfg.shard_size + len(part)])
                 write_json(marker, stats)
@@ -80,6 +84,7 @@ def run(cfg: MaterializeConfig) -> dict:
             "missing_by_cause": dict(sorted(missing.items())),
             "shards": [s["shard"] for s in shards],
             "shard_size": cfg.shard_size,
+            "pool_roots": roots.describe(),
             "manifest": str(mpath.resolve()),
             "manifest_hash": mhash,
             "settings": to_dict(cfg),
@@ -88,8 +93,11 @@ def run(cfg: MaterializeConfig) -> dict:
         }
         write_json(out / "materialize.json", summary)
     if summary["missing"]:
-        log.warning("materialize: %d of %d pool images could not be read: %s", summary["missing"], len(rows),
+        log.warning("materialize: %d of %d manifest rows skipped: %s", summary["missing"], len(rows),
                     summary["missing_by_cause"])
+    if missing["outside_pool"]:
+        log.warning("materialize: %d rows locate files outside the pool's roots and were not read; if the pool "
+                    "moved, pass --pool-root DIR", missing["outside_pool"])
     log.info("materialize: %d samples in %d shards -> %s", summary["samples"], n_shards, out)
     return {"out": str(out), **{k: summary[k] for k in ("samples", "missing", "missing_by_cause", "shard_size")},
             "shards": n_shards}
@@ -111,32 +119,8 @@ def manifest_rows(path: Path) -> pd.DataFrame:
     return df
 
 
-class PoolResolver:
-    """Maps manifest locations to files: relative ones under pool_root; a moved absolute one to pool_root/SUFFIX,
-    SUFFIX being the longest tail of its old directory that exists under pool_root (found once per directory)."""
-
-    def __init__(self, pool_root: str = ""):
-        self.root = Path(pool_root).expanduser() if pool_root else None
-        self.dirs: dict[Path, Path] = {}
-
-    def __call__(self, location: str) -> Path:
-        path = Path(location)
-        if self.root is None:
-            return path
-        if not path.is_absolute():
-            return self.root / path
-        parent = path.parent
-        if parent not in self.dirs:
-            tails = [Path(*parent.parts[i:]) for i in range(1, len(parent.parts))] + [Path()]
-            found = next((self.root / t for t in tails if (self.root / t / path.name).exists()), None)
-            if found is None:
-                return self.root / path.name
-            self.dirs[parent] = found
-        return self.dirs[parent] / path.name
-
-
-def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver) -> dict:
-    """Read the rows' pool images and write one shard atomically; returns its stats."""
+def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver, roots: PoolRoots) -> dict:
+    """Read the rows' pool images (only inside the pool's roots) and write one shard atomically; returns its stats."""
     start = time.perf_counter()
     images, missing = {}, Counter()
 
@@ -146,27 +130,30 @@ def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver) -> dict:
             log.warning("%s: pool image %s (pool_id %d) skipped: %s", dest.name, where, row.pool_id, cause)
 
     shard_rows = rows[rows["locator"] == "shard"]
-    for shard, group in shard_rows.groupby("shard", sort=True):
-        found, error = read_pool_shard(resolver(shard), set(group["key"]))
+    for shard, group in (shard_rows.groupby("shard", sort=True) if len(shard_rows) else ()):
+        path, error = pool_file(resolver(shard), roots, "missing_shard", "unreadable_shard")
+        found, error = read_pool_shard(path, set(group["key"])) if path else ({}, error)
         for row in group.itertuples():
-            if found.get(row.key) is not None:
+            if found.get(row.key) is not None and image_ext(found[row.key][1]) is None:
+                miss("not_an_image", row, f"{shard}:{row.key}")
+            elif found.get(row.key) is not None:
                 images[row.Index] = found[row.key]
             elif row.key in found:
                 miss("no_image", row, f"{shard}:{row.key}")
             else:
                 miss(error or "missing_key", row, f"{shard}:{row.key}")
     for row in rows[rows["locator"] == "path"].itertuples():
+        path, error = pool_file(resolver(row.path), roots, "missing_file", "unreadable_file")
         try:
-            data = resolver(row.path).read_bytes()
-            ext = Path(row.path).suffix.lower().lstrip(".")
-            if not data:
-                miss("empty_file", row, row.path)
-            else:
-                images[row.Index] = ("jpg" if ext in ("jpg", "jpeg", "") else ext, data)
-        except FileNotFoundError:
-            miss("missing_file", row, row.path)
+            data = path.read_bytes() if path else None
         except OSError as e:
-            miss("unreadable_file", row, f"{row.path} ({e})")
+            data, error = None, "unreadable_file"
+            log.debug("%s: %s", row.path, e)
+        ext = image_ext(data) if data else None
+        if data is None or not data or ext is None:
+            miss(error if data is None else "empty_file" if not data else "not_an_image", row, row.path)
+        else:
+            images[row.Index] = (ext, data)
     for row in rows[rows["locator"].isna()].itertuples():
         miss("no_local_locator", row, "(url only)")
     with atomic_path(dest) as tmp:

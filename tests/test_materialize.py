@@ -18,6 +18,7 @@ import webdataset as wds
 from conftest import image_array, jpeg_bytes, write_shard
 from pipeline.config import MaterializeConfig
 from pipeline.io import InputError, write_parquet
+from pipeline.cli import main
 from pipeline.materialize import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,8 @@ def read_back(out: Path) -> list[dict]:
 def test_shards_hold_original_bytes_and_provenance(tmp_path, pool):
     root, originals, rows = pool
     manifest = write_manifest(tmp_path / "manifest", rows[::-1])  # unsorted on purpose
-    summary = run(MaterializeConfig(manifest=str(manifest), out=str(tmp_path / "out"), shard_size=4))
+    summary = run(MaterializeConfig(manifest=str(manifest), out=str(tmp_path / "out"), shard_size=4,
+                                    pool_root=str(root)))
     assert summary["samples"] == 16 and summary["missing"] == 0 and summary["shards"] == 4
     samples = read_back(tmp_path / "out")
     keys = [s["__key__"] for s in samples]
@@ -103,7 +105,8 @@ def test_missing_pool_images_are_counted_skips(tmp_path, pool, caplog):
         {"pool_id": 200, "path": str(root / "files" / "gone.jpg")},
     ]
     manifest = write_manifest(tmp_path / "manifest", rows)
-    summary = run(MaterializeConfig(manifest=str(manifest), out=str(tmp_path / "out"), shard_size=5))
+    summary = run(MaterializeConfig(manifest=str(manifest), out=str(tmp_path / "out"), shard_size=5,
+                                    pool_root=str(root)))
     assert summary["samples"] == 16 and summary["missing"] == 3
     assert summary["missing_by_cause"] == {"missing_file": 1, "missing_key": 1, "missing_shard": 1}
     assert "pool_no_such" in caplog.text and "gone.jpg" in caplog.text
@@ -121,8 +124,8 @@ def test_pool_root_remaps_a_moved_pool(tmp_path, pool):
     manifest = write_manifest(tmp_path / "manifest", rows)
     moved = tmp_path / "elsewhere" / "pool2"
     shutil.move(str(root), str(moved))
-    missing = run(MaterializeConfig(manifest=str(manifest), out=str(tmp_path / "a"), shard_size=100))
-    assert missing["samples"] == 0 and missing["missing"] == 16
+    with pytest.raises(InputError, match="--pool-root"):  # no lineage: nothing tells where the pool is
+        run(MaterializeConfig(manifest=str(manifest), out=str(tmp_path / "a"), shard_size=100))
     found = run(MaterializeConfig(manifest=str(manifest), out=str(tmp_path / "b"), shard_size=100,
                                   pool_root=str(moved)))
     assert found["samples"] == 16
@@ -131,6 +134,67 @@ def test_pool_root_remaps_a_moved_pool(tmp_path, pool):
     manifest_rel = write_manifest(tmp_path / "manifest_rel", rel)
     assert run(MaterializeConfig(manifest=str(manifest_rel), out=str(tmp_path / "c"), shard_size=100,
                                  pool_root=str(moved)))["samples"] == 16
+
+
+def test_hostile_locators_are_never_copied(tmp_path, pool, caplog):
+    """System files, `../` escapes, symlinks out of the pool, non-images and a FIFO: counted skips, never bytes."""
+    root, originals, rows = pool
+    outside = tmp_path / "private"
+    outside.mkdir()
+    secret_jpeg = jpeg_bytes(image_array(999))  # a real image, but not the pool's
+    (outside / "holiday.jpg").write_bytes(secret_jpeg)
+    shutil.copy(root / "pool-000000.tar", outside / "stolen-000000.tar")  # a real shard, but not the pool's
+    (root / "files" / "link.jpg").symlink_to(outside / "holiday.jpg")
+    (root / "files" / "notes.jpg").write_text("SECRET=1\n")
+    os.mkfifo(root / "files" / "pipe.jpg")  # reading it would block forever
+    (root / "pool-evil.tar").symlink_to(outside / "stolen-000000.tar")
+    absolute = [
+        {"pool_id": 500, "path": "/etc/passwd"},
+        {"pool_id": 501, "path": "/proc/self/environ"},
+        {"pool_id": 502, "path": str(outside / "holiday.jpg")},
+        {"pool_id": 503, "path": str(root / "files" / "link.jpg")},
+        {"pool_id": 504, "shard": str(outside / "stolen-000000.tar"), "key": "pool_000000"},
+        {"pool_id": 505, "shard": str(root / "pool-evil.tar"), "key": "pool_000001"},
+        {"pool_id": 506, "path": str(root / "files" / "notes.jpg")},
+        {"pool_id": 507, "path": str(root / "files" / "pipe.jpg")},
+        {"pool_id": 508, "path": str(root / "files" / "nothing-here.jpg")},
+    ]
+    relative = [  # resolved under --pool-root
+        {"pool_id": 600, "path": "../../../../../../../../etc/passwd"},
+        {"pool_id": 601, "path": "files/../../private/holiday.jpg"},
+        {"pool_id": 602, "path": "files/link.jpg"},
+        {"pool_id": 603, "shard": "../private/stolen-000000.tar", "key": "pool_000002"},
+    ]
+    manifest = write_manifest(tmp_path / "manifest", rows + absolute + relative)
+    (manifest / "manifest.json").write_text(json.dumps({"sampling": {"source": [str(root)]}}))  # the pool's lineage
+    expected = {f"{p:010d}" for p in originals}
+    for name, flags, causes in [
+            # without --pool-root, relative locators resolve against the working directory: outside too
+            ("lineage", [], {"missing_file": 1, "not_a_file": 1, "not_an_image": 1, "outside_pool": 10}),
+            # --pool-root maps a moved pool's absolute locators into it (/etc/passwd -> ROOT/passwd: not there)
+            ("pool-root", ["--pool-root", str(root)], {"missing_file": 4, "missing_shard": 1, "not_a_file": 1,
+                                                       "not_an_image": 1, "outside_pool": 6})]:
+        out = tmp_path / name
+        assert main(["materialize", str(manifest), "--out", str(out), *flags]) == 0
+        samples = read_back(out)
+        assert {s["__key__"] for s in samples} == expected, name
+        leaked = [s["__key__"] for s in samples for k, v in s.items() if isinstance(v, bytes) and k != "json"
+                  and (b"root:" in v or v == secret_jpeg or b"SECRET" in v)]
+        assert not leaked and len(samples) == 16
+        summary = json.loads((out / "materialize.json").read_text())
+        assert summary["samples"] == 16 and summary["missing_by_cause"] == causes, name
+        assert summary["pool_roots"]["dirs"] == [str(root.resolve())]
+        assert f"{causes['outside_pool']} rows locate files outside the pool's roots" in caplog.text
+        caplog.clear()
+
+
+def test_without_lineage_or_pool_root_nothing_is_read(tmp_path, pool, capsys):
+    _, _, rows = pool
+    manifest = write_manifest(tmp_path / "manifest", rows + [{"pool_id": 500, "path": "/etc/passwd"}])
+    assert main(["materialize", str(manifest), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "--pool-root" in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 def test_kill_and_resume_gives_identical_shards(tmp_path):

@@ -95,7 +95,8 @@ def run_dir(tmp_path) -> Path:
     # random: pool 1, 2, 4, 5 -> cifar10 25.0%, tinyimagenet 75.0%
     write_manifest(run / "random-manifest", [rows[i] for i in (1, 2, 4, 5)], [None] * 4, [float("nan")] * 4)
     write_json(run / "random-manifest" / "manifest.json", {"counts": {"selected": 4}})
-    materialize(MaterializeConfig(manifest=str(run / "manifest"), out=str(run / "shards")))
+    materialize(MaterializeConfig(manifest=str(run / "manifest"), out=str(run / "shards"),
+                                 pool_root=str(tmp_path / "pool")))
     arms = [("labelled-none-s0", "labelled", "none", 0, 0.30), ("labelled-none-s1", "labelled", "none", 1, 0.32),
             ("retrieved-task-s0", "retrieved", "task", 0, 0.41), ("retrieved-task-s1", "retrieved", "task", 1, 0.43),
             ("random-task-s0", "random", "task", 0, 0.35)]

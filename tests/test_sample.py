@@ -105,7 +105,10 @@ def test_index_pool_like_a_manifest(tmp_path, pool):
     assert table["caption"].to_pylist() == [f"a photo of {k}" for k in table["id"].to_pylist()]
     info = json.loads((tmp_path / "out" / "manifest.json").read_text())["sampling"]
     assert info["source_kind"] == "index" and info["like"] == str((tmp_path / "like").resolve())
-    done = materialize(MaterializeConfig(manifest=str(tmp_path / "out"), out=str(tmp_path / "shards")))
+    with pytest.raises(InputError, match="--pool-root"):  # an index without lineage (as if published): no roots
+        materialize(MaterializeConfig(manifest=str(tmp_path / "out"), out=str(tmp_path / "shards")))
+    done = materialize(MaterializeConfig(manifest=str(tmp_path / "out"), out=str(tmp_path / "shards"),
+                                         pool_root=str(root)))
     assert (done["samples"], done["missing"]) == (7, 0)
     assert sorted(s["jpg"] for s in read_back(tmp_path / "shards")) == sorted(originals[k] for k in
                                                                               table["id"].to_pylist())
