@@ -52,3 +52,12 @@ def test_sample_without_cls_is_counted_and_reported(tmp_path, make_shard, make_i
     assert "bare0: no label" in caplog.text
     names = members(tmp_path / "labelled" / "labelled-000000.tar")
     assert len(names) == 18 and not any(name.startswith("bare") for name in names)
+
+
+def test_classes_txt_with_a_duplicate_name_is_refused(tmp_path, make_shard, make_images, to_jpeg, capsys):
+    shard = train_shard(tmp_path, make_shard, make_images, to_jpeg, [])
+    (shard.parent / "classes.txt").write_text("ant\nbee\nant\n")
+    assert main(["labelled", str(shard), "--out", str(tmp_path / "labelled")]) == 2
+    err = capsys.readouterr().err
+    assert f"{shard.parent / 'classes.txt'}: class 'ant' appears twice (lines 1 and 3)" in err
+    assert not (tmp_path / "labelled").exists()

@@ -20,7 +20,8 @@ from distill.config import AdaptConfig
 from pipeline.config import ConfigError, EncoderConfig
 from pipeline.encoders import encoder_model_id, load_image_encoder, load_text_encoder, require_text_tower
 from pipeline.io import InputError
-from pipeline.prompts import load_classes, load_templates
+from pipeline.formats import read_classes
+from pipeline.prompts import load_templates
 from pipeline.sources import open_source
 
 log = logging.getLogger("rakt")
@@ -98,7 +99,7 @@ def _check_linear(cfg: AdaptConfig) -> None:
 
 def _resolve_classes(cfg: AdaptConfig, found: list[str] | None, where: str) -> list[str]:
     if cfg.classes:
-        classes = load_classes(cfg.classes)
+        classes = read_classes(cfg.classes)
         if found and list(found) != classes:
             raise InputError(f"--classes {cfg.classes} ({', '.join(classes[:4])}, ...) differs from the classes "
                              f"of {where} ({', '.join(found[:4])}, ...); drop --classes or pass the same list")
