@@ -146,6 +146,9 @@ class CurateConfig:
                                       "(default: rows of --eval-split in the query embedding set)")
     eval_split: str = option("test", "split of the query embedding set used by the leakage guard")
     leakage_threshold: float = option(0.95, "drop pool images whose cosine to any eval image exceeds this")
+    require_leakage_guard: bool = option(False, "refuse to run without eval images for the leakage guard (`rakt run` "
+                                                "sets it: there the test set is known); off: the guard is skipped "
+                                                "with a warning, in the summary and manifest.json")
     index: str = option("", "index spec (default: the one recorded by retrieve)")
 
 
