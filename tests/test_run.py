@@ -52,7 +52,7 @@ def config(world: Path, tiny_clip: str, run_dir: Path, arms=("labelled", "retrie
             "teacher.image_size=32", "teacher.workers=0", "teacher.batch_size=16",
             "target.train=['${data}/target/train-000000.tar']", "target.test=['${data}/target/test-000000.tar']",
             "target.per_class=3", "pool=['${data}/pool/pool-000000.tar']", "retrieve.k=8", "adapt={mode: linear}",
-            "curate={budget: 36, balance: class, leakage_threshold: 1.01}", "distill.student=resnet10t", "distill.image_size=32",
+            "curate={budget: 36, balance: class, leakage_threshold: 1.0}", "distill.student=resnet10t", "distill.image_size=32",
             "distill.epochs=1", "distill.batch_size=16", "distill.warmup=0",
             "distill.cache_views=2", "finetune.epochs=1",
             "experiment.labelled={epochs: 2, lr: 0.001}", f"experiment.arms={list(arms)}",
@@ -186,3 +186,13 @@ def test_killed_in_every_stage_then_rerun_finishes_with_the_same_results(world, 
     for name in ("manifest/manifest.parquet", "shards/shard-00000.tar"):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     assert np.all([r["state"] == "done" for r in status(tmp_path / "killed")])
+
+
+def test_the_plan_always_requires_the_leakage_guard(world, tiny_clip, tmp_path):
+    from pipeline.run.plan import plan
+
+    cfg = config(world, tiny_clip, tmp_path / "run", **{"curate.require_leakage_guard": "false",
+                                                        "curate.eval_embeddings": "''"})
+    step = next(s for s in plan(cfg) if s.stage == "curate")
+    assert step.config.require_leakage_guard is True and step.config.eval_embeddings == str(tmp_path / "run/eval")
+    assert "eval" in step.deps
