@@ -89,7 +89,7 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
     summary = json.loads((tmp_path / "run/arms/retrieved-task-s0/distill/summary.json").read_text())
     assert summary["epochs"] == 2
 
-    changed = execute(config(world, tiny_clip, tmp_path / "run", **{"curate": "{budget: 24, balance: class, leakage_threshold: 1.01}",
+    changed = execute(config(world, tiny_clip, tmp_path / "run", **{"curate": "{budget: 24, balance: class, leakage_threshold: 1.0}",
                                                                     "distill.epochs": 2}))
     assert changed["ran"][0] == "manifest" and "shards" in changed["ran"] and "teacher" not in changed["ran"]
     assert pq.read_metadata(tmp_path / "run/manifest/manifest.parquet").num_rows == 24 - 12
