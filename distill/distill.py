@@ -21,14 +21,14 @@ from distill.training import (check_config, draw_seed, init_distributed, labelle
 from pipeline.config import ConfigError, config_hash, to_dict
 from pipeline.device import resolve_device, set_threads
 from pipeline.io import InputError, timed, write_json
-from pipeline.prompts import load_classes
+from pipeline.formats import read_classes
 
 log = logging.getLogger("rakt")
 
 
 def _target_classes(cfg: DistillConfig, target: ImageBank | None) -> list[str] | None:
     if cfg.classes:
-        return load_classes(cfg.classes)
+        return read_classes(cfg.classes)
     return target.classes if target is not None else None
 
 

@@ -6,6 +6,7 @@ import difflib
 import json
 import hashlib
 import importlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterator
@@ -145,6 +146,9 @@ class CurateConfig:
                                       "(default: rows of --eval-split in the query embedding set)")
     eval_split: str = option("test", "split of the query embedding set used by the leakage guard")
     leakage_threshold: float = option(0.95, "drop pool images whose cosine to any eval image exceeds this")
+    require_leakage_guard: bool = option(False, "refuse to run without eval images for the leakage guard (`rakt run` "
+                                                "sets it: there the test set is known); off: the guard is skipped "
+                                                "with a warning, in the summary and manifest.json")
     index: str = option("", "index spec (default: the one recorded by retrieve)")
 
 
@@ -230,10 +234,35 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         if str(value).lower() in ("false", "0", "no"):
             return False
         raise ConfigError(f"{where}: '{f.name}' must be true or false, got {value!r}")
+    kind = type(default)
+    if kind in (int, float):
+        return _number(kind, f.name, value, where)
     try:
-        return type(default)(value)
+        return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: '{f.name}' must be {type(default).__name__}, got {value!r}") from None
+        raise ConfigError(f"{where}: '{f.name}' must be {kind.__name__}, got {value!r}") from None
+
+
+def _number(kind: type, name: str, value: Any, where: str) -> int | float:
+    """An int or float field's value: a whole number for an int (72.0 is 72; 72.9 is refused, never cut to 72),
+    a finite number for a float; a bool or a list is no number."""
+    wrong = ConfigError(f"{where}: '{name}' must be {kind.__name__} ({'a whole number' if kind is int else 'finite'}), "
+                        f"got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise wrong
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(value, str) and kind is int:
+            number = int(value.strip()) if value.strip().lstrip("+-").isdigit() else float(value)
+    except ValueError:
+        raise wrong from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise wrong
+    if kind is int:
+        if isinstance(number, float) and not number.is_integer():
+            raise wrong
+        return int(number)
+    return float(number)
 
 
 def validate(cfg: Any, where: str = "config") -> None:

@@ -158,11 +158,22 @@ CLASSES_TXT = "classes.txt"
 
 
 def read_classes(path: Path) -> list[str]:
-    """Class names, one per line (blank lines skipped); an unreadable or empty file is an InputError."""
+    """Class names, one per line (blank lines skipped): the one reader of class files. An unreadable or empty file,
+    or a name given twice (labels and text queries would collide), is an InputError."""
     try:
-        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise InputError(f"classes file {path}: cannot read it ({e.strerror or e})") from None
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"classes file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    names, first = [], {}
+    for lineno, line in enumerate(lines, 1):
+        name = line.strip()
+        if not name:
+            continue
+        if name in first:
+            raise InputError(f"classes file {path}: class '{name}' appears twice (lines {first[name]} and {lineno}); "
+                             "class names must be unique: remove or rename one")
+        first[name] = lineno
+        names.append(name)
     if not names:
         raise InputError(f"classes file {path}: empty; write one class name per line")
     return names

@@ -42,12 +42,14 @@ def run(cfg: LabelledConfig) -> dict:
     with atomic_path(dest) as tmp, TarWriter(str(tmp), encoder=False, mtime=TAR_MTIME) as sink:
         for partition in src.partitions:
             for sample in src.read(partition, stats):
-                if sample.label is None:
+                if sample.label is None:  # no .cls (or no label in the folder/manifest): counted, not drawn
+                    stats["no_label"] += 1
+                    log.warning("%s: no label (.cls); skipped", sample.id)
                     continue
                 try:
                     with Image.open(io.BytesIO(sample.image)) as img:
                         ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(img.format or "", "png")
-                except (OSError, ValueError, SyntaxError) as e:  # counted and skipped, as load_images does
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # as load_images
                     stats["undecodable_image"] += 1
                     log.warning("%s: undecodable image (%s); skipped", sample.id, e)
                     continue

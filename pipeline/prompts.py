@@ -56,18 +56,6 @@ class TextQueries:
     model_id: str
 
 
-def load_classes(path: str | Path) -> list[str]:
-    """Class names, one per line (blank lines skipped), e.g. the kit's classes.txt; duplicates are refused."""
-    path = Path(path)
-    names = read_classes(path)
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise InputError(f"classes file {path}: class '{name}' appears twice; class names must be unique")
-        seen.add(name)
-    return names
-
-
 def load_templates(spec: str) -> list[str]:
     """'default' (the built-in set) or a file with one template per line, each with '{}' for the class name."""
     if spec in ("", "default"):
@@ -148,7 +136,7 @@ def resolve_classes(cfg: RetrieveConfig, meta: dict, image_queries: bool) -> lis
             raise InputError("text queries need class names: pass --classes classes.txt (one name per line)"
                              + ("" if meta else ", or a target embedding set that records its classes"))
         return [str(c) for c in recorded]
-    classes = load_classes(cfg.classes)
+    classes = read_classes(cfg.classes)
     if image_queries and recorded and list(recorded) != classes:
         raise InputError(f"--classes {cfg.classes} ({', '.join(classes[:4])}, ...) differs from the classes the "
                          f"image queries' labels index ({', '.join(map(str, recorded[:4]))}, ...); text and image "

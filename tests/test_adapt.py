@@ -244,3 +244,18 @@ def test_adapt_modes_registry_is_the_list_of_modes():
     assert [m.name for m in ADAPT_MODES.values() if m.inputs == "images"] == ["reprogram", "finetune"]
     with pytest.raises(InputError, match="mode must be one of linear, zeroshot, reprogram, finetune"):
         get_mode("lora")
+
+
+def test_samples_without_cls_are_counted_in_the_report(tiny_clip, make_shard, make_images, to_jpeg, tmp_path, capsys):
+    samples = [{"__key__": f"s{i:03d}", "jpg": to_jpeg(make_images(i, size=32)), "cls": i % 3} for i in range(9)]
+    samples += [{"__key__": f"bare{i}", "jpg": to_jpeg(make_images(90 + i, size=32))} for i in range(2)]
+    shard = make_shard(tmp_path / "t" / "train-000000.tar", samples)
+    (shard.parent / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
+    out = tmp_path / "teacher.pt"
+    assert main(["adapt", "--mode", "linear", "--model", tiny_clip, "--pretrained", "", "--device", "cpu",
+                 "--train", str(shard), "--eval", str(shard), "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["train_count"] == 9 and summary["eval_count"] == 9
+    assert summary["train_skipped"] == {"no_label": 2} and summary["eval_skipped"] == {"no_label": 2}
+    report = json.loads(Path(f"{out}.json").read_text())
+    assert report["train_skipped"] == {"no_label": 2} and report["eval_skipped"] == {"no_label": 2}

@@ -47,3 +47,20 @@ def test_missing_or_invalid_yaml_is_a_clear_error(tmp_path, capsys):
     bad.write_text("budget: [1, 2\n")
     assert main(["curate", "c", "--config", str(bad), "--out", "o"]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage, key, value", [("curate", "budget", "72.9"), ("curate", "per_query_k", "true"),
+                                               ("distill", "epochs", "2.5"), ("embed", "batch_size", "1e10000"),
+                                               ("curate", "near_dup", ".nan"), ("curate", "leakage_threshold", "[1]")])
+def test_a_number_that_does_not_fit_its_field_is_refused_not_cut(tmp_path, capsys, stage, key, value):
+    cfg_file = tmp_path / "stage.yaml"
+    cfg_file.write_text(f"{key}: {value}\nout: o\n")
+    assert main([stage, "x", "--config", str(cfg_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg_file}: '{key}' must be" in err and "Traceback" not in err
+
+
+def test_whole_numbers_still_read_as_ints():
+    cfg = from_dict(CurateConfig, {"budget": 72.0, "per_query_k": "3", "near_dup": 1, "out": "o"})
+    assert (cfg.budget, cfg.per_query_k, cfg.near_dup) == (72, 3, 1.0) and isinstance(cfg.budget, int)
+    assert isinstance(cfg.near_dup, float)

@@ -257,3 +257,36 @@ def test_a_registered_rule_is_applied_counted_and_audited(tmp_path, monkeypatch)
     assert removed["id"].tolist() == [f"pool_{p:05d}" for p in odd] and removed["matched_id"].isna().all()
     with pytest.raises(ValueError, match="already registered"):
         register("odd_pool_ids", phase="candidates", count="x")(odd_pool_ids)
+
+
+@pytest.mark.parametrize("flags, message", [(["--per-query-k", "-3"], "--per-query-k must be >= 0"),
+                                            (["--near-dup", "5"], "--near-dup is a cosine in (0, 1]"),
+                                            (["--leakage-threshold", "-2"], "--leakage-threshold is a cosine in [-1, 1]"),
+                                            (["--budget", "0"], "--budget must be >= 1")])
+def test_settings_out_of_range_are_refused(tmp_path, capsys, flags, message):
+    world = World(seed=8)
+    world.query("q0", 0, 0)
+    cands = world.build(tmp_path, k=5)
+    assert cli.main(["curate", str(cands), "--budget", "20", *flags, "--out", str(tmp_path / "m")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_guard_without_eval_images_says_off_or_is_refused_when_required(tmp_path, capsys):
+    world = World(seed=9)
+    for i in range(2):
+        world.query(f"q{i}", i, i)  # train rows only: the query embedding set has no test split
+    cands = world.build(tmp_path, k=10)
+    assert cli.main(["curate", str(cands), "--budget", "10", "--out", str(tmp_path / "m")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["leakage_guard"].startswith("OFF: no rows with split == 'test'")
+    meta = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert meta["leakage_guard"]["status"] == summary["leakage_guard"] and not meta["leakage_guard"]["enabled"]
+
+    out = tmp_path / "req"
+    assert cli.main(["curate", str(cands), "--budget", "10", "--require-leakage-guard", "--out", str(out)]) == 2
+    assert "the leakage guard is required but has no eval images" in capsys.readouterr().err
+    assert not out.exists()
+    ev = write_embedding_set(tmp_path / "eval", [("test_0", 0, "test", world.near(0))], MODEL)
+    assert cli.main(["curate", str(cands), "--budget", "10", "--require-leakage-guard", "--eval-embeddings", str(ev),
+                     "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["leakage_guard"] == "on: 1 eval images, cosine > 0.95 dropped"

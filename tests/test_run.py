@@ -52,7 +52,7 @@ def config(world: Path, tiny_clip: str, run_dir: Path, arms=("labelled", "retrie
             "teacher.image_size=32", "teacher.workers=0", "teacher.batch_size=16",
             "target.train=['${data}/target/train-000000.tar']", "target.test=['${data}/target/test-000000.tar']",
             "target.per_class=3", "pool=['${data}/pool/pool-000000.tar']", "retrieve.k=8", "adapt={mode: linear}",
-            "curate={budget: 36, balance: class, leakage_threshold: 1.01}", "distill.student=resnet10t", "distill.image_size=32",
+            "curate={budget: 36, balance: class, leakage_threshold: 1.0}", "distill.student=resnet10t", "distill.image_size=32",
             "distill.epochs=1", "distill.batch_size=16", "distill.warmup=0",
             "distill.cache_views=2", "finetune.epochs=1",
             "experiment.labelled={epochs: 2, lr: 0.001}", f"experiment.arms={list(arms)}",
@@ -89,7 +89,7 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
     summary = json.loads((tmp_path / "run/arms/retrieved-task-s0/distill/summary.json").read_text())
     assert summary["epochs"] == 2
 
-    changed = execute(config(world, tiny_clip, tmp_path / "run", **{"curate": "{budget: 24, balance: class, leakage_threshold: 1.01}",
+    changed = execute(config(world, tiny_clip, tmp_path / "run", **{"curate": "{budget: 24, balance: class, leakage_threshold: 1.0}",
                                                                     "distill.epochs": 2}))
     assert changed["ran"][0] == "manifest" and "shards" in changed["ran"] and "teacher" not in changed["ran"]
     assert pq.read_metadata(tmp_path / "run/manifest/manifest.parquet").num_rows == 24 - 12
@@ -220,3 +220,13 @@ def test_one_run_per_directory_and_config_checked_before_writing(world, tiny_cli
         holder.send_signal(signal.SIGKILL)  # a killed run leaves no stale lock
         holder.wait()
     assert cli.main(["run", str(cfg_path), "--only", "labelled"]) == 0
+
+
+def test_the_plan_always_requires_the_leakage_guard(world, tiny_clip, tmp_path):
+    from pipeline.run.plan import plan
+
+    cfg = config(world, tiny_clip, tmp_path / "run", **{"curate.require_leakage_guard": "false",
+                                                        "curate.eval_embeddings": "''"})
+    step = next(s for s in plan(cfg) if s.stage == "curate")
+    assert step.config.require_leakage_guard is True and step.config.eval_embeddings == str(tmp_path / "run/eval")
+    assert "eval" in step.deps

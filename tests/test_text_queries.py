@@ -16,9 +16,9 @@ from pipeline.config import CurateConfig, EncoderConfig, RetrieveConfig
 from pipeline.curate.curate import plan_quotas
 from pipeline.curate.curate import run as curate
 from pipeline.encoders import encoder_model_id, load_image_encoder, load_text_encoder
-from pipeline.formats import embedding_table
+from pipeline.formats import embedding_table, read_classes
 from pipeline.io import InputError
-from pipeline.prompts import DEFAULT_TEMPLATES, load_classes, load_templates, prompt, text_queries
+from pipeline.prompts import DEFAULT_TEMPLATES, load_templates, prompt, text_queries
 from pipeline.retrieve import run as retrieve
 
 CLASSES = ["cat", "dog", "maple_tree"]
@@ -107,15 +107,15 @@ def test_templates_and_classes(tmp_path, kit):
         load_templates(str(tmp_path / "missing.txt"))
     assert prompt("a photo of a {}.", "maple_tree") == "a photo of a maple tree."
 
-    assert load_classes(kit / "target" / "cifar10" / "classes.txt")[:3] == ["airplane", "automobile", "bird"]
+    assert read_classes(kit / "target" / "cifar10" / "classes.txt")[:3] == ["airplane", "automobile", "bird"]
     (tmp_path / "c.txt").write_text("cat\n\n dog \n")
-    assert load_classes(tmp_path / "c.txt") == ["cat", "dog"]
+    assert read_classes(tmp_path / "c.txt") == ["cat", "dog"]
     (tmp_path / "dup.txt").write_text("cat\ndog\ncat\n")
-    with pytest.raises(InputError, match="'cat' appears twice"):
-        load_classes(tmp_path / "dup.txt")
+    with pytest.raises(InputError, match=r"dup.txt: class 'cat' appears twice \(lines 1 and 3\)"):
+        read_classes(tmp_path / "dup.txt")
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(InputError, match="empty"):
-        load_classes(tmp_path / "empty.txt")
+        read_classes(tmp_path / "empty.txt")
 
 
 def test_class_query_is_normalized_mean_of_prompts(encoder):
@@ -132,6 +132,15 @@ def test_class_query_is_normalized_mean_of_prompts(encoder):
 
 
 # --- retrieval --------------------------------------------------------------------------------------
+
+def test_duplicate_class_name_is_refused_via_cli(world, tiny_clip, tmp_path, capsys):
+    dup = tmp_path / "dup.txt"
+    dup.write_text("cat\ndog\nmaple_tree\ndog\n")  # text:dog twice: two queries, one id
+    assert main(["retrieve", "--index", world["index"], "--query-mode", "text", "--classes", str(dup),
+                 "--model", tiny_clip, "--pretrained", "", "--out", str(tmp_path / "cand")]) == 2
+    assert f"classes file {dup}: class 'dog' appears twice (lines 2 and 4)" in capsys.readouterr().err
+    assert not (tmp_path / "cand" / "candidates.parquet").exists()
+
 
 def test_text_mode_retrieves_planted_groups_via_cli(world, tiny_clip, tmp_path):
     out = tmp_path / "cand"

@@ -20,6 +20,7 @@ rebuilds the backbone through pipeline.encoders. The teacher maps [0, 1] images 
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -55,7 +56,8 @@ def run(cfg: AdaptConfig) -> dict:
             "input_size": teacher.input_size, "config_hash": config_hash(cfg), "fit": fitted.info}
     save_teacher(cfg.out, teacher, meta)
     summary = {"out": cfg.out, "mode": cfg.mode, "model": teacher.model_id, "classes": len(fitted.classes),
-               "train_count": fitted.train_count, "config_hash": meta["config_hash"], "fit": fitted.info}
+               "train_count": fitted.train_count, "train_skipped": fitted.skipped, "config_hash": meta["config_hash"],
+               "fit": fitted.info}
     if cfg.eval:
         with timed("adapt eval"):
             summary.update(evaluate_teacher(teacher, cfg.eval, fitted.classes, split=cfg.eval_split,
@@ -93,7 +95,7 @@ def _encoder_meta(cfg: AdaptConfig) -> dict:
 def evaluate_teacher(teacher: AdaptedTeacher, specs: list[str], classes: list[str], *, split: str = "",
                      batch_size: int = 256) -> dict:
     """Accuracy of the teacher on test images and/or eval embedding sets (rows through the head only)."""
-    logits, labels = [], []
+    logits, labels, skipped = [], [], collections.Counter()
     images = [s for s in specs if not is_embedding_set(s)]
     for spec in (s for s in specs if is_embedding_set(s)):
         data = load_embeddings(spec, teacher.model_id, split)
@@ -101,14 +103,16 @@ def evaluate_teacher(teacher: AdaptedTeacher, specs: list[str], classes: list[st
         with torch.inference_mode():
             logits.append(teacher.logits_from_features(data.x.to(teacher.logit_scale.device)).cpu())
         labels.append(data.y)
+        skipped.update(data.skipped)
     if images:
         data = load_images(images, split=split, size=teacher.input_size)
         _check_same_classes(data.classes, classes, ", ".join(images))
         logits.append(image_logits(teacher, data.x, batch_size))
         labels.append(data.y)
+        skipped.update(data.skipped)
     report = accuracy_report(torch.cat(logits), torch.cat(labels), classes)
     return {"accuracy": report["accuracy"], "eval_count": report["count"],
-            "per_class_accuracy": report["per_class_accuracy"]}
+            "per_class_accuracy": report["per_class_accuracy"], "eval_skipped": dict(sorted(skipped.items()))}
 
 
 def _check_same_classes(found: list[str] | None, classes: list[str], where: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,13 @@ log = logging.getLogger("rakt")
 
 @dataclass
 class Labelled:
-    """Labelled examples: `x` uint8 images [N, 3, H, W] or float32 embeddings [N, dim]; `y` int64 [N]."""
+    """Labelled examples: `x` uint8 images [N, 3, H, W] or float32 embeddings [N, dim]; `y` int64 [N];
+    `skipped`: what the reader left out, by reason (no_label, undecodable_image, ...; other_split is no skip)."""
     x: torch.Tensor
     y: torch.Tensor
     classes: list[str] | None
     ids: list[str]
+    skipped: dict = field(default_factory=dict)
 
 
 def is_embedding_set(spec: str) -> bool:
@@ -41,8 +43,12 @@ def load_images(specs: list[str], *, classes_file: str = "", per_class: int = 0,
     arrays, labels, ids = [], [], []
     for partition in source.partitions:
         for sample in source.read(partition, stats):
-            if sample.label is None or (split and (sample.split or "train") != split):
-                stats["unlabelled_or_other_split"] += 1
+            if split and (sample.split or "train") != split:
+                stats["other_split"] += 1
+                continue
+            if sample.label is None:  # e.g. a shard sample without .cls: counted, reported, never silent
+                stats["no_label"] += 1
+                log.warning("%s: no label (.cls); skipped", sample.id)
                 continue
             try:
                 with Image.open(io.BytesIO(sample.image)) as img:
@@ -59,10 +65,11 @@ def load_images(specs: list[str], *, classes_file: str = "", per_class: int = 0,
     if len({a.shape for a in arrays}) > 1:
         arrays = [np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC)) for a in arrays]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    if stats:
-        log.info("%s: left out %s", ", ".join(specs), dict(stats))
+    skipped = {k: v for k, v in sorted(stats.items()) if k != "other_split"}
+    if skipped:
+        log.warning("%s: skipped %s", ", ".join(specs), skipped)
     log.info("loaded %d labelled images %s from %s", len(ids), tuple(x.shape[1:]), ", ".join(specs))
-    return Labelled(x, torch.tensor(labels, dtype=torch.long), source.classes, ids)
+    return Labelled(x, torch.tensor(labels, dtype=torch.long), source.classes, ids, skipped)
 
 
 def load_embeddings(path: str, model_id: str, split: str = "") -> Labelled:
@@ -73,13 +80,17 @@ def load_embeddings(path: str, model_id: str, split: str = "") -> Labelled:
                          f"'{model_id}'; embed the images with the teacher's --model/--pretrained/--image-size")
     if split:
         table = table.filter(pc.equal(table["split"], split))
+    rows = table.num_rows
     table = table.filter(pc.is_valid(table["label"]))
+    skipped = {"no_label": rows - table.num_rows} if rows > table.num_rows else {}
+    if skipped:
+        log.warning("embedding set %s: %d rows have no label; skipped", path, skipped["no_label"])
     if table.num_rows == 0:
         raise InputError(f"embedding set {path}: no labelled rows{f' of split {split!r}' if split else ''}")
     x = torch.from_numpy(embedding_matrix(table))
     x = torch.nn.functional.normalize(x, dim=-1)
     y = torch.tensor(table["label"].to_pylist(), dtype=torch.long)
-    return Labelled(x, y, meta.get("classes"), table["id"].to_pylist())
+    return Labelled(x, y, meta.get("classes"), table["id"].to_pylist(), skipped)
 
 
 def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:

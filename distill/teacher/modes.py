@@ -8,7 +8,7 @@ choices (distill/config.py AdaptConfig.mode) are this registry's names.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -20,7 +20,8 @@ from distill.config import AdaptConfig
 from pipeline.config import ConfigError, EncoderConfig
 from pipeline.encoders import encoder_model_id, load_image_encoder, load_text_encoder, require_text_tower
 from pipeline.io import InputError
-from pipeline.prompts import load_classes, load_templates
+from pipeline.formats import read_classes
+from pipeline.prompts import load_templates
 from pipeline.sources import open_source
 
 log = logging.getLogger("rakt")
@@ -31,11 +32,13 @@ ZEROSHOT_LOGIT_SCALE = 100.0
 
 @dataclass
 class Fitted:
-    """What a mode's fit returns: the teacher, its classes, how many training samples, fit details for the report."""
+    """What a mode's fit returns: the teacher, its classes, how many training samples, fit details for the report,
+    and the training samples its reader skipped, by reason."""
     teacher: AdaptedTeacher
     classes: list[str]
     train_count: int
     info: dict
+    skipped: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def _check_linear(cfg: AdaptConfig) -> None:
 
 def _resolve_classes(cfg: AdaptConfig, found: list[str] | None, where: str) -> list[str]:
     if cfg.classes:
-        classes = load_classes(cfg.classes)
+        classes = read_classes(cfg.classes)
         if found and list(found) != classes:
             raise InputError(f"--classes {cfg.classes} ({', '.join(classes[:4])}, ...) differs from the classes "
                              f"of {where} ({', '.join(found[:4])}, ...); drop --classes or pass the same list")
@@ -127,13 +130,13 @@ def linear(cfg: AdaptConfig) -> Fitted:
         data = _train_images(cfg, 224)
         classes = _resolve_classes(cfg, data.classes, ", ".join(cfg.train))
         teacher = build_teacher(cfg, len(classes), "linear", encoder=probe)
-        data = Labelled(_image_features(teacher, data.x, cfg.batch_size), data.y, classes, data.ids)
+        data = Labelled(_image_features(teacher, data.x, cfg.batch_size), data.y, classes, data.ids, data.skipped)
     w, b, info = fit_linear(data.x, data.y, len(classes), weight_decay=cfg.weight_decay, holdout=cfg.holdout,
                             seed=cfg.seed)
     with torch.no_grad():
         teacher.head.weight.copy_(w)
         teacher.head.bias.copy_(b)
-    return Fitted(teacher, classes, len(data.y), info)
+    return Fitted(teacher, classes, len(data.y), info, data.skipped)
 
 
 @torch.inference_mode()
@@ -185,7 +188,7 @@ def _trained(cfg: AdaptConfig) -> Fitted:
                         batch_size=cfg.batch_size, seed=cfg.seed, backbone_lr=cfg.backbone_lr)
     trainable = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
     return Fitted(teacher, classes, len(data.y), {"lr": lr, "epochs": cfg.epochs, "losses": [round(v, 5) for v in losses],
-                                                   "trainable": trainable, "init_probe": probe})
+                                                   "trainable": trainable, "init_probe": probe}, data.skipped)
 
 
 def _init_head(teacher: AdaptedTeacher, data: Labelled, cfg: AdaptConfig) -> dict:

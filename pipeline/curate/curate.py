@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.config import CurateConfig, config_hash, to_dict
+from pipeline.config import ConfigError, CurateConfig, config_hash, to_dict
 from pipeline.curate.filters import empty_removed, load_eval_set
 from pipeline.curate.rules import CurateContext, registered, rules
 from pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, LOCATOR_COLUMNS, MANIFEST_JSON, MANIFEST_PARQUET,
@@ -27,6 +27,7 @@ def run(cfg: CurateConfig) -> dict:
     """Select the transfer set from a candidates directory and write manifest.parquet/.json + removed.parquet."""
     from indexes.registry import open_index
 
+    check_config(cfg)
     with timed("curate"):
         cand_dir, out = Path(cfg.candidates), Path(cfg.out)
         cmeta = read_json(cand_dir / CANDIDATES_JSON, "candidates metadata; run `rakt retrieve` first")
@@ -47,6 +48,11 @@ def run(cfg: CurateConfig) -> dict:
         counts["candidates"] = len(cands)
         ev = load_eval_set(cfg.eval_embeddings, cfg.eval_split, cmeta.get("embeddings"), index.model, index.dim,
                            _model_of)
+        if not ev.enabled and cfg.require_leakage_guard:
+            raise InputError(f"rakt curate: the leakage guard is required but has no eval images: {ev.reason}; "
+                             "embed the target's test images and pass them as --eval-embeddings")
+        guard = (f"on: {len(ev.ids)} eval images, cosine > {cfg.leakage_threshold:g} dropped" if ev.enabled
+                 else f"OFF: {ev.reason}; pool images may duplicate the target's test images")
         ctx = CurateContext(cfg, index, ev, out / REMOVED_PARQUET)
         cands, removed_parts = apply_candidate_rules(cands, ctx, counts)
         hits, dropped = select_filtered(cands, quotas, ctx)
@@ -74,7 +80,7 @@ def run(cfg: CurateConfig) -> dict:
             "settings": to_dict(cfg),
             "per_query_k": k,
             "quota": {"total": int(quotas.sum()), "per_class": shares},
-            "leakage_guard": {**ev.info(), "threshold": cfg.leakage_threshold},
+            "leakage_guard": {**ev.info(), "threshold": cfg.leakage_threshold, "status": guard},
             "lineage": {"candidates": str(cand_dir.resolve()), "candidates_json_hash": json_hash(cmeta),
                         "index": spec, "index_model": index.model, "embeddings": cmeta.get("embeddings"),
                         "eval_embeddings": ev.source or None, "config_hash": config_hash(cfg)},
@@ -84,7 +90,23 @@ def run(cfg: CurateConfig) -> dict:
         write_json(out / MANIFEST_JSON, meta)
     log.info("curate: %d images selected for %d queries (k=%d), %d empty slots -> %s", len(images), len(queries),
              k, counts["empty_slots"], out / MANIFEST_PARQUET)
-    return {"out": str(out), "per_query_k": k, **{c: v for c, v in counts.items() if c != "per_class"}}
+    return {"out": str(out), "per_query_k": k, "leakage_guard": guard,
+            **{c: v for c, v in counts.items() if c != "per_class"}}
+
+
+def check_config(cfg: CurateConfig) -> None:
+    """Refuse settings outside their range (ConfigError naming the flag), before anything is read or written."""
+    bad = []
+    if cfg.budget < 1:
+        bad.append(f"--budget must be >= 1 (got {cfg.budget})")
+    if cfg.per_query_k < 0:
+        bad.append(f"--per-query-k must be >= 0, 0 meaning the budget rule (got {cfg.per_query_k})")
+    if not 0 <= cfg.near_dup <= 1:
+        bad.append(f"--near-dup is a cosine in (0, 1], or 0 for off (got {cfg.near_dup})")
+    if not -1 <= cfg.leakage_threshold <= 1:
+        bad.append(f"--leakage-threshold is a cosine in [-1, 1] (got {cfg.leakage_threshold})")
+    if bad:
+        raise ConfigError("rakt curate: " + "; ".join(bad))
 
 
 def _model_of(meta: dict) -> str:

@@ -52,7 +52,7 @@ def plan(cfg: dict) -> list[Step]:
         ["target", *index_deps])
     retrieved = TRANSFER_SETS["retrieved"]
     add("manifest", "curate", {"candidates": p("candidates"), "eval_embeddings": p("eval"),
-                               "out": p(retrieved.manifest)}, ["candidates", "eval"])
+                               "require_leakage_guard": True, "out": p(retrieved.manifest)}, ["candidates", "eval"])
     collect = cfg.get("collect", "materialize")
     if collect not in COLLECT:
         raise ConfigError(f"run config: collect must be materialize or download, got {collect!r}")
