@@ -242,3 +242,55 @@ def test_teacher_cache_equals_fresh_teacher_outputs(world, tmp_path, one_torch_t
     (view,) = shards.glob(f"decoded/*/{CACHE_DIR}/{clean['teacher_cache']}/view-*.npz")
     with np.load(view) as z:
         assert torch.allclose(torch.from_numpy(z["logits"]), whole, atol=1e-3)
+
+
+def rewrite_in_place(shard: Path, image) -> None:
+    """Rewrite `shard` in place with other images, keeping its byte size and mtime (JPEGs padded after their end
+    marker to their old length): only the content and the change time differ."""
+    import io
+    import tarfile
+
+    before = shard.stat()
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i, (m, data) in enumerate(members):
+            if m.name.endswith(".jpg"):
+                new = jpeg_bytes(image(i))
+                assert len(new) <= len(data)
+                data = new + b"\0" * (len(data) - len(new))
+            tar.addfile(m, io.BytesIO(data))
+    with open(shard, "r+b") as f:  # same inode
+        f.write(buf.getvalue())
+        f.truncate()
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert shard.stat().st_size == before.st_size and shard.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_rewritten_shard_never_reuses_teacher_outputs(world, tmp_path, one_torch_thread):
+    """A shard rewritten with other images (same size, same mtime) gets a new decoded copy and a new teacher cache;
+    the cache is keyed by the decoded content, so two banks of one name but other images never share outputs."""
+    import shutil
+
+    import numpy as np
+
+    from distill.bank import ImageBank
+    from distill.trainer_cache import cache_id
+
+    shards = tmp_path / "shards"
+    shutil.copytree(world["transfer"], shards)
+    run = dict(transfer=[str(shards)], epochs=1, cache_teacher=True, cache_views=1)
+    first = run_distill(distill_cfg(world, tmp_path / "first", **run))["teacher_cache"]
+    old = open_bank([str(shards)], 32).images.clone()
+    rewrite_in_place(shards / "shard-00000.tar", lambda i: np.full((40, 40, 3), (37 * i) % 256, np.uint8))
+    second = run_distill(distill_cfg(world, tmp_path / "second", **run))["teacher_cache"]
+    new = open_bank([str(shards)], 32)
+    assert not torch.equal(old, new.images) and second != first
+    assert len(list(shards.glob(f"decoded/*/teacher-cache/{second}/view-0.npz"))) == 1
+
+    labels = torch.zeros(2, dtype=torch.long)
+    a = ImageBank(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ["a", "b"], labels, ident="same-name")
+    b = ImageBank(torch.ones(2, 3, 8, 8, dtype=torch.uint8), ["a", "b"], labels, ident="same-name")
+    ids = {cache_id(str(world["teacher"]), bank, "same", 1, ViewSpec("crop", 0.6), 0, False) for bank in (a, b)}
+    assert len(ids) == 2
