@@ -139,7 +139,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(world, tmp_path, one_torch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    at_kill = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    at_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < at_kill < 24
     subprocess.run(_cli(world, killed), cwd=ROOT, env=env, check=True, capture_output=True)
     run_distill(distill_cfg(world, full, **RESUME_RUN))  # uninterrupted, in process (1 thread)
@@ -201,7 +201,7 @@ def test_ddp_two_processes_gloo(world, tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "student.pt", "summary.json"]
-    blob = torch.load(out / "checkpoint.pt", weights_only=False)
+    blob = torch.load(out / "checkpoint.pt", weights_only=True)
     assert blob["step"] == 3  # 48 samples, 2 ranks x 1 shard x 24 samples, batches of 8
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
@@ -294,3 +294,27 @@ def test_rewritten_shard_never_reuses_teacher_outputs(world, tmp_path, one_torch
     b = ImageBank(torch.ones(2, 3, 8, 8, dtype=torch.uint8), ["a", "b"], labels, ident="same-name")
     ids = {cache_id(str(world["teacher"]), bank, "same", 1, ViewSpec("crop", 0.6), 0, False) for bank in (a, b)}
     assert len(ids) == 2
+
+
+class _Plant:
+    """A pickled object that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_is_read_with_weights_only(distilled, world, tmp_path, one_torch_thread):
+    """checkpoint.pt holds only tensors, numbers and strings (weights_only=True reads it, RNG states included); a
+    checkpoint carrying pickled code is refused with a clear error and its code never runs."""
+    blob = torch.load(distilled / "checkpoint.pt", weights_only=True)
+    assert blob["step"] == 12 and isinstance(blob["rng"]["numpy"][1], torch.Tensor)
+    out = tmp_path / "hostile"
+    out.mkdir()
+    marker = tmp_path / "code-ran"
+    torch.save({**blob, "meta": _Plant(marker)}, out / "checkpoint.pt")
+    with pytest.raises(InputError, match=r"checkpoint.pt: cannot read the training checkpoint: it holds pickled objects.*--no-resume"):
+        run_distill(distill_cfg(world, out, epochs=1))
+    assert not marker.exists()
