@@ -181,7 +181,7 @@ def _decode(source: Source, size: int, split: str, labelled_only: bool, where: P
     tmp = None
     if where is not None:
         where.mkdir(parents=True, exist_ok=True)
-        tmp = where / f".images.npy.tmp-{os.getpid()}"
+        tmp = where / f".decoding.npy.tmp-{os.getpid()}"  # not atomic_path's name for images.npy
     progress = Progress(bound, "decode", unit="img")
     for partition in source.partitions:
         for sample in source.read(partition, stats):
