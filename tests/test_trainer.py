@@ -318,3 +318,20 @@ def test_checkpoint_is_read_with_weights_only(distilled, world, tmp_path, one_to
     with pytest.raises(InputError, match=r"checkpoint.pt: cannot read the training checkpoint: it holds pickled objects.*--no-resume"):
         run_distill(distill_cfg(world, out, epochs=1))
     assert not marker.exists()
+
+
+def test_corrupt_image_in_a_transfer_shard_is_counted_in_the_summary(world, tmp_path, one_torch_thread):
+    """One undecodable image among good ones: left out, logged, and counted in summary.json's read_errors -- also
+    when a later run reuses the decoded copy."""
+    from pipeline.cli import main
+
+    shard = write_shard(tmp_path / "transfer" / "shard-00000.tar",
+                        [{"__key__": f"k{i:03d}", "jpg": jpeg_bytes(image_array(i, 40)), "json": {"i": i}}
+                         for i in range(7)] + [{"__key__": "broken", "jpg": b"\xff\xd8\xff\xe0 not a jpeg"}])
+    for run in ("first", "again"):
+        out = tmp_path / run
+        assert main(["distill", str(shard), "--teacher", str(world["teacher"]), "--student", "resnet10t",
+                     "--small-input", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                     "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["transfer_samples"] == 7 and summary["read_errors"] == {"undecodable_image": 1}, run
