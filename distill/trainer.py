@@ -166,7 +166,8 @@ class Trainer:
         self.model: nn.Module = self.task
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
+            unused = bool(getattr(self.task, "leaves_parameters_unused", False))
+            self.model = nn.parallel.DistributedDataParallel(self.task, device_ids=ids, find_unused_parameters=unused)
         if settings.compile:
             self.model = torch.compile(self.model)
         self.step, self.epoch, self.done_in_epoch = 0, 0, 0

@@ -190,13 +190,15 @@ def test_teacher_class_count_must_match_the_target(world, tmp_path):
         run_distill(distill_cfg(world, tmp_path / "out", classes=str(classes)))
 
 
-def test_ddp_two_processes_gloo(world, tmp_path):
-    """torchrun with 2 CPU processes (gloo): sharded data, one checkpoint and one metrics log from rank 0."""
+@pytest.mark.parametrize("mode", ["task", "agnostic", "progressive"])
+def test_ddp_two_processes_gloo(world, tmp_path, mode):
+    """torchrun with 2 CPU processes (gloo): sharded data, one checkpoint and one metrics log from rank 0; in every
+    KD mode (agnostic trains no classifier without labels: DDP must expect parameters without gradients)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "pipeline.cli",
            "distill", str(world["transfer"]), "--teacher", str(world["teacher"]), "--student", "resnet10t",
-           "--small-input", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+           "--small-input", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--mode", mode,
            "--device", "cpu", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -204,6 +206,7 @@ def test_ddp_two_processes_gloo(world, tmp_path):
     blob = torch.load(out / "checkpoint.pt", weights_only=True)
     assert blob["step"] == 3  # 48 samples, 2 ranks x 1 shard x 24 samples, batches of 8
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert {"task": {"kd"}, "agnostic": {"feature"}, "progressive": {"kd", "feature"}}[mode] <= set(metrics(out)[0])
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
