@@ -4,14 +4,17 @@ array [N, 3, S, S] with its keys and labels, so training epochs read no JPEG and
 
 Transfer shards are decoded once into `{folder of the first shard}/decoded/{ident}/`: `images.npy` (memory-mapped
 when read, so a set larger than RAM still works) and `bank.json` (keys, labels, classes, skips; written last: the
-done marker). Every later run on the same shards reuses it; `ident` hashes the shard files (path, size, mtime) and
-the side. The side S is the images' own side when they are all squares of one side no larger than the training
-size (32-px CIFAR-like images for a 64-px student stay 32 px), else the training size (shorter side resized
-with antialiasing, then center-cropped).
+done marker). Every later run on the same shards reuses it; `ident` hashes the shard files (path, size, mtime,
+inode and change time -- a shard rewritten in place gets a new ctime even when its size and mtime are put back)
+and the side. `content` hashes the decoded images, keys and labels: what the teacher cache is keyed by.
+The side S is the images' own side when they are all squares of one side no larger than the training size (32-px
+CIFAR-like images for a 64-px student stay 32 px), else the training size (shorter side resized with
+antialiasing, then center-cropped).
 """
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import logging
@@ -43,6 +46,7 @@ class ImageBank:
     ident: str = ""
     skipped: dict = field(default_factory=dict)
     folder: Path | None = None  # where the decoded copy lives (None: in memory only)
+    content: str = ""  # hash of images, keys and labels ("" = not computed yet: see content_hash)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -67,7 +71,8 @@ class JoinedBank:
         self.keys = first.keys + second.keys
         self.labels = torch.cat([first.labels, second.labels])
         self.classes = first.classes or second.classes
-        self.ident = json_hash({"joined": [first.ident or "memory", second.ident or _content_hash(second)]})
+        self.ident = json_hash({"joined": [first.ident or "memory", second.ident or content_hash(second)]})
+        self.content = ""  # computed by content_hash when needed
         self.skipped = {k: first.skipped.get(k, 0) + second.skipped.get(k, 0)
                         for k in {**first.skipped, **second.skipped}}
         self.folder = first.folder
@@ -95,15 +100,25 @@ class JoinedBank:
         return out
 
 
-def _content_hash(bank: ImageBank) -> str:
-    import hashlib
-    return hashlib.sha256(bank.images.numpy().tobytes() + json.dumps(bank.keys).encode()).hexdigest()[:16]
+def content_hash(bank: "ImageBank | JoinedBank") -> str:
+    """The bank's content identity: a hash of its uint8 images, keys and labels (computed once, then kept)."""
+    if not bank.content and isinstance(bank, JoinedBank):
+        bank.content = json_hash({"joined": [content_hash(bank.first), content_hash(bank.second)]})
+    if not bank.content:
+        digest = hashlib.sha256()
+        for start in range(0, len(bank), 4096):
+            digest.update(np.ascontiguousarray(bank.images[start:start + 4096].numpy()).data)
+        digest.update(json.dumps([bank.keys, bank.labels.tolist()]).encode())
+        bank.content = digest.hexdigest()[:32]
+    return bank.content
 
 
 def bank_ident(source: Source, side: int) -> str:
     """Names the decoded copy of a source: its files (path, size, mtime), the draw settings and the side."""
     files = [f for p in source.partitions for f in p.files]
-    stamp = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) if os.path.exists(f) else (f, -1, -1) for f in files]
+    stats = [os.stat(f) if os.path.exists(f) else None for f in files]
+    stamp = [(f, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) if st else (f, -1)
+             for f, st in zip(files, stats)]
     return json_hash({"format": FORMAT, "files": stamp, "keep": sorted(source.keep or []), "side": side})
 
 
@@ -166,7 +181,7 @@ def _decode(source: Source, size: int, split: str, labelled_only: bool, where: P
     tmp = None
     if where is not None:
         where.mkdir(parents=True, exist_ok=True)
-        tmp = where / f".images.npy.tmp-{os.getpid()}"
+        tmp = where / f".decoding.npy.tmp-{os.getpid()}"  # not atomic_path's name for images.npy
     progress = Progress(bound, "decode", unit="img")
     for partition in source.partitions:
         for sample in source.read(partition, stats):

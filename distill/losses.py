@@ -140,6 +140,12 @@ class DistillTask(nn.Module):
             self.teacher.eval()  # frozen teacher: BN statistics and dropout stay in eval mode
         return self
 
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """Some parameters get no gradient in a step: the classifier under a feature-only mode (agnostic) without
+        hard labels. DDP must be told (find_unused_parameters), or its second step fails."""
+        return "kd" not in self.kd_mode.terms and self.hard_weight <= 0
+
     def loss_weights(self, step: int = 0, total_steps: int = 1) -> dict[str, float]:
         """Weight of each named loss in the total at this step (hard-label weight included when > 0)."""
         weights = self.kd_mode.weights(Weights(self.kd_weight, self.feature_weight, self.schedule,

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -90,13 +91,17 @@ def cosine_lambda(total: int, warmup: int) -> Callable[[int], float]:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """RNG states as tensors, ints and floats only, so that `torch.load(weights_only=True)` reads them back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(gauss)],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -116,11 +121,15 @@ def _dist() -> tuple[int, int]:
 
 def load_checkpoint(path: str | Path, student: StudentModel) -> dict:
     """A training checkpoint; one of another student architecture raises InputError."""
-    try:  # our own file: RNG states hold numpy arrays, so not weights_only
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors, numbers and strings only (rng_state): no pickled code runs while reading it
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # what weights_only refuses: pickled objects that could run code
+        raise InputError(f"{path}: cannot read the training checkpoint: it holds pickled objects other than tensors, "
+                         f"numbers and strings (not written by this version of rakt); delete it (or use another "
+                         f"--out or --no-resume) to start over") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear message
-        raise InputError(f"{path}: cannot read the training checkpoint ({type(e).__name__}: {e}); delete it to "
-                         f"start over") from None
+        raise InputError(f"{path}: cannot read the training checkpoint ({type(e).__name__}: {e}); delete it (or "
+                         f"use another --out or --no-resume) to start over") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise InputError(f"{path}: not a rakt training checkpoint")
     saved = (blob["arch"], blob["num_classes"], blob["small_input"])
@@ -157,7 +166,8 @@ class Trainer:
         self.model: nn.Module = self.task
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
+            unused = bool(getattr(self.task, "leaves_parameters_unused", False))
+            self.model = nn.parallel.DistributedDataParallel(self.task, device_ids=ids, find_unused_parameters=unused)
         if settings.compile:
             self.model = torch.compile(self.model)
         self.step, self.epoch, self.done_in_epoch = 0, 0, 0

@@ -9,7 +9,9 @@ Two kinds (`--teacher-view`):
 
 Outputs (logits, and features when the mode needs them; float32) are written per view to
 `{bank's decoded folder}/teacher-cache/{cache_id}/view-{v}.npz`, atomically; a view whose file exists is not
-recomputed (the resume marker). cache_id hashes the teacher checkpoint, the bank, the views and what is stored.
+recomputed (the resume marker). cache_id hashes the teacher checkpoint, the bank's content (its decoded uint8
+images, keys and labels: a rewritten shard can never meet outputs computed on its old images), the views and what
+is stored.
 A bank held only in memory (the labelled images) gets an in-memory cache.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.bank import ImageBank
+from distill.bank import ImageBank, content_hash
 from distill.data import ViewSpec
 from distill.losses import teacher_outputs
 from distill.views import draw_views, generator, render, stable_seed
@@ -78,7 +80,7 @@ def cache_views(kind: str, spec: ViewSpec, view: int, seed: int, n: int, side: i
 def cache_id(teacher_path: str, bank: ImageBank, kind: str, views: int, spec: ViewSpec, seed: int,
              features: bool) -> str:
     """Short hash naming one cache: teacher file, bank, view kind and count, view seed, what is stored."""
-    return json_hash({"teacher": file_hash(teacher_path), "bank": bank.ident, "rows": len(bank), "kind": kind,
+    return json_hash({"teacher": file_hash(teacher_path), "bank": content_hash(bank), "rows": len(bank), "kind": kind,
                       "views": views, "spec": [spec.kind, spec.scale], "seed": seed, "features": features})
 
 

@@ -258,7 +258,8 @@ def test_refused_urls_are_counted_and_never_fetched(downloaded, server):
 def test_loopback_refused_unless_allowed(server, tmp_path):
     port = server.server_address[1]
     urls = [server.base + "/img/1.jpg", f"http://localhost:{port}/img/2.jpg", f"http://[::1]:{port}/img/3.jpg",
-            f"http://0.0.0.0:{port}/img/4.jpg", f"http://2130706433:{port}/img/5.jpg"]
+            f"http://0.0.0.0:{port}/img/4.jpg", f"http://2130706433:{port}/img/5.jpg",
+            *(f"http://[{a}]:{port}/img/0.jpg" for a in ("2002:7f00:1::", "::ffff:127.0.0.1", "fec0::1"))]
     manifest = write_manifest(tmp_path / "manifest", urls)
     server.hits.clear()
     assert main(["download", str(manifest), "--out", str(tmp_path / "out"), *FAST]) == 0
@@ -329,6 +330,52 @@ def test_proxy_resolves_every_request_and_connects_to_the_checked_address(server
         "nowhere.test": "unresolvable_host", "https": "blocked_address"}
     assert "127.0.0.2" in results["flip.test"] and "Tunnel connection failed" in results["https"]
     assert calls["pinned.test"] == 2 and calls["flip.test"] == 2  # no cache: every request is resolved again
+
+
+# IPv6 forms that carry a private IPv4 or lie outside global unicast; `ipaddress.is_global` judged several of them
+# public on some Python patch versions
+NOT_PUBLIC = ["2002:7f00:1::", "2002:a9fe:a9fe::1", "2002:c0a8:101::1", "fec0::1", "fec0:1:2::3", "::ffff:127.0.0.1",
+              "::ffff:169.254.169.254", "::127.0.0.1", "::1", "::", "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe",
+              "64:ff9b:1::a00:1", "2001:0:4136:e378:8000:63bf:80ff:fffe", "2001:0:7f00:1:8000:63bf:f7f7:f7f7",
+              "fc00::1", "fd12:3456::1", "fe80::1", "ff02::1", "ff0e::1", "100::1", "2001:db8::1", "2001:2::1",
+              "2001:10::1", "3fff::1", "127.0.0.1", "10.1.2.3", "100.64.0.1", "169.254.169.254", "172.16.0.1",
+              "192.0.0.8", "192.168.1.1", "198.18.0.1", "192.0.2.1", "224.0.0.1", "240.0.0.1", "255.255.255.255"]
+PUBLIC = ["93.184.216.34", "8.8.8.8", "2606:2800:220:1:248:1893:25c8:1946", "2a00:1450:4001:82b::200e",
+          "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1", "2001:0:4136:e378:8000:63bf:f7f7:f7f7"]
+
+
+@pytest.mark.parametrize("stdlib_says", [True, False], ids=["is_global_true", "is_global_false"])
+@pytest.mark.parametrize("address", NOT_PUBLIC + PUBLIC)
+def test_guard_judges_the_address_itself(address, stdlib_says, monkeypatch):
+    """6to4 / Teredo / NAT64 / IPv4-mapped and -compatible addresses are judged by the IPv4 they carry, site-local
+    and the other non-global ranges are refused -- whatever this Python's `ipaddress.is_global` answers."""
+    for cls in (ipaddress.IPv4Address, ipaddress.IPv6Address):
+        for prop in ("is_global", "is_private"):
+            monkeypatch.setattr(cls, prop, property(lambda self, v=stdlib_says if prop == "is_global" else
+                                                    not stdlib_says: v))
+    guard = AddressGuard(resolve=lambda host, port: [address])
+    expected = None if address in PUBLIC else "blocked_address"
+    assert guard.check_all(["http://h.example/x.jpg"]) == [expected]
+    assert guard.judge("h.example", 80)[0] == expected  # what the filtering proxy asks
+
+
+def test_proxy_refuses_ipv6_forms_that_carry_private_ipv4(monkeypatch):
+    """The filtering proxy judges by the same rule: a host resolving to a 6to4, NAT64, Teredo, mapped or
+    site-local address is refused with 403 and never connected to."""
+    forms = {"sixtofour.test": "2002:7f00:1::", "metadata.test": "2002:a9fe:a9fe::1", "sitelocal.test": "fec0::1",
+             "mapped.test": "::ffff:127.0.0.1", "nat64.test": "64:ff9b::a9fe:a9fe",
+             "teredo.test": "2001:0:4136:e378:8000:63bf:80ff:fffe"}
+    connects = []
+    monkeypatch.setattr(download_proxy, "open_connection", lambda *a: connects.append(a) or 1 / 0)
+    guard = AddressGuard(resolve=lambda host, port: [forms[host]])
+    with download_proxy.filtering_proxy(guard, timeout=2) as url:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": url, "https": url}))
+        for host, address in forms.items():
+            for scheme in ("http", "https"):
+                with pytest.raises(urllib.error.URLError) as refused:
+                    opener.open(f"{scheme}://{host}/x.jpg", timeout=5)
+                assert failure_cause(str(refused.value)) == "blocked_address" and address in str(refused.value)
+    assert connects == []
 
 
 def test_proxy_environment_is_set_for_the_run_and_restored(monkeypatch):

@@ -139,7 +139,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(world, tmp_path, one_torch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    at_kill = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    at_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < at_kill < 24
     subprocess.run(_cli(world, killed), cwd=ROOT, env=env, check=True, capture_output=True)
     run_distill(distill_cfg(world, full, **RESUME_RUN))  # uninterrupted, in process (1 thread)
@@ -190,20 +190,23 @@ def test_teacher_class_count_must_match_the_target(world, tmp_path):
         run_distill(distill_cfg(world, tmp_path / "out", classes=str(classes)))
 
 
-def test_ddp_two_processes_gloo(world, tmp_path):
-    """torchrun with 2 CPU processes (gloo): sharded data, one checkpoint and one metrics log from rank 0."""
+@pytest.mark.parametrize("mode", ["task", "agnostic", "progressive"])
+def test_ddp_two_processes_gloo(world, tmp_path, mode):
+    """torchrun with 2 CPU processes (gloo): sharded data, one checkpoint and one metrics log from rank 0; in every
+    KD mode (agnostic trains no classifier without labels: DDP must expect parameters without gradients)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "pipeline.cli",
            "distill", str(world["transfer"]), "--teacher", str(world["teacher"]), "--student", "resnet10t",
-           "--small-input", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+           "--small-input", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--mode", mode,
            "--device", "cpu", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "student.pt", "summary.json"]
-    blob = torch.load(out / "checkpoint.pt", weights_only=False)
+    blob = torch.load(out / "checkpoint.pt", weights_only=True)
     assert blob["step"] == 3  # 48 samples, 2 ranks x 1 shard x 24 samples, batches of 8
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert {"task": {"kd"}, "agnostic": {"feature"}, "progressive": {"kd", "feature"}}[mode] <= set(metrics(out)[0])
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
@@ -242,3 +245,96 @@ def test_teacher_cache_equals_fresh_teacher_outputs(world, tmp_path, one_torch_t
     (view,) = shards.glob(f"decoded/*/{CACHE_DIR}/{clean['teacher_cache']}/view-*.npz")
     with np.load(view) as z:
         assert torch.allclose(torch.from_numpy(z["logits"]), whole, atol=1e-3)
+
+
+def rewrite_in_place(shard: Path, image) -> None:
+    """Rewrite `shard` in place with other images, keeping its byte size and mtime (JPEGs padded after their end
+    marker to their old length): only the content and the change time differ."""
+    import io
+    import tarfile
+
+    before = shard.stat()
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i, (m, data) in enumerate(members):
+            if m.name.endswith(".jpg"):
+                new = jpeg_bytes(image(i))
+                assert len(new) <= len(data)
+                data = new + b"\0" * (len(data) - len(new))
+            tar.addfile(m, io.BytesIO(data))
+    with open(shard, "r+b") as f:  # same inode
+        f.write(buf.getvalue())
+        f.truncate()
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert shard.stat().st_size == before.st_size and shard.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_rewritten_shard_never_reuses_teacher_outputs(world, tmp_path, one_torch_thread):
+    """A shard rewritten with other images (same size, same mtime) gets a new decoded copy and a new teacher cache;
+    the cache is keyed by the decoded content, so two banks of one name but other images never share outputs."""
+    import shutil
+
+    import numpy as np
+
+    from distill.bank import ImageBank
+    from distill.trainer_cache import cache_id
+
+    shards = tmp_path / "shards"
+    shutil.copytree(world["transfer"], shards)
+    run = dict(transfer=[str(shards)], epochs=1, cache_teacher=True, cache_views=1)
+    first = run_distill(distill_cfg(world, tmp_path / "first", **run))["teacher_cache"]
+    old = open_bank([str(shards)], 32).images.clone()
+    rewrite_in_place(shards / "shard-00000.tar", lambda i: np.full((40, 40, 3), (37 * i) % 256, np.uint8))
+    second = run_distill(distill_cfg(world, tmp_path / "second", **run))["teacher_cache"]
+    new = open_bank([str(shards)], 32)
+    assert not torch.equal(old, new.images) and second != first
+    assert len(list(shards.glob(f"decoded/*/teacher-cache/{second}/view-0.npz"))) == 1
+
+    labels = torch.zeros(2, dtype=torch.long)
+    a = ImageBank(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ["a", "b"], labels, ident="same-name")
+    b = ImageBank(torch.ones(2, 3, 8, 8, dtype=torch.uint8), ["a", "b"], labels, ident="same-name")
+    ids = {cache_id(str(world["teacher"]), bank, "same", 1, ViewSpec("crop", 0.6), 0, False) for bank in (a, b)}
+    assert len(ids) == 2
+
+
+class _Plant:
+    """A pickled object that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_is_read_with_weights_only(distilled, world, tmp_path, one_torch_thread):
+    """checkpoint.pt holds only tensors, numbers and strings (weights_only=True reads it, RNG states included); a
+    checkpoint carrying pickled code is refused with a clear error and its code never runs."""
+    blob = torch.load(distilled / "checkpoint.pt", weights_only=True)
+    assert blob["step"] == 12 and isinstance(blob["rng"]["numpy"][1], torch.Tensor)
+    out = tmp_path / "hostile"
+    out.mkdir()
+    marker = tmp_path / "code-ran"
+    torch.save({**blob, "meta": _Plant(marker)}, out / "checkpoint.pt")
+    with pytest.raises(InputError, match=r"checkpoint.pt: cannot read the training checkpoint: it holds pickled objects.*--no-resume"):
+        run_distill(distill_cfg(world, out, epochs=1))
+    assert not marker.exists()
+
+
+def test_corrupt_image_in_a_transfer_shard_is_counted_in_the_summary(world, tmp_path, one_torch_thread):
+    """One undecodable image among good ones: left out, logged, and counted in summary.json's read_errors -- also
+    when a later run reuses the decoded copy."""
+    from pipeline.cli import main
+
+    shard = write_shard(tmp_path / "transfer" / "shard-00000.tar",
+                        [{"__key__": f"k{i:03d}", "jpg": jpeg_bytes(image_array(i, 40)), "json": {"i": i}}
+                         for i in range(7)] + [{"__key__": "broken", "jpg": b"\xff\xd8\xff\xe0 not a jpeg"}])
+    for run in ("first", "again"):
+        out = tmp_path / run
+        assert main(["distill", str(shard), "--teacher", str(world["teacher"]), "--student", "resnet10t",
+                     "--small-input", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                     "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["transfer_samples"] == 7 and summary["read_errors"] == {"undecodable_image": 1}, run

@@ -4,6 +4,9 @@ Every URL's host is resolved once (cached per host and port, a small thread pool
 A URL is refused when its scheme is not http/https, its host does not resolve, or any address it resolves to is
 private, loopback, link-local (169.254.0.0/16 with the cloud metadata service, fe80::/10), multicast, reserved,
 unspecified or otherwise not global -- unless `allow_private` is set or the address lies in an allowed network.
+"Not global" is decided from fixed tables (`is_public`), never from `ipaddress.is_global`, whose answer changed
+between Python patch versions; IPv6 addresses that carry IPv4 (mapped, compatible, NAT64, 6to4, Teredo) are
+judged by the IPv4 they carry.
 
 The downloader (img2dataset's urllib workers) resolves hosts again when it connects and follows HTTP redirects;
 `pipeline.download.proxy` closes that gap: its filtering proxy judges every request (each redirect hop) with
@@ -51,12 +54,49 @@ def system_resolve(host: str, port: int) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
+# Not globally reachable (IANA special-purpose registries), written out so that the verdict is the same on every
+# Python: `ipaddress.is_global` / `is_private` changed between patch versions.
+NON_GLOBAL_V4 = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/4", "240.0.0.0/4"))
+GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")  # everything outside (fc00::/7, fec0::/10, fe80::/10, ff00::/8,
+# 100::/64, ...) is refused unless it carries an IPv4 address below
+NON_GLOBAL_V6 = tuple(ipaddress.IPv6Network(n) for n in (
+    "2001::/23", "2001:db8::/32", "3fff::/20"))  # protocol assignments (ORCHID, benchmarking, ...), documentation
+SIXTOFOUR, TEREDO = ipaddress.IPv6Network("2002::/16"), ipaddress.IPv6Network("2001::/32")
+# prefixes whose last 32 bits are an IPv4 address the packet ends up at
+EMBEDS_V4_LOW32 = tuple(ipaddress.IPv6Network(n) for n in (
+    "::ffff:0:0/96",  # IPv4-mapped
+    "::/96",  # IPv4-compatible (deprecated; :: and ::1 fall in 0.0.0.0/8)
+    "64:ff9b::/96",  # NAT64 well-known prefix
+))
+
+
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address] | None:
+    """The IPv4 address(es) an IPv6 address carries (mapped, compatible, NAT64, 6to4, Teredo server and client),
+    or None when it carries none."""
+    if addr in SIXTOFOUR:
+        return [ipaddress.IPv4Address((int(addr) >> 80) & 0xFFFFFFFF)]
+    if addr in TEREDO:
+        bits = int(addr)
+        return [ipaddress.IPv4Address((bits >> 64) & 0xFFFFFFFF), ipaddress.IPv4Address(~bits & 0xFFFFFFFF)]
+    if any(addr in net for net in EMBEDS_V4_LOW32):
+        return [ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)]
+    return None
+
+
 def is_public(addr: Address) -> bool:
-    """True for a globally routable unicast address; IPv4-mapped IPv6 addresses are judged as their IPv4."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_global and not (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_multicast
-                                   or addr.is_reserved or addr.is_unspecified)
+    """True for a globally routable unicast address, decided from fixed tables (not `ipaddress.is_global`): IPv4
+    outside the special-purpose ranges; IPv6 in 2000::/3 outside its special-purpose ranges; an IPv6 address that
+    carries IPv4 (IPv4-mapped or -compatible, NAT64 64:ff9b::/96, 6to4 2002::/16, Teredo 2001::/32) only when
+    every IPv4 address it carries is public."""
+    if isinstance(addr, ipaddress.IPv4Address):
+        return not any(addr in net for net in NON_GLOBAL_V4)
+    carried = embedded_ipv4(addr)
+    if carried is not None:
+        return all(is_public(v4) for v4 in carried)
+    return addr in GLOBAL_UNICAST_V6 and not any(addr in net for net in NON_GLOBAL_V6)
 
 
 class AddressGuard:
