@@ -11,6 +11,7 @@ To add a stage: its config dataclass, its module, and one entry here.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,9 +33,10 @@ class Stage:
 
 
 def run_stage(name: str, cfg: Any) -> dict:
-    """Run stage `name` with its config while holding the lock of its output (`cfg.out`): one writer at a time."""
+    """Run stage `name` with its config while holding the lock of its output (`cfg.out`): one writer at a time.
+    Under torchrun the job's rank 0 holds it for every rank (the ranks of one job share one output)."""
     out = getattr(cfg, "out", "")
-    if not out:
+    if not out or os.environ.get("RANK", "0") != "0":
         return STAGES[name].runner()(cfg)
     with output_lock(out, f"output of `rakt {name}`"):
         return STAGES[name].runner()(cfg)
