@@ -2,7 +2,7 @@
 # The main job: the whole pipeline on the embedded default (CIFAR-10, 10 labels per class, the offline kit's pool,
 # its ImageNet-pretrained EfficientNet-Lite0 teacher): transfer set -> adapted teacher -> distilled student ->
 # results.csv + report.html in runs/main. Rerun after a kill: finished steps are skipped, the killed one resumes.
-# Arguments go to `rakt run`, e.g.  bash run.sh experiment  |  bash run.sh --set distill.epochs=3
+# Arguments go to `rakt run`, e.g.  bash run.sh experiment  |  bash run.sh fashion  |  bash run.sh --set distill.epochs=3
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup-venv.sh >/dev/null

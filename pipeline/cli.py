@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "finished steps", description=RUN_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", nargs="?", default="", help="run config YAML, or the name of an embedded one: "
-                     "default (the main job) | experiment (all arms, 3 seeds); see --show-config")
+                     "default (the main job, CIFAR-10) | experiment (all arms, 3 seeds) | fashion, fashion-experiment "
+                     "(the same on Fashion-MNIST carved out of the pool); see --show-config")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set distill.epochs=3 --set 'experiment.seeds=[0,1,2]'")
     run.add_argument("--run-dir", default="", help="run directory (default: the config's run_dir)")

@@ -206,6 +206,26 @@ class LabelledConfig:
     out: str = option("", "output folder: labelled-000000.tar and classes.txt")
 
 
+FASHION_MNIST = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
+
+
+@dataclass
+class CarveConfig:
+    """`rakt carve`: a labelled target task carved out of a pool by the pool's evaluation-only KEY.json source and
+    orig_label (the one stage that may select by them: it is how the task is defined)."""
+    pool: list[str] = option([], "pool shards (files, brace patterns or a folder) whose KEY.json has 'source' and "
+                                 "'orig_label'", positional=True)
+    source: str = option("fashion-mnist", "the KEY.json 'source' whose images make the task")
+    classes: list[str] = option(FASHION_MNIST, "class names in label order: the source's orig_label values (an "
+                                               "integer orig_label is an index into them); [] = the sorted values")
+    train_per_class: int = option(10, "labelled training images per class (the target train shard)")
+    test_per_class: int = option(100, "test images per class (the target test shard)")
+    seed: int = option(0, "seed of the per-class draw (test first, then train, from one seeded order)")
+    out: str = option("", "output folder: train/, test/ (shards + classes.txt), pool/ (the pool without them), "
+                          "carve.json")
+
+
 def from_dict(cls: type, values: dict, where: str = "config") -> Any:
     """Build a stage config from a mapping; unknown keys and wrong types raise ConfigError."""
     names = {f.name: f for f in dataclasses.fields(cls)}

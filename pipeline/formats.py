@@ -152,6 +152,14 @@ def expand_shards(spec: str) -> list[str]:
     return [os.path.abspath(p) for p in braceexpand.braceexpand(spec)]
 
 
+# --- 5b. a carved task (`rakt carve`): OUT/train/, OUT/test/ (one shard + classes.txt each), OUT/pool/, carve.json
+
+CARVE_JSON = "carve.json"
+CARVE_TRAIN = "train/train-000000.tar"  # KEY.jpg (pool bytes), KEY.cls, KEY.json ({"class", "split", "pool_shard", ...})
+CARVE_TEST = "test/test-000000.tar"
+CARVE_POOL = "pool"                     # pool-NNNNNN.tar: input shard N without the carved samples, members as they were
+
+
 # --- classes file ----------------------------------------------------------------------------------
 
 CLASSES_TXT = "classes.txt"

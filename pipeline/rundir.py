@@ -3,6 +3,7 @@ parsed here only.
 
     run.yaml                      the resolved config of the last `rakt run`
     steps/NAME.json               a finished step's record (steps/NAME.started.json while it runs)
+    task/                         with carve: the carved task's train/, test/ shards and pool/ (formats.md §5b)
     labelled/labelled-000000.tar  the few-shot draw          target/, eval/   embedding sets
     index/  candidates/           the pool index, the retrieved neighbours
     {set}-manifest/ {set}-shards/ a transfer set (TRANSFER_SETS; the retrieved one is manifest/ and shards/)

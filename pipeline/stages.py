@@ -55,6 +55,9 @@ def kd_modes() -> dict:
 STAGES: dict[str, Stage] = {
     "labelled": Stage("pipeline.config:LabelledConfig", "pipeline.labelled",
                       "write the few-shot draw of labelled target images as one WebDataset shard"),
+    "carve": Stage("pipeline.config:CarveConfig", "pipeline.carve",
+                   "carve a labelled target task (train + test shards) and the pool without it out of a pool by its "
+                   "evaluation-only source/orig_label, e.g. Fashion-MNIST"),
     "embed": Stage("pipeline.config:EmbedConfig", "pipeline.embed",
                    "embed images with an open_clip (or timm) image encoder into an embedding set"),
     "index": Stage("pipeline.config:IndexBuildConfig", "pipeline.index",

@@ -48,6 +48,12 @@ def _what_happened(ctx: dict, rows: list[dict], shares: dict) -> str:
     pick = {}  # leaf name -> value; the teacher's / target's settings win over same-named others
     for k, v in sorted(cfg.items(), key=lambda kv: "teacher" in kv[0] or "target" in kv[0]):
         pick[k.rsplit(".", 1)[-1]] = v
+    config = ctx["config"] or {}
+    task = (config.get("target") or {}).get("name")
+    if task:
+        carve = config.get("carve") or {}
+        out.append(f"Target task: {task}" + (f", carved out of the pool (its '{carve.get('source', '?')}' images; "
+                                             "the rest of them stay in the pool, unlabelled)" if carve else "") + ".")
     if pick:
         n_cls = f" ({len(ctx['classes'])} classes)" if ctx["classes"] else ""
         out.append(f"Teacher {pick.get('model', '?')} at {pick.get('image_size', '?')} px, "

@@ -18,7 +18,7 @@ from pipeline.rundir import SET_ORDER, TRANSFER_SETS, Arm, method_order
 
 log = logging.getLogger("rakt.report")
 
-STEPS = ["target", "eval", "index", "candidates", "manifest", "shards", "teacher", "random-manifest",
+STEPS = ["task", "target", "eval", "index", "candidates", "manifest", "shards", "teacher", "random-manifest",
          "random-shards", "target-manifest", "target-shards"]
 KEY_SETTINGS = ("model", "image_size", "per_class", "pool", "index_spec", "k", "budget", "mode", "student",
                 "epochs", "seeds", "arms", "device")

@@ -23,7 +23,7 @@ def collect(run_dir: str | Path, cfg: dict) -> dict:
     teacher_rec = _record(run_dir, "teacher")
     teacher_json = run_dir / "teacher.pt.json"
     teacher = read_json(teacher_json, "teacher report") if teacher_json.exists() else {}
-    out = {"device": teacher_rec.get("device", ""), "classes": [],
+    out = {"task": (cfg.get("target") or {}).get("name", ""), "device": teacher_rec.get("device", ""), "classes": [],
            "teacher": {"accuracy": teacher.get("accuracy"), "mode": teacher.get("mode"),
                        "seconds": teacher_rec.get("seconds")}, "arms": []}
     for arm in arm_runs(cfg):
@@ -76,7 +76,8 @@ def write_results(run_dir: str | Path, cfg: dict) -> dict:
 def results_text(results: dict) -> str:
     """The results table for the terminal."""
     t = results.get("teacher") or {}
-    lines = [f"{'transfer set':<13} {'method':<12} {'seeds':>5} {'accuracy':>16} {'seconds':>8}"]
+    lines = [f"task: {results['task']}"] if results.get("task") else []
+    lines += [f"{'transfer set':<13} {'method':<12} {'seeds':>5} {'accuracy':>16} {'seconds':>8}"]
     if t.get("accuracy") is not None:
         lines.append(f"{'(teacher)':<13} {t.get('mode') or '':<12} {'':>5} {100 * t['accuracy']:>15.1f}% "
                      f"{t.get('seconds') or 0:>8.0f}")

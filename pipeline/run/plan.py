@@ -8,6 +8,7 @@ from typing import Any
 
 from indexes.registry import index_spec, spec_location
 from pipeline.config import ConfigError, from_dict
+from pipeline.formats import CARVE_POOL, CARVE_TEST, CARVE_TRAIN
 from pipeline.io import kit_dir
 from pipeline.run.config import expand
 from pipeline.rundir import LABELLED, LABELLED_SHARD, TRANSFER_SETS, arm_runs
@@ -39,14 +40,19 @@ def plan(cfg: dict) -> list[Step]:
         config = from_dict(STAGES[stage].config, {**section, **values}, where=f"run config, step '{name}'")
         steps.append(Step(name, stage, config, list(deps), outputs or [values["out"]]))
 
+    pool, task = cfg["pool"], carve_task(cfg)
+    if task:  # the target task carved out of the pool: its train/test shards and the pool without them
+        add("task", "carve", {"pool": pool, "train_per_class": t["per_class"], "seed": t["seed"], "out": p("task")})
+        t = {**t, "train": [p(f"task/{CARVE_TRAIN}")], "test": [p(f"task/{CARVE_TEST}")]}
+        pool = [p(f"task/{CARVE_POOL}")]
     add("labelled", "labelled", {"source": t["train"], "per_class": t["per_class"], "seed": t["seed"],
-                                 "out": p("labelled")}, section={})
+                                 "out": p("labelled")}, task, section={})
     add("target", "embed", {**enc, "source": [p(LABELLED_SHARD)], "split": "train", "out": p("target")},
         ["labelled"])
-    add("eval", "embed", {**enc, "source": t["test"], "split": "test", "out": p("eval")})
+    add("eval", "embed", {**enc, "source": t["test"], "split": "test", "out": p("eval")}, task)
     index = cfg.get("index_spec") or index_spec(p("index"))
     if not cfg.get("index_spec"):
-        add("index", "index", {**enc, "source": cfg["pool"], "out": p("index")})
+        add("index", "index", {**enc, "source": pool, "out": p("index")}, task)
     index_deps = [] if cfg.get("index_spec") else ["index"]
     add("candidates", "retrieve", {"embeddings": p("target"), "index": index, "out": p("candidates")},
         ["target", *index_deps])
@@ -73,6 +79,9 @@ def plan(cfg: dict) -> list[Step]:
             ["manifest", *index_deps])
         add(tset.shards, collect, {"manifest": p(tset.manifest), "out": p(tset.shards)}, [tset.manifest])
     if "target" in used:
+        if task:
+            raise ConfigError("experiment arm target/...: a carved task (carve:) has no unlabelled target train "
+                              "images of its own (they stay in the pool); drop the target arms")
         tset = TRANSFER_SETS["target"]
         add(tset.manifest, "sample", {"source": t["train"], "like": p(retrieved.manifest), "exclude": [p("target")],
                                       "out": p(tset.manifest)}, ["manifest", "target"])
@@ -107,3 +116,18 @@ def plan(cfg: dict) -> list[Step]:
         add(step("evaluate"), "evaluate", {"source": t["test"], "checkpoint": p(f"{step('finetune')}/student.pt"),
                                            "out": p(f"arms/{arm.name}/eval.json")}, [step("finetune")])
     return steps
+
+
+def carve_task(cfg: dict) -> list[str]:
+    """["task"] when the run config carves its target task out of the pool (a non-empty `carve:` section; the
+    carve step then reads `pool`, `target.per_class` and `target.seed`), else []."""
+    section = cfg.get("carve") or {}
+    if not section:
+        return []
+    if not isinstance(section, dict):
+        raise ConfigError(f"run config: carve must be a mapping of `rakt carve` settings, got {section!r}")
+    fixed = sorted(set(section) & {"pool", "train_per_class", "seed", "out"})
+    if fixed:
+        raise ConfigError(f"run config: carve.{fixed[0]} is set by the run (pool, target.per_class, target.seed, "
+                          "the run directory); set those instead")
+    return ["task"]
