@@ -119,3 +119,41 @@ def test_export_clear_errors(student_and_shard, tmp_path, capsys):
     assert "labelled target test images are required" in capsys.readouterr().err
     assert not out.exists()
 
+
+def test_run_plan_exports_the_main_arm_only(tmp_path):
+    from pipeline.run.config import load_run_config
+    from pipeline.run.plan import plan
+
+    steps = plan(load_run_config("experiment", run_dir=str(tmp_path / "run")))
+    exports = [s for s in steps if s.stage == "export"]
+    assert [s.name for s in exports] == ["arms/retrieved-task-s0/export"]
+    step = exports[0]
+    assert step.config.checkpoint == str(tmp_path / "run/arms/retrieved-task-s0/finetune/student.pt")
+    assert step.config.teacher == str(tmp_path / "run/teacher.pt") and step.deps[-1] == "teacher"
+    assert [s.name for s in steps].index(step.name) > [s.name for s in steps].index("arms/retrieved-task-s0/evaluate")
+
+
+def test_report_shows_the_exported_student_beside_the_teacher(tmp_path):
+    from pipeline.report import write_report
+    from pipeline.report.results import export_figures, results_text
+
+    arm = tmp_path / "arms" / "retrieved-task-s0"
+    (arm / "export").mkdir(parents=True)
+    (arm / "eval.json").write_text(json.dumps({"accuracy": 0.5, "classes": CLASSES}))
+    check = {"accuracy": {"pytorch": 0.5, "onnx": 0.5, "torchscript": 0.499}, "ok": True, "tolerance_points": 0.1,
+             "difference_points": {"onnx": 0.0, "torchscript": 0.1}}
+    (arm / "export" / "export.json").write_text(json.dumps({
+        "arch": "resnet10t", "device": "cpu: TestCPU (2 cores)", "latency": "batch 1, median of 50 runs, fp32",
+        "student": {"pytorch": {"size_mb": 18.8, "latency_ms": 6.5}, "onnx": {"size_mb": 18.9, "latency_ms": 2.25},
+                    "torchscript": {"size_mb": 19.0, "latency_ms": 5.75}},
+        "teacher": {"size_mb": 13.1, "latency_ms": 31.5, "input_size": 96}, "check": check}))
+    (tmp_path / "results.json").write_text(json.dumps({"teacher": {"accuracy": 0.6, "mode": "linear"}}))
+    md = open(write_report(tmp_path)["markdown"]).read()
+    section = md[md.index("## The student as a deliverable"):]
+    assert "| teacher | pytorch | 13.1 | 31.50 | 60.0% |" in section
+    assert "| student | onnx | 18.9 | 2.25 | 50.0% |" in section
+    assert "| student | torchscript | 19.0 | 5.75 | 49.9% |" in section
+    assert "passed" in section and "cpu: TestCPU" in section and "torchscript differs from PyTorch by 0.10" in section
+    text = results_text({"teacher": {}, "summary": [], "export": export_figures(tmp_path)})
+    assert "teacher  pytorch          13.1             31.50" in text
+    assert "student  onnx             18.9              2.25" in text
