@@ -44,8 +44,10 @@ class ExportConfig:
     tolerance: float = option(0.1, "largest accepted accuracy difference, in points, between exported and PyTorch")
     teacher: str = option("", "teacher checkpoint (rakt adapt) whose size and latency are measured alongside")
     runs: int = option(50, "latency: timed batch-1 forward passes per model (the median is reported)")
+    latency_threads: int = option(1, "intra-op threads of the latency runs (1 = one core; -1 = every core this "
+                                     "process may use)")
     batch_size: int = option(64, "images per forward pass of the accuracy check")
-    threads: int = option(-1, "torch / onnxruntime intra-op threads (-1 = every core this process may use)")
+    threads: int = option(-1, "torch / onnxruntime intra-op threads of the accuracy check (-1 = every core)")
     out: str = option("", "output folder: student.onnx, student.torchscript.pt, student.json, export.json")
 
 

@@ -68,10 +68,19 @@ def formats_for(fmt: str) -> list[str]:
 def export_onnx(model: StudentModel, path: Path) -> None:
     """ONNX through torch's dynamo exporter (torch.export), the batch dimension dynamic."""
     example = torch.rand(1, 3, model.image_size, model.image_size)
-    with atomic_path(path) as tmp, contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
-        torch.onnx.export(model, (example,), str(tmp), dynamo=True, input_names=["images"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
-                          verbose=False)
+    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]  # their INFO lines per rewrite pass
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
+    try:
+        with atomic_path(path) as tmp, contextlib.redirect_stdout(io.StringIO()):  # it prints its progress too
+            torch.onnx.export(model, (example,), str(tmp), dynamo=True, input_names=["images"],
+                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              external_data=False, verbose=False)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
 
 
 def export_torchscript(model: StudentModel, path: Path) -> None:
@@ -206,16 +215,21 @@ def run(cfg: ExportConfig) -> dict:
             export_torchscript(model, out / TORCHSCRIPT_FILE)
             exported["torchscript"] = load_torchscript(out / TORCHSCRIPT_FILE)
         check = _check_accuracy(cfg, model, exported)
+        lat_threads = set_threads(cfg.latency_threads)  # torch's; onnxruntime gets a session with as many
+        if "onnx" in exported:
+            exported["onnx"] = OnnxModel(out / ONNX_FILE, lat_threads)
         student = {"pytorch": {"size_mb": round(Path(cfg.checkpoint).stat().st_size / 2 ** 20, 2),
                                "latency_ms": median_latency_ms(model, model.image_size, cfg.runs)}}
         for name, m in exported.items():
             student[name] = {"file": files[name], "size_mb": round((out / files[name]).stat().st_size / 2 ** 20, 2),
                              "latency_ms": median_latency_ms(m, model.image_size, cfg.runs)}
         teacher = _teacher_figures(cfg.teacher, cfg.runs) if cfg.teacher else None
+        set_threads(threads)
     write_json(out / META_FILE, _meta(model, check["classes"], {k: files[k] for k in exported}))
     report = {"arch": model.arch, "checkpoint": cfg.checkpoint, "checkpoint_meta": meta, "formats": formats,
               "parameters": sum(p.numel() for p in model.parameters()), "device": device_name(torch.device("cpu")),
-              "threads": threads, "latency": f"batch 1, median of {cfg.runs} runs, fp32", "student": student,
+              "threads": lat_threads, "latency": f"batch 1, median of {cfg.runs} runs, fp32, {lat_threads} "
+                                                  f"thread{'s' if lat_threads > 1 else ''}", "student": student,
               "teacher": teacher, "check": check, "config": to_dict(cfg)}
     write_json(out / REPORT_FILE, report)
     summary = "; ".join(f"{k} {v['size_mb']} MB {v['latency_ms']} ms" for k, v in student.items())
