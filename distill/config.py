@@ -1,4 +1,4 @@
-"""Typed configs of this package's stages: `rakt adapt`, `rakt distill`, `rakt finetune`, `rakt evaluate` and the
+"""Typed configs of this package's stages: `rakt adapt`, `rakt distill`, `rakt finetune`, `rakt evaluate`, `rakt export` and the
 fresh student of the labelled-only arm (`init`). Bound to CLI flags and YAML like every stage config
 (pipeline/config.py)."""
 from __future__ import annotations
@@ -26,6 +26,29 @@ class EvaluateConfig:
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
     threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)")
     out: str = option("", "output report JSON (accuracy, per-class accuracy, confusion matrix)")
+
+
+EXPORT_FORMATS = ("auto", "both", "onnx", "torchscript")
+
+
+@dataclass
+class ExportConfig:
+    """`rakt export` (distill/export.py): the student as ONNX and TorchScript, checked and timed."""
+    checkpoint: str = option("", "student checkpoint file (from rakt finetune / distill.students.save_student)")
+    source: list[str] = option([], "labelled target test images (as for `rakt evaluate`): the exported models' "
+                                   "accuracy must equal the PyTorch student's within --tolerance", positional=True)
+    format: str = option("auto", "auto: ONNX and TorchScript, TorchScript alone (with a warning) when the ONNX "
+                                 "packages are missing; both | onnx | torchscript", choices=EXPORT_FORMATS)
+    classes: str = option("", "classes.txt (one name per line); default: found beside the source")
+    split: str = option("", "check only on samples whose split field is this ('' = every sample)")
+    tolerance: float = option(0.1, "largest accepted accuracy difference, in points, between exported and PyTorch")
+    teacher: str = option("", "teacher checkpoint (rakt adapt) whose size and latency are measured alongside")
+    runs: int = option(50, "latency: timed batch-1 forward passes per model (the median is reported)")
+    latency_threads: int = option(1, "intra-op threads of the latency runs (1 = one core; -1 = every core this "
+                                     "process may use)")
+    batch_size: int = option(64, "images per forward pass of the accuracy check")
+    threads: int = option(-1, "torch / onnxruntime intra-op threads of the accuracy check (-1 = every core)")
+    out: str = option("", "output folder: student.onnx, student.torchscript.pt, student.json, export.json")
 
 
 @dataclass

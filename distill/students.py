@@ -46,9 +46,7 @@ class StudentModel(nn.Module):
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> resized (if needed) and normalized network input."""
-        if self.image_size and x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False, antialias=x.shape[-1] > self.image_size)
+        x = resize_input(x, self.image_size)
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +61,13 @@ class StudentModel(nn.Module):
         """(logits, pooled features) from one pass through the backbone."""
         pooled = self.net.forward_head(self.net.forward_features(self.prepare(x)), pre_logits=True)
         return self.net.get_classifier()(pooled), pooled
+
+
+def resize_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[0, 1] images -> size x size as the student resizes them (bilinear, antialiased when shrinking); 0 = as is."""
+    if size and x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+    return x
 
 
 def create_student(name: str, num_classes: int, *, checkpoint: str = "", small_input: bool = False,

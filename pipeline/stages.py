@@ -83,4 +83,6 @@ STAGES: dict[str, Stage] = {
                       "finetune a distilled student on the labelled target images"),
     "evaluate": Stage("distill.config:EvaluateConfig", "distill.evaluate",
                       "accuracy, per-class accuracy and confusion matrix of a student on labelled target test images"),
+    "export": Stage("distill.config:ExportConfig", "distill.export",
+                    "write the student as ONNX and TorchScript, check their accuracy, time them on the CPU"),
 }

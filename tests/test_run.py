@@ -80,12 +80,15 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
     assert again["ran"] == [] and set(again["skipped"]) == set(names)
     (tmp_path / "run" / "results.json").unlink()
     assert cli.main(["report", str(tmp_path / "run")]) == 0  # refreshes results.json, writes the report
-    assert "retrieved / task" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "retrieved / task" in report and "| student | onnx |" in report and "| teacher | pytorch |" in report
+    exported = json.loads((tmp_path / "run/arms/retrieved-task-s0/export/export.json").read_text())
+    assert exported["check"]["ok"] and exported["teacher"]["latency_ms"] > 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["arms"] == results["arms"]
 
     changed = execute(config(world, tiny_clip, tmp_path / "run", **{"distill.epochs": 2}))
     assert changed["ran"] == ["arms/retrieved-task-s0/distill", "arms/retrieved-task-s0/finetune",
-                              "arms/retrieved-task-s0/evaluate"]
+                              "arms/retrieved-task-s0/evaluate", "arms/retrieved-task-s0/export"]
     summary = json.loads((tmp_path / "run/arms/retrieved-task-s0/distill/summary.json").read_text())
     assert summary["epochs"] == 2
 

@@ -10,6 +10,7 @@ import pandas as pd
 
 from pipeline.io import atomic_path
 import pipeline.report.plots as plots
+from pipeline.report.results import deployment_rows
 from pipeline.report.gather import KEY_SETTINGS, UNKNOWN, flatten, gather, pool_shares, summary_rows
 from pipeline.rundir import NO_KD
 from pipeline.stages import kd_modes
@@ -186,6 +187,23 @@ def _results(doc: _Doc, ctx: dict, rows: list[dict]) -> None:
                  teacher.get("accuracy"))
 
 
+def _deliverable(doc: _Doc, ctx: dict) -> None:
+    """The exported student (`rakt export`) beside the teacher: size, batch-1 CPU latency, the accuracy check."""
+    ex = ctx.get("export")
+    if not ex:
+        return
+    doc.add("h2", "The student as a deliverable")
+    acc, diff = ex.get("accuracy") or {}, ex.get("difference_points") or {}
+    teacher_acc = (ctx["results"].get("teacher") or {}).get("accuracy")
+    doc.add("table", ["model", "format", "size MB", "CPU latency ms (batch 1)", "test accuracy"],
+            [(model, fmt, f"{size:.1f}", f"{ms:.2f}", _pct(teacher_acc if model == "teacher" else acc.get(fmt)))
+             for model, fmt, size, ms in deployment_rows(ex)])
+    verdict = "passed" if ex.get("check_ok") else "FAILED"
+    doc.add("p", f"{ex.get('arch')} of arm {ex.get('arm')}, exported by `rakt export`; latency {ex.get('latency')} "
+                 f"on {ex.get('device')}. Accuracy check ({verdict}, tolerance {ex.get('tolerance_points')} points): "
+                 + (", ".join(f"{k} differs from PyTorch by {v:.2f} points" for k, v in diff.items()) or "no export"))
+
+
 def _transfer_sets(doc: _Doc, ctx: dict, shares: dict, bad_shards: int) -> None:
     doc.add("h2", "Transfer sets")
     mans = ctx["manifests"]
@@ -280,6 +298,7 @@ def write_report(run_dir: str | Path) -> dict:
     doc.add("p", _what_happened(ctx, rows, shares))
     _settings(doc, ctx)
     _results(doc, ctx, rows)
+    _deliverable(doc, ctx)
     plots.per_class_section(doc, ctx)
     plots.curves_section(doc, ctx)
     _transfer_sets(doc, ctx, shares, bad)

@@ -41,7 +41,21 @@ def collect(run_dir: str | Path, cfg: dict) -> dict:
             "seconds": {k: _record(run_dir, arm.step(k)).get("seconds", 0.0)
                         for k in ("distill", "finetune", "evaluate")}})
     out["summary"] = summarize(out["arms"])
+    out["export"] = export_figures(run_dir)
     return out
+
+
+def export_figures(run_dir: Path) -> dict | None:
+    """The exported student (`rakt export`, arms/ARM/export/export.json): sizes, CPU latencies, accuracy check."""
+    found = sorted(Path(run_dir).glob("arms/*/export/export.json"))
+    if not found:
+        return None
+    rep = read_json(found[0], "export report")
+    check = rep.get("check") or {}
+    return {"arm": found[0].parent.parent.name, "arch": rep.get("arch"), "device": rep.get("device"),
+            "latency": rep.get("latency"), "student": rep.get("student") or {}, "teacher": rep.get("teacher"),
+            "accuracy": check.get("accuracy") or {}, "difference_points": check.get("difference_points") or {},
+            "tolerance_points": check.get("tolerance_points"), "check_ok": check.get("ok")}
 
 
 def summarize(arms: list[dict]) -> list[dict]:
@@ -84,4 +98,19 @@ def results_text(results: dict) -> str:
     for r in results.get("summary", []):
         acc = f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}%" if r["seeds"] > 1 else f"{100 * r['mean']:.1f}%"
         lines.append(f"{r['transfer_set']:<13} {r['method']:<12} {r['seeds']:>5} {acc:>16} {r['seconds_mean']:>8.0f}")
+    deploy = deployment_rows(results.get("export"))
+    if deploy:
+        lines.append(f"\n{'model':<8} {'format':<12} {'size MB':>8} {'CPU ms (batch 1)':>17}")
+    for model, fmt, size, ms in deploy:
+        lines.append(f"{model:<8} {fmt:<12} {size:>8.1f} {ms:>17.2f}")
     return "\n".join(lines)
+
+
+def deployment_rows(export: dict | None) -> list[tuple[str, str, float, float]]:
+    """(model, format, size MB, batch-1 CPU latency ms) of the teacher and of the exported student's formats."""
+    if not export:
+        return []
+    teacher = export.get("teacher") or {}
+    rows = [("teacher", "pytorch", teacher["size_mb"], teacher["latency_ms"])] if teacher else []
+    return rows + [("student", fmt, fig["size_mb"], fig["latency_ms"])
+                   for fmt, fig in (export.get("student") or {}).items()]

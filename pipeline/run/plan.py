@@ -11,7 +11,7 @@ from pipeline.config import ConfigError, from_dict
 from pipeline.formats import CARVE_POOL, CARVE_TEST, CARVE_TRAIN
 from pipeline.io import kit_dir
 from pipeline.run.config import expand
-from pipeline.rundir import LABELLED, LABELLED_SHARD, TRANSFER_SETS, arm_runs
+from pipeline.rundir import LABELLED, LABELLED_SHARD, TRANSFER_SETS, Arm, arm_runs
 from pipeline.stages import STAGES, kd_modes
 
 ENCODER_KEYS = ("model", "pretrained", "image_size", "batch_size", "workers", "device", "precision")
@@ -115,6 +115,10 @@ def plan(cfg: dict) -> list[Step]:
                 [step("distill"), "labelled"])
         add(step("evaluate"), "evaluate", {"source": t["test"], "checkpoint": p(f"{step('finetune')}/student.pt"),
                                            "out": p(f"arms/{arm.name}/eval.json")}, [step("finetune")])
+        if arm == main_arm(arms):  # the deliverable: exported, checked and timed beside the teacher
+            add(step("export"), "export", {"source": t["test"], "checkpoint": p(f"{step('finetune')}/student.pt"),
+                                           "teacher": p("teacher.pt"), "out": p(step("export"))},
+                [step("finetune"), "teacher"])
     return steps
 
 
@@ -131,3 +135,8 @@ def carve_task(cfg: dict) -> list[str]:
         raise ConfigError(f"run config: carve.{fixed[0]} is set by the run (pool, target.per_class, target.seed, "
                           "the run directory); set those instead")
     return ["task"]
+
+
+def main_arm(arms: list[Arm]) -> Arm | None:
+    """The run's student: the first transfer arm of the first seed (the labelled-only arm when it is alone)."""
+    return next((a for a in arms if a.transfer_set != LABELLED), arms[0] if arms else None)
