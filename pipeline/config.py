@@ -296,13 +296,13 @@ def validate(cfg: Any, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'out' is required (where to write the result)")
 
 
-def load_yaml(path: str | Path, section: str | None = None) -> dict:
-    """Read a YAML config; with `section`, return that stage's mapping."""
+def load_yaml(path: str | Path, section: str | None = None, what: str = "config file") -> dict:
+    """Read a YAML config (a mapping); with `section`, return that stage's mapping. `what` names it in errors."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_yaml
 from pipeline.io import InputError
 from pipeline.rundir import arm_runs
 
@@ -70,15 +70,7 @@ def expand(value: Any, subs: dict[str, str]) -> Any:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"run config not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values")
-    return data
+    return load_yaml(path, what="run config")
 
 
 def _merge(base: dict, over: dict) -> dict:
