@@ -18,7 +18,6 @@ so the pool that gets indexed never holds a test or labelled image.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from pipeline.formats import CARVE_JSON, CARVE_POOL, CARVE_TEST, CARVE_TRAIN, CL
 from pipeline.io import InputError, atomic_path, json_hash, read_json, write_json
 from pipeline.shard_records import shard_records
 from pipeline.source_specs import detect_source
+from pipeline.sources import draw_rank
 
 log = logging.getLogger("rakt")
 
@@ -152,7 +152,7 @@ def _by_class(found: list[tuple], classes: list[str], cfg: CarveConfig) -> dict[
         if label is None:
             raise InputError(f"{shard}: sample {key} of source {cfg.source!r} has orig_label {value!r}, not one of "
                              f"--classes ({', '.join(classes)})")
-        rank = hashlib.sha256(f"{cfg.seed}:{key}".encode()).hexdigest()
+        rank = draw_rank(cfg.seed, key)
         by_class[label].append({"rank": rank, "shard": shard, "key": key, "label": label, "image": image})
     need = cfg.train_per_class + cfg.test_per_class
     short = {classes[c]: len(s) for c, s in by_class.items() if len(s) < need}

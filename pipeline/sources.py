@@ -326,6 +326,11 @@ def _shard_labels(shard: str, classes: list[str] | None) -> list[tuple[str, int]
     return pairs
 
 
+def draw_rank(seed: int, sample_id: str) -> str:
+    """A sample's place in a seeded per-class draw (sha256 of "seed:id"); `rakt labelled` and `rakt carve` share it."""
+    return hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()
+
+
 def _draw_per_class(labelled: list[tuple[str, str, int]], n: int, seed: int,
                     classes: list[str] | None, specs: list[str]) -> set[tuple[str, str]]:
     """The n lowest-ranked (sha256 of seed:id) samples of each class, as (file or shard, id) pairs."""
@@ -333,7 +338,7 @@ def _draw_per_class(labelled: list[tuple[str, str, int]], n: int, seed: int,
         raise InputError(f"{', '.join(specs)}: --per-class {n} needs labelled images, but none have a label")
     by_class: dict[int, list] = collections.defaultdict(list)
     for sid, where, label in labelled:
-        rank = hashlib.sha256(f"{seed}:{sid}".encode()).hexdigest()
+        rank = draw_rank(seed, sid)
         by_class[label].append((rank, where, sid))
     chosen: set[tuple[str, str]] = set()
     for label in sorted(by_class):
