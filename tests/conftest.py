@@ -4,7 +4,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,17 @@ def jpeg_bytes(arr: np.ndarray, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height, all black: small on disk, `width*height` pixels decoded (a
+    decompression bomb for a large size)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    comp, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def write_folder(root: Path, per_class: dict[str, list[np.ndarray]]) -> Path:

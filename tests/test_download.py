@@ -12,11 +12,9 @@ import os
 import signal
 import json
 import shutil
-import struct
 import threading
 import urllib.error
 import urllib.request
-import zlib
 from collections import Counter
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -28,7 +26,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import image_array, jpeg_bytes
+from conftest import image_array, jpeg_bytes, png_bomb
 from pipeline.cli import main
 from pipeline.config import DownloadConfig
 from pipeline.download import proxy as download_proxy
@@ -45,16 +43,6 @@ LOOPBACK = ["--allow-network", "127.0.0.0/8"]
 ONLY_127_0_0_1 = ["--allow-network", "127.0.0.1/32"]
 FAST = ["--processes", "1", "--threads", "4", "--timeout", "1", "--image-size", "48",
         "--shard-size", str(SHARD_SIZE)]
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG of width x height, all black: about 100 kB on disk, `width*height` pixels decoded."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    comp, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)
-    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module", autouse=True)

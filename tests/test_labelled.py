@@ -2,24 +2,13 @@
 from __future__ import annotations
 
 import json
-import struct
 import tarfile
-import zlib
 from pathlib import Path
 
+from conftest import png_bomb
 from pipeline.cli import main
 
 CLASSES = ["ant", "bee"]
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG of width x height (a decompression bomb for a large size): small on disk."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    comp, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)
-    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def train_shard(tmp_path: Path, make_shard, make_images, to_jpeg, extra: list[dict]) -> Path:
