@@ -111,6 +111,10 @@ class RetrieveConfig:
     index: str = option("", "index spec, e.g. faiss:/path/to/index or a plain index directory")
     out: str = option("", "output candidates directory")
     k: int = option(100, "neighbours per query image")
+    fill_per_class: int = option(0, "re-query the images of a class whose neighbours hold fewer than N distinct pool "
+                                    "images with a doubled k (up to --max-k), so that overlapping neighbourhoods "
+                                    "still fill curate's budget (0 = off)")
+    max_k: int = option(3200, "largest k of --fill-per-class re-queries")
     query_split: str = option("train", "embedding-set split used as queries ('' = all rows)")
     batch_size: int = option(4096, "queries per search call")
     nprobe: int = option(0, "IVF lists to visit (0 = the index's default)")
@@ -150,6 +154,13 @@ class CurateConfig:
                                                 "sets it: there the test set is known); off: the guard is skipped "
                                                 "with a warning, in the summary and manifest.json")
     index: str = option("", "index spec (default: the one recorded by retrieve)")
+    teacher_scores: str = option("", "teacher-aware curation: a `rakt score` output folder (the adapted teacher's "
+                                     "class and probability for every candidate); the report then shows the "
+                                     "selected set's predicted-class histogram")
+    teacher_agree: bool = option(False, "with --teacher-scores: a candidate counts for a query only when the teacher "
+                                        "predicts the query's class (class balance by the teacher's prediction)")
+    teacher_min_prob: float = option(0.0, "with --teacher-scores: drop candidates whose top teacher probability is "
+                                          "below this (out of domain: unlike every target class; 0 = off)")
 
 
 @dataclass

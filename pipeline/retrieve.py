@@ -42,6 +42,9 @@ def run(cfg: RetrieveConfig) -> dict:
         raise ConfigError("rakt retrieve: --index is required (e.g. faiss:/path/to/index or an index directory)")
     if cfg.k < 1 or cfg.batch_size < 1:
         raise ConfigError("rakt retrieve: --k and --batch-size must be >= 1")
+    if cfg.fill_per_class < 0 or (cfg.fill_per_class and cfg.max_k < cfg.k):
+        raise ConfigError(f"rakt retrieve: --fill-per-class must be >= 0 and --max-k >= --k (got "
+                          f"{cfg.fill_per_class} and {cfg.max_k})")
     emb_dir = Path(cfg.embeddings) if cfg.embeddings else None
     if cfg.query_mode == "text":  # an embedding set given here only names the classes and the model
         meta, queries = (read_json(emb_dir / EMBEDDINGS_JSON, "embedding set metadata") if emb_dir else {}), None
@@ -62,6 +65,9 @@ def run(cfg: RetrieveConfig) -> dict:
             s, i = index.search(vectors[begin:begin + cfg.batch_size], cfg.k, nprobe=cfg.nprobe or None)
             scores[begin:begin + len(s)], ids[begin:begin + len(s)] = s, i
             bar.update(len(s))
+    refilled = {}
+    if cfg.fill_per_class:
+        scores, ids, refilled = fill_classes(index, queries, vectors, scores, ids, cfg)
     table = _candidates(queries, scores, ids)
     out = Path(cfg.out)
     write_parquet(out / CANDIDATES_PARQUET, table)
@@ -70,18 +76,54 @@ def run(cfg: RetrieveConfig) -> dict:
         "embeddings": str(emb_dir.resolve()) if emb_dir else None,
         "embeddings_model": meta.get("model"), "query_split": cfg.query_split, "k": cfg.k, "n_queries": n,
         "n_candidates": table.num_rows, "config_hash": config_hash(cfg),
+        "fill_per_class": cfg.fill_per_class, "k_per_class": refilled,
         "inputs": {"embeddings_json_hash": json_hash(meta) if meta else None, "index_json_hash": index.identity()},
         **_text_info(cfg, text, n),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(out / CANDIDATES_JSON, info)
-    missing = n * cfg.k - table.num_rows
+    missing = int((ids[:, :cfg.k] < 0).sum())
     if missing:
         log.warning("retrieve: %d of %d neighbour slots came back empty (id -1); raise --nprobe for IVF indexes",
                     missing, n * cfg.k)
     log.info("retrieve: %d queries x k=%d -> %d candidates in %s", n, cfg.k, table.num_rows, out)
     return {"out": str(out), "n_queries": n, "k": cfg.k, "n_candidates": table.num_rows,
             "index_model": index.model, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def fill_classes(index, queries: pa.Table, vectors: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                 cfg: RetrieveConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Re-query every class whose queries' neighbours hold fewer than cfg.fill_per_class distinct pool images with
+    a doubled k, until it does or k reaches cfg.max_k (or the pool's size). Returns the (wider, -1-padded) score
+    and id arrays and {class label: final k} of the classes re-queried."""
+    labels = np.asarray(queries["label"].to_numpy(zero_copy_only=False), dtype=float)
+    top = min(cfg.max_k, index.size)
+    k_of = {int(lab): cfg.k for lab in np.unique(labels[~np.isnan(labels)])}
+    while True:
+        short = [lab for lab, k in k_of.items() if k < top
+                 and len(np.setdiff1d(ids[labels == lab], [-1])) < cfg.fill_per_class]
+        if not short:
+            break
+        for lab in short:
+            k_of[lab] = min(2 * k_of[lab], top)
+        width = max(k_of[lab] for lab in short)
+        if width > ids.shape[1]:
+            pad = width - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
+        for lab in short:
+            rows = np.nonzero(labels == lab)[0]
+            s, i = index.search(vectors[rows], k_of[lab], nprobe=cfg.nprobe or None)
+            ids[rows, :k_of[lab]], scores[rows, :k_of[lab]] = i, s
+        log.info("retrieve: re-queried %d class(es) below %d distinct neighbours: %s", len(short),
+                 cfg.fill_per_class, ", ".join(f"{lab} (k={k_of[lab]})" for lab in short))
+    refilled = {str(lab): k for lab, k in k_of.items() if k != cfg.k}
+    for lab in k_of:
+        found = len(np.setdiff1d(ids[labels == lab], [-1]))
+        if found < cfg.fill_per_class:
+            log.warning("retrieve: class %s holds %d distinct neighbours at k=%d, fewer than --fill-per-class %d "
+                        "(raise --max-k, or the pool has no more)", lab, found, k_of[lab], cfg.fill_per_class)
+    return scores, ids, refilled
 
 
 def _queries(emb_dir: Path, split: str) -> tuple[dict, pa.Table]:
