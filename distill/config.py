@@ -151,3 +151,18 @@ class InitConfig:
     image_size: int = option(0, "the student's input resolution in px (0 = the model's own)")
     embeddings: str = option("", "embedding set whose recorded classes the student predicts")
     out: str = option("", "student checkpoint file to write (e.g. init/student.pt)")
+
+
+@dataclass
+class ScoreConfig:
+    """`rakt score` (distill/teacher/score.py): the adapted teacher's class prediction for every retrieved candidate."""
+    candidates: str = option("", "candidates directory (from `rakt retrieve`)", positional=True)
+    teacher: str = option("", "adapted teacher checkpoint (from `rakt adapt`)")
+    max_rank: int = option(0, "score only candidates of rank < N (0 = every candidate)")
+    pool_root: str = option("", "the local pool's folder, as for `rakt materialize` ('' = from the index's lineage)")
+    batch_size: int = option(256, "images per teacher forward pass")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
+    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)")
+    out: str = option("", "output folder: scores.parquet (pool_id, pred, prob, logits), scores.json, and the "
+                          "candidates' images as shards (kept for a resumed run)")

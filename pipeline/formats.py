@@ -94,6 +94,28 @@ def read_candidates(path: Path) -> pd.DataFrame:
     return df.drop_duplicates(["query_id", "pool_id"], keep="first").reset_index(drop=True)
 
 
+# --- 3b. teacher scores of the candidates (`rakt score`, read by `rakt curate --teacher-scores`) ----------
+
+SCORES_PARQUET = "scores.parquet"
+SCORES_JSON = "scores.json"
+SCORE_COLUMNS = ("pool_id", "pred", "prob")
+
+
+def read_scores(folder: Path) -> tuple[pd.DataFrame, dict]:
+    """scores.parquet (pool_id, pred, prob; one row per scored pool image, indexed by pool_id) and scores.json."""
+    path = Path(folder) / SCORES_PARQUET
+    if not path.exists():
+        raise InputError(f"{path}: teacher scores not found; run `rakt score CANDIDATES --teacher T --out {folder}`")
+    table = read_parquet(path, f"delete it and rerun `rakt score ... --out {folder}`")
+    missing = [c for c in SCORE_COLUMNS if c not in table.column_names]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; rerun `rakt score`")
+    meta = read_json(Path(folder) / SCORES_JSON, "teacher scores metadata; rerun `rakt score`")
+    frame = table.select(list(SCORE_COLUMNS)).to_pandas().astype({"pool_id": "int64", "pred": "int64",
+                                                                  "prob": "float32"})
+    return frame.drop_duplicates("pool_id").set_index("pool_id"), meta
+
+
 # --- 4. transfer manifest (+ removed.parquet) ------------------------------------------------------
 
 MANIFEST_PARQUET = "manifest.parquet"

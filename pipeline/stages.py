@@ -75,6 +75,9 @@ STAGES: dict[str, Stage] = {
                       "download a transfer manifest's URLs into WebDataset shards (img2dataset)"),
     "adapt": Stage("distill.config:AdaptConfig", "distill.teacher.adapt",
                    "adapt the teacher to the target task: linear probe, zero-shot head, reprogram, finetune"),
+    "score": Stage("distill.config:ScoreConfig", "distill.teacher.score",
+                   "the adapted teacher's class and probability for every retrieved candidate (teacher-aware "
+                   "curation: `rakt curate --teacher-scores`)"),
     "init": Stage("distill.config:InitConfig", "distill.init",
                   "a randomly initialised student checkpoint (the labelled-only arm)"),
     "distill": Stage("distill.config:DistillConfig", "distill.distill",

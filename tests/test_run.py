@@ -233,3 +233,25 @@ def test_the_plan_always_requires_the_leakage_guard(world, tiny_clip, tmp_path):
     step = next(s for s in plan(cfg) if s.stage == "curate")
     assert step.config.require_leakage_guard is True and step.config.eval_embeddings == str(tmp_path / "run/eval")
     assert "eval" in step.deps
+
+
+def test_teacher_aware_curation_scores_candidates_before_curate(world, tiny_clip, tmp_path, one_torch_thread):
+    run = tmp_path / "run"
+    cfg = config(world, tiny_clip, run, arms=("retrieved/task",), **{"curate.teacher_agree": "true",
+                                                                     "experiment.report": "true"})
+    execute(cfg)
+    names = [r["step"] for r in status(run)]
+    assert names.index("teacher") < names.index("scores") < names.index("manifest")
+    scores = pq.read_table(run / "scores/scores.parquet").to_pandas()
+    candidates = pq.read_table(run / "candidates/candidates.parquet").to_pandas()
+    assert set(scores["pool_id"]) == set(candidates["pool_id"])  # every distinct candidate, once
+    logits = np.stack(scores["logits"].to_numpy())
+    assert logits.shape == (len(scores), len(CLASSES)) and (scores["pred"] == logits.argmax(1)).all()
+    meta = json.loads((run / "manifest/manifest.json").read_text())
+    manifest = pq.read_table(run / "manifest/manifest.parquet").to_pandas()
+    pred = scores.set_index("pool_id")["pred"]
+    assert (pred.reindex(manifest["pool_id"]).to_numpy() == manifest["query_label"].to_numpy()).all()
+    assert sum(meta["counts"]["teacher_predicted"].values()) == len(manifest)
+    assert meta["settings"]["teacher_scores"] == str(run / "scores")
+    assert "Teacher-aware curation" in (run / "report.md").read_text()
+    assert (run / "report/teacher_predicted.png").stat().st_size > 0

@@ -13,8 +13,8 @@ from pipeline.config import ConfigError, CurateConfig, config_hash, to_dict
 from pipeline.curate.filters import empty_removed, load_eval_set
 from pipeline.curate.rules import CurateContext, registered, rules
 from pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, LOCATOR_COLUMNS, MANIFEST_JSON, MANIFEST_PARQUET,
-                              REMOVED_PARQUET, REMOVED_SCHEMA, read_candidates)
-from pipeline.io import InputError, json_hash, read_json, timed, write_json, write_parquet
+                              REMOVED_PARQUET, REMOVED_SCHEMA, read_candidates, read_scores)
+from pipeline.io import InputError, file_hash, json_hash, read_json, timed, write_json, write_parquet
 from pipeline.prompts import TEXT_QUERY_PREFIX
 
 log = logging.getLogger("rakt.curate")
@@ -53,7 +53,8 @@ def run(cfg: CurateConfig) -> dict:
                              "embed the target's test images and pass them as --eval-embeddings")
         guard = (f"on: {len(ev.ids)} eval images, cosine > {cfg.leakage_threshold:g} dropped" if ev.enabled
                  else f"OFF: {ev.reason}; pool images may duplicate the target's test images")
-        ctx = CurateContext(cfg, index, ev, out / REMOVED_PARQUET)
+        scores, classes = teacher_scores(cfg, cand_dir)
+        ctx = CurateContext(cfg, index, ev, out / REMOVED_PARQUET, scores, classes, class_groups(queries, cfg))
         cands, removed_parts = apply_candidate_rules(cands, ctx, counts)
         hits, dropped = select_filtered(cands, quotas, ctx)
         images = summarize(hits, cfg.dedup)
@@ -64,11 +65,14 @@ def run(cfg: CurateConfig) -> dict:
         counts["selected"] = len(images)
         counts["empty_slots"] = int(quotas.sum()) - len(images)
         counts["per_class"] = per_class(images)
+        if scores is not None:  # the selected set as the teacher sees it
+            counts["teacher_predicted"] = predicted_per_class(images, scores, classes)
         if counts["empty_slots"] > 0:
             fetched = cmeta.get("k", int(cands.groupby("query_id").size().max()) if len(cands) else 0)
             log.warning("%d of %d slots stay empty: the candidates ran out after filtering (retrieve fetched "
-                        "k=%s per query); rerun `rakt retrieve --k %d` for more candidates",
-                        counts["empty_slots"], int(quotas.sum()), fetched, max(2 * int(fetched or 1), k + 1))
+                        "k=%s per query); rerun `rakt retrieve --k %d` (or --fill-per-class %d) for more candidates",
+                        counts["empty_slots"], int(quotas.sum()), fetched, max(2 * int(fetched or 1), k + 1),
+                        2 * int(quotas.sum()) // max(len(shares), 1))
 
         manifest = attach_metadata(images, index)
         removed = add_pool_names(concat_removed(removed_parts), index)
@@ -105,8 +109,32 @@ def check_config(cfg: CurateConfig) -> None:
         bad.append(f"--near-dup is a cosine in (0, 1], or 0 for off (got {cfg.near_dup})")
     if not -1 <= cfg.leakage_threshold <= 1:
         bad.append(f"--leakage-threshold is a cosine in [-1, 1] (got {cfg.leakage_threshold})")
+    if not 0 <= cfg.teacher_min_prob <= 1:
+        bad.append(f"--teacher-min-prob is a probability in [0, 1] (got {cfg.teacher_min_prob})")
+    if (cfg.teacher_agree or cfg.teacher_min_prob > 0) and not cfg.teacher_scores:
+        bad.append("--teacher-agree and --teacher-min-prob need --teacher-scores (a `rakt score` output folder)")
     if bad:
         raise ConfigError("rakt curate: " + "; ".join(bad))
+
+
+def teacher_scores(cfg: CurateConfig, cand_dir: Path) -> tuple[pd.DataFrame | None, list[str] | None]:
+    """The teacher's scores of these candidates (by pool_id) and its class names; (None, None) without
+    --teacher-scores. Scores of other candidates are refused."""
+    if not cfg.teacher_scores:
+        return None, None
+    scores, meta = read_scores(Path(cfg.teacher_scores))
+    if meta.get("candidates_hash") not in (None, file_hash(cand_dir / CANDIDATES_PARQUET)):
+        raise InputError(f"{cfg.teacher_scores}: these teacher scores were computed for other candidates "
+                         f"({meta.get('candidates')}); rerun `rakt score {cand_dir} --out {cfg.teacher_scores}`")
+    return scores, list(meta.get("classes") or [])
+
+
+def predicted_per_class(images: pd.DataFrame, scores: pd.DataFrame, classes: list[str] | None) -> dict:
+    """Selected images per teacher-predicted class name (classes in the teacher's order)."""
+    preds = scores.reindex(images["pool_id"].to_numpy())["pred"].dropna().astype(int)
+    counts = np.bincount(preds.to_numpy(), minlength=len(classes or [])) if len(preds) else np.zeros(len(classes or []), int)
+    names = classes or [str(i) for i in range(len(counts))]
+    return {names[i] if i < len(names) else str(i): int(c) for i, c in enumerate(counts)}
 
 
 def _model_of(meta: dict) -> str:
@@ -171,8 +199,11 @@ def plan_quotas(queries: pd.DataFrame, cfg: CurateConfig, n_image: int | None = 
     return pd.Series(quota, dtype="int64").reindex(queries["query_id"]), k, shares
 
 
-def select(cands: pd.DataFrame, quotas: pd.Series, dedup: bool) -> pd.DataFrame:
-    """Greedy rank-by-rank selection; returns the hits with `took` (True: took a slot, False: merged dup)."""
+def select(cands: pd.DataFrame, quotas: pd.Series, dedup: bool, groups: pd.Series | None = None) -> pd.DataFrame:
+    """Greedy rank-by-rank selection; returns the hits with `took` (True: took a slot, False: merged dup).
+
+    With `groups` (query_id -> class, balance="class" with dedup) the slots a query cannot fill (its neighbours
+    were taken by other queries) go to the other queries of its class, again rank by rank."""
     order = ["rank", "score", "query_id", "pool_id"]
     cands = cands.sort_values(order, ascending=[True, False, True, True], kind="mergesort")
     if not dedup:
@@ -199,9 +230,47 @@ def select(cands: pd.DataFrame, quotas: pd.Series, dedup: bool) -> pd.DataFrame:
         np.add.at(taken, qpos[took], 1)
         chosen = np.concatenate([chosen, pool[took]])
         parts.append(props.assign(took=took))
+    if groups is not None:
+        parts += share_class_slots(cands, quotas, taken, chosen, groups)
     if not parts:
         return cands.iloc[:0].assign(took=np.zeros(0, bool))
     return pd.concat(parts, ignore_index=True)
+
+
+def share_class_slots(cands: pd.DataFrame, quotas: pd.Series, taken: np.ndarray, chosen: np.ndarray,
+                      groups: pd.Series) -> list[pd.DataFrame]:
+    """The empty slots of each class filled from its queries' candidates not chosen yet, rank by rank."""
+    group_of = groups.reindex(quotas.index).to_numpy()
+    left = pd.Series(quotas.to_numpy() - taken, index=group_of).groupby(level=0).sum()
+    left = left[left > 0]
+    if left.empty:
+        return []
+    rest = cands[~cands["pool_id"].isin(chosen)]
+    rest = rest.assign(group=groups.reindex(rest["query_id"]).to_numpy())
+    rest = rest[rest["group"].isin(left.index)]
+    parts, room = [], left.to_dict()
+    for _, props in rest.groupby("rank", sort=True):
+        props = props[props["group"].map(room).to_numpy() > 0]
+        props = props[~props["pool_id"].isin(chosen) & ~props["pool_id"].duplicated(keep="first")]
+        if props.empty:
+            if not any(v > 0 for v in room.values()):
+                break
+            continue
+        nth = props.groupby("group", sort=False).cumcount().to_numpy()
+        props = props[nth < props["group"].map(room).to_numpy()]
+        for group, n in props["group"].value_counts().items():
+            room[group] -= int(n)
+        chosen = np.concatenate([chosen, props["pool_id"].to_numpy()])
+        parts.append(props.drop(columns="group").assign(took=True))
+    return parts
+
+
+def class_groups(queries: pd.DataFrame, cfg: CurateConfig) -> pd.Series | None:
+    """query_id -> class key for balance="class" with dedup (select shares a class's slots), else None."""
+    if cfg.balance != "class" or not cfg.dedup:
+        return None
+    labels = queries["query_label"].astype(object).where(queries["query_label"].notna(), UNLABELLED)
+    return pd.Series(labels.map(str).to_numpy(), index=queries["query_id"].to_numpy())
 
 
 def apply_candidate_rules(cands: pd.DataFrame, ctx: CurateContext, counts: dict) -> tuple[pd.DataFrame, list]:
@@ -224,7 +293,7 @@ def select_filtered(cands: pd.DataFrame, quotas: pd.Series, ctx: CurateContext) 
     cfg, index = ctx.cfg, ctx.index
     active = rules("selected", cfg)
     dropped: dict[str, list] = {rule.name: [] for rule in active}
-    hits = select(cands, quotas, cfg.dedup)
+    hits = select(cands, quotas, cfg.dedup, ctx.groups)
     if not active:
         return hits, dropped
     for rnd in range(NEAR_DUP_ROUNDS):
@@ -248,7 +317,7 @@ def select_filtered(cands: pd.DataFrame, quotas: pd.Series, ctx: CurateContext) 
                             rule.label, len(frame), rnd + 1)
         else:
             cands = cands[~cands["pool_id"].isin(gone)]
-            hits = select(cands, quotas, cfg.dedup)
+            hits = select(cands, quotas, cfg.dedup, ctx.groups)
     return hits, dropped
 
 

@@ -41,6 +41,9 @@ class CurateContext:
     index: Any  # indexes.base.Index: metadata(ids), embeddings(ids), model, dim
     eval_set: EvalSet
     removed_path: Path  # where removed.parquet goes (for messages)
+    scores: pd.DataFrame | None = None  # teacher scores by pool_id (pred, prob): pipeline.formats.read_scores
+    classes: list[str] | None = None  # the teacher's class names (removed.parquet names the predicted class)
+    groups: pd.Series | None = None  # query_id -> class key when a class's slots are shared (curate.class_groups)
 
 
 @dataclass
@@ -137,3 +140,53 @@ def near_dup(images: pd.DataFrame, ctx: CurateContext) -> RuleResult:
     """Selected images whose cosine to a better-scored kept image exceeds --near-dup."""
     dropped = near_duplicates(ctx.index, images, ctx.cfg.near_dup)
     return RuleResult(without(images, dropped), dropped)
+
+
+def teacher_rows(cands: pd.DataFrame, ctx: CurateContext) -> pd.DataFrame:
+    """The teacher's pred and prob of each candidate row (NaN where the pool image was not scored)."""
+    return ctx.scores.reindex(cands["pool_id"].to_numpy())
+
+
+def _teacher_removed(pool_ids, got: pd.DataFrame, reason: str, ctx: CurateContext) -> pd.DataFrame:
+    """removed.parquet rows for teacher rules: matched_id = the predicted class's name, cosine = its probability."""
+    names = ctx.classes or []
+    preds = got["pred"].to_numpy()
+    label = [names[int(p)] if 0 <= int(p) < len(names) else str(int(p)) for p in preds]
+    return removed_rows(pool_ids, reason, matched_id=label, cosine=got["prob"].to_numpy(np.float32))
+
+
+def _gone(before: pd.DataFrame, after: pd.DataFrame) -> np.ndarray:
+    """Pool images in no row of `after` that were in `before` (a row-level rule removes an image only then)."""
+    ids = np.unique(before["pool_id"].to_numpy())
+    return ids[~np.isin(ids, after["pool_id"].to_numpy())]
+
+
+@register("teacher_unscored", phase="candidates", count="teacher_unscored",
+          when=lambda cfg: bool(cfg.teacher_scores))
+def teacher_unscored(cands: pd.DataFrame, ctx: CurateContext) -> RuleResult:
+    """Candidates the teacher did not score (beyond `rakt score --max-rank`, or unreadable images): dropped."""
+    scored = cands["pool_id"].isin(ctx.scores.index)
+    gone = _gone(cands, cands[scored])
+    return RuleResult(cands[scored], removed_rows(gone, "teacher_unscored"))
+
+
+@register("teacher_ood", phase="candidates", count="teacher_ood_removed", label="teacher out-of-domain",
+          when=lambda cfg: bool(cfg.teacher_scores) and cfg.teacher_min_prob > 0)
+def teacher_ood(cands: pd.DataFrame, ctx: CurateContext) -> RuleResult:
+    """Pool images whose top teacher probability is below --teacher-min-prob: unlike every target class."""
+    got = teacher_rows(cands, ctx)
+    low = (got["prob"] < ctx.cfg.teacher_min_prob).to_numpy()
+    gone = _gone(cands, cands[~low])
+    return RuleResult(cands[~low], _teacher_removed(gone, ctx.scores.reindex(gone), "teacher_ood", ctx))
+
+
+@register("teacher_agree", phase="candidates", count="teacher_disagree_removed", label="teacher disagrees",
+          when=lambda cfg: bool(cfg.teacher_scores) and cfg.teacher_agree)
+def teacher_agree(cands: pd.DataFrame, ctx: CurateContext) -> RuleResult:
+    """Candidate rows whose query class the teacher does not predict; an image goes (removed.parquet) when it
+    keeps no row, i.e. when no query of its predicted class found it."""
+    got = teacher_rows(cands, ctx)
+    labels = cands["query_label"]
+    keep = (labels.isna() | (labels.astype("float64").to_numpy() == got["pred"].to_numpy())).to_numpy()
+    gone = _gone(cands, cands[keep])
+    return RuleResult(cands[keep], _teacher_removed(gone, ctx.scores.reindex(gone), "teacher_disagrees", ctx))

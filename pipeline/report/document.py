@@ -204,6 +204,22 @@ def _deliverable(doc: _Doc, ctx: dict) -> None:
                  + (", ".join(f"{k} differs from PyTorch by {v:.2f} points" for k, v in diff.items()) or "no export"))
 
 
+def _teacher_predicted(doc: _Doc, mans: dict) -> None:
+    """Teacher-aware curation: the selected images per class the adapted teacher predicts."""
+    predicted = {ts: m["meta"]["counts"]["teacher_predicted"] for ts, m in mans.items()
+                 if m["meta"].get("counts", {}).get("teacher_predicted")}
+    if not predicted:
+        return
+    names = list(next(iter(predicted.values())))
+    doc.add("p", "Teacher-aware curation: the adapted teacher scored every candidate before curation "
+                 "(`scores/`); what its scores removed is counted above and listed in removed.parquet.")
+    doc.add("table", ["teacher-predicted class", *predicted],
+            [(name, *(_num(c.get(name, 0)) for c in predicted.values())) for name in names])
+    doc.plot("teacher_predicted", "selected images per teacher-predicted class", plots.grouped_bars, names,
+             {ts: [c.get(name, 0) for name in names] for ts, c in predicted.items()}, ylabel="images",
+             title="Transfer-set images per class the adapted teacher predicts")
+
+
 def _transfer_sets(doc: _Doc, ctx: dict, shares: dict, bad_shards: int) -> None:
     doc.add("h2", "Transfer sets")
     mans = ctx["manifests"]
@@ -213,7 +229,8 @@ def _transfer_sets(doc: _Doc, ctx: dict, shares: dict, bad_shards: int) -> None:
     keys = [("available", "images to draw from (random sample)"), ("excluded", "excluded (labelled images)"),
             ("selected", "selected"), ("dedup_merged", "duplicate hits merged"),
             ("near_dup_removed", "near-duplicates removed"), ("leakage_removed", "leakage removed"),
-            ("empty_slots", "empty slots")]
+            ("teacher_unscored", "not scored by the teacher"), ("teacher_ood_removed", "teacher: unlike every class"),
+            ("teacher_disagree_removed", "teacher: another class than the query's"), ("empty_slots", "empty slots")]
     rows = [("manifest rows", *(f"{len(m['df']):,}" for m in mans.values()))]
     rows += [(label, *(_num(m["meta"].get("counts", {}).get(k)) for m in mans.values())) for k, label in keys
              if any(k in m["meta"].get("counts", {}) for m in mans.values())]
@@ -238,6 +255,7 @@ def _transfer_sets(doc: _Doc, ctx: dict, shares: dict, bad_shards: int) -> None:
                  [names.get(lab, str(lab)) for lab in labels],
                  {ts: [c.get(lab, 0) for lab in labels] for ts, c in per_class.items()}, ylabel="images",
                  title="Transfer-set images per query class")
+    _teacher_predicted(doc, mans)
     scores = mans.get("retrieved", {}).get("df", pd.DataFrame()).get("score")
     if scores is not None and scores.notna().any():
         s = scores.dropna().to_numpy()

@@ -57,19 +57,22 @@ def plan(cfg: dict) -> list[Step]:
     add("candidates", "retrieve", {"embeddings": p("target"), "index": index, "out": p("candidates")},
         ["target", *index_deps])
     retrieved = TRANSFER_SETS["retrieved"]
-    add("manifest", "curate", {"candidates": p("candidates"), "eval_embeddings": p("eval"),
-                               "require_leakage_guard": True, "out": p(retrieved.manifest)}, ["candidates", "eval"])
+    curate = {"candidates": p("candidates"), "eval_embeddings": p("eval"), "require_leakage_guard": True,
+              "out": p(retrieved.manifest)}
+    teacher_aware = teacher_aware_curation(cfg)
+    if teacher_aware:  # the adapted teacher scores the candidates before curation
+        add_teacher(cfg, add, enc, t, p)
+        add("scores", "score", {"candidates": p("candidates"), "teacher": p("teacher.pt"), "out": p("scores")},
+            ["candidates", "teacher"])
+        curate["teacher_scores"] = p("scores")
+    add("manifest", "curate", curate, ["candidates", "eval", *(["scores"] if teacher_aware else [])])
     collect = cfg.get("collect", "materialize")
     if collect not in COLLECT:
         raise ConfigError(f"run config: collect must be materialize or download, got {collect!r}")
     add(retrieved.shards, collect, {"manifest": p(retrieved.manifest), "out": p(retrieved.shards)}, ["manifest"])
 
-    adapt = {**enc, "seed": t["seed"], "out": p("teacher.pt")}
-    if (cfg.get("adapt") or {}).get("mode", "linear") in ("linear", "zeroshot"):
-        adapt.update(embeddings=p("target"), eval=[p("eval")])  # the embeddings of `target`, not recomputed
-    else:
-        adapt.update(train=[p(LABELLED_SHARD)], per_class=0, eval=t["test"])
-    add("teacher", "adapt", adapt, ["target", "eval", "labelled"], [p("teacher.pt"), p("teacher.pt.json")])
+    if not teacher_aware:
+        add_teacher(cfg, add, enc, t, p)
 
     arms = arm_runs(cfg)
     used = {a.transfer_set for a in arms}
@@ -120,6 +123,25 @@ def plan(cfg: dict) -> list[Step]:
                                            "teacher": p("teacher.pt"), "out": p(step("export"))},
                 [step("finetune"), "teacher"])
     return steps
+
+
+def add_teacher(cfg: dict, add, enc: dict, t: dict, p) -> None:
+    """The "teacher" step: `rakt adapt` on the labelled images (linear/zeroshot: on their embeddings)."""
+    adapt = {**enc, "seed": t["seed"], "out": p("teacher.pt")}
+    if (cfg.get("adapt") or {}).get("mode", "linear") in ("linear", "zeroshot"):
+        adapt.update(embeddings=p("target"), eval=[p("eval")])  # the embeddings of `target`, not recomputed
+    else:
+        adapt.update(train=[p(LABELLED_SHARD)], per_class=0, eval=t["test"])
+    add("teacher", "adapt", adapt, ["target", "eval", "labelled"], [p("teacher.pt"), p("teacher.pt.json")])
+
+
+def teacher_aware_curation(cfg: dict) -> bool:
+    """Whether curate uses the adapted teacher's scores (curate.teacher_agree or curate.teacher_min_prob set)."""
+    section = cfg.get("curate") or {}
+    if section.get("teacher_scores"):
+        raise ConfigError("run config: curate.teacher_scores is set by the run (its `scores` step); set "
+                          "curate.teacher_agree and/or curate.teacher_min_prob instead")
+    return bool(section.get("teacher_agree")) or float(section.get("teacher_min_prob") or 0) > 0
 
 
 def carve_task(cfg: dict) -> list[str]:
