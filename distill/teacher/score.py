@@ -51,7 +51,12 @@ def run(cfg: ScoreConfig) -> dict:
     with timed("score"):
         index = open_index(cmeta["index"])
         pool = out / "pool"  # a manifest of the distinct candidates: what materialize collects
-        write_parquet(pool / MANIFEST_PARQUET, attach_metadata(summarize(cands, dedup=True), index))
+        manifest = attach_metadata(summarize(cands, dedup=True), index)
+        if not ({"shard", "key"} <= set(manifest.column_names) or "path" in manifest.column_names):
+            raise InputError(f"index {cmeta['index']}: its pool images are located by URL only, and `rakt score` "
+                             "reads the candidates' images from a local pool (shard+key or path); teacher-aware "
+                             "curation needs a local pool (or an index with local copies)")
+        write_parquet(pool / MANIFEST_PARQUET, manifest)
         write_json(pool / MANIFEST_JSON, {"lineage": {"index": cmeta["index"], "candidates": str(cand_dir.resolve())}})
         collected = materialize.run(MaterializeConfig(manifest=str(pool), out=str(out / "shards"),
                                                       pool_root=cfg.pool_root))
