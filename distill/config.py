@@ -9,6 +9,7 @@ from distill.kd_modes import KD_MODES, modes_help
 from pipeline.config import PRECISION_HELP, PRECISIONS, EncoderConfig, RegisteredNames, option
 
 AUGMENTS = ("none", "shift", "crop")
+MIXES = ("none", "mixup", "cutmix", "both")  # distill/mixing.py
 
 
 @dataclass
