@@ -1,15 +1,18 @@
 """Mixup / CutMix for function matching (distill/mixing.py): seeded draws, the mix at any resolution, the
-interpolated targets of a cached teacher, the batches that carry the mix."""
+interpolated targets of a cached teacher, the batches that carry the mix, and the config checks."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from distill.bank import bank_from_tensors
+from distill.config import DistillConfig
 from distill.data import ViewSpec, bank_batches
+from distill.distill import run as run_distill
 from distill.losses import kd_loss
 from distill.mixing import MixSpec, apply_mix, draw_mix, mix_teacher_outputs, mix_weight
 from distill.views import generator
+from pipeline.config import ConfigError
 
 
 def draws(seed: int, epoch: int, kind: str = "both", count: int = 6) -> list[dict]:
@@ -99,3 +102,13 @@ def test_batches_carry_a_seeded_mix_only_when_asked():
     plain = epoch(1, None)
     assert all("mix" not in x and torch.equal(x["theta"], y["theta"]) for x, y in zip(plain, a))  # views unchanged
     assert all("mix" not in x for x in epoch(1, MixSpec("cutmix", 1.0, 0.0)))
+
+
+@pytest.mark.parametrize("settings, flag", [({"mix": "blend"}, "--mix must be one of"),
+                                            ({"mix": "both", "mix_alpha": 0.0}, "--mix-alpha must be > 0"),
+                                            ({"mix": "both", "mix_prob": 1.5}, r"--mix-prob must be in \[0, 1\]")])
+def test_bad_mix_settings_are_config_errors(tmp_path, settings, flag):
+    with pytest.raises(ConfigError, match=flag):
+        run_distill(DistillConfig(transfer=["x"], teacher="t.pt", out=str(tmp_path), **settings))
+    with pytest.raises(ValueError):
+        MixSpec(settings["mix"], settings.get("mix_alpha", 1.0), settings.get("mix_prob", 1.0))
