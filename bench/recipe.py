@@ -33,6 +33,10 @@ VARIANTS: dict[str, dict] = {
     "views8": {"cache_views": 8},
     "online": {"cache_teacher": False},
     "online-shift": {"cache_teacher": False, "augment": "shift"},
+    # function matching (--mix): the online teacher on the student's mixed views; mix-cached: interpolated targets
+    "fm-shift": {"cache_teacher": False, "augment": "shift", "mix": "both"},
+    "fm-crop": {"cache_teacher": False, "augment": "crop", "mix": "both"},
+    "mix-cached": {"cache_teacher": True, "teacher_view": "clean", "augment": "shift", "mix": "both"},
     "crop08": {"crop_scale": 0.8},
     "t2": {"temperature": 2.0},
     "t1": {"temperature": 1.0},

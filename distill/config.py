@@ -9,6 +9,7 @@ from distill.kd_modes import KD_MODES, modes_help
 from pipeline.config import PRECISION_HELP, PRECISIONS, EncoderConfig, RegisteredNames, option
 
 AUGMENTS = ("none", "shift", "crop")
+MIXES = ("none", "mixup", "cutmix", "both")  # distill/mixing.py
 
 
 @dataclass
@@ -129,6 +130,11 @@ class DistillConfig(TrainConfig):
                                choices=("same", "clean"))
     cache_views: int = option(4, "augmented views per image in the teacher cache (teacher-view same)")
     cache_seed: int = option(-1, "seed of the cached views (-1 = --seed); fix it to share one cache across seeds")
+    mix: str = option("none", "mix transfer batches (function matching): mixup | cutmix | both (either, 1/2 each per "
+                              "batch) | none; the online teacher sees the same mixed image, a cached one gives the "
+                              "mixture of its class distributions (an approximation)", choices=MIXES)
+    mix_alpha: float = option(1.0, "--mix: Beta(alpha, alpha) distribution of the mixing weight (> 0)")
+    mix_prob: float = option(1.0, "--mix: probability that a batch is mixed (0-1)")
 
 
 @dataclass

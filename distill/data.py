@@ -3,11 +3,13 @@ distill's mixed-in target images and for finetune.
 
 A batch is {"source": uint8 [B, 3, s, s] (the bank's images, CPU), "theta": [B, 2, 3] (each sample's view,
 distill/views.py), "labels": int64 [B] (-1 = unlabelled), "index": int64 [B] (bank rows)} plus
-"teacher_logits"/"teacher_features" when a teacher cache is attached. The trainer's prepare() renders the views
-on the training device, at the student's size and (online teacher) at the teacher's, so both see the same crop.
+"teacher_logits"/"teacher_features" when a teacher cache is attached, and "mix" (distill/mixing.py parameters)
+when the batch is mixed. The trainer's prepare() renders the views on the training device, at the student's size
+and (online teacher) at the teacher's, so both see the same crop (and the same mix).
 
 Determinism: the order of an epoch is a permutation seeded by (seed, epoch), split across DDP ranks; every
-sample's view in an epoch is drawn by (seed, epoch) too, or is view (epoch mod V) of the teacher cache. The
+sample's view in an epoch is drawn by (seed, epoch) too, or is view (epoch mod V) of the teacher cache, and each
+batch's mix comes from a generator seeded by (seed, "mix", epoch). The
 batches of an epoch depend only on (seed, epoch, world size), so a resumed run regenerates them exactly.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Iterator
 import torch
 
 from distill.bank import ImageBank
+from distill.mixing import MixSpec
 from distill.views import KINDS, draw_views, generator
 
 log = logging.getLogger("rakt")
@@ -62,18 +65,22 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def bank_batches(bank: ImageBank, *, batch_size: int, seed: int, epoch: object, views: ViewSpec,
-                 cache=None, shuffle: bool = True) -> Iterator[dict]:
-    """One pass over the bank in batches (see the module docstring); `cache` a distill.trainer_cache.TeacherCache."""
+                 cache=None, shuffle: bool = True, mix: MixSpec | None = None) -> Iterator[dict]:
+    """One pass over the bank in batches (see the module docstring); `cache` a distill.trainer_cache.TeacherCache,
+    `mix` how batches are mixed (None = never)."""
     order = epoch_order(len(bank), seed, epoch, shuffle=shuffle)
     if cache is not None and cache.shares_views:
         theta = cache.theta(cache.view_of(epoch))
     else:
         theta = views.draw(len(bank), generator(seed, "views", epoch), bank.side)
+    mixes = generator(seed, "mix", epoch)
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         batch = {"source": bank.take(index), "theta": theta[index], "labels": bank.labels[index], "index": index}
         if cache is not None:
             batch.update(cache.outputs(index, epoch))
+        if mix is not None and (params := mix.draw(len(index), mixes)) is not None:
+            batch["mix"] = params
         yield batch
 
 

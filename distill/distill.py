@@ -9,9 +9,10 @@ from typing import Iterator
 import torch
 
 from distill.bank import ImageBank, JoinedBank, open_bank
-from distill.config import DistillConfig
+from distill.config import MIXES, DistillConfig
 from distill.data import ViewSpec, bank_batches, endless_batches, steps_per_epoch
 from distill.losses import DistillTask
+from distill.mixing import MixSpec
 from distill.students import create_student
 from distill.teacher.checkpoint import load_teacher, read_teacher_meta
 from distill.trainer import Trainer, seed_everything
@@ -38,6 +39,12 @@ def run(cfg: DistillConfig) -> dict:
     check_config(cfg)
     if cfg.cache_teacher and cfg.cache_views < 1:
         raise ConfigError("rakt distill: --cache-views must be at least 1")
+    if cfg.mix not in MIXES:
+        raise ConfigError(f"rakt distill: --mix must be one of {', '.join(MIXES)}, got {cfg.mix!r}")
+    if not cfg.mix_alpha > 0:
+        raise ConfigError(f"rakt distill: --mix-alpha must be > 0, got {cfg.mix_alpha}")
+    if not 0 <= cfg.mix_prob <= 1:
+        raise ConfigError(f"rakt distill: --mix-prob must be in [0, 1], got {cfg.mix_prob}")
     if not cfg.teacher:
         raise ConfigError("rakt distill: --teacher (a checkpoint from `rakt adapt`) is required")
     if not cfg.transfer:
@@ -66,6 +73,7 @@ def run(cfg: DistillConfig) -> dict:
     task = DistillTask(student, teacher, mode=cfg.mode, temperature=cfg.temperature,
                        hard_weight=cfg.hard_weight if target is not None else 0.0, teacher_dim=teacher.dim)
     views = ViewSpec(cfg.augment, cfg.crop_scale)
+    mix = MixSpec(cfg.mix, cfg.mix_alpha, cfg.mix_prob) if cfg.mix != "none" else None
     caches: dict = {"unlabelled": None, "labelled": None}
     if cfg.cache_teacher:
         vseed = cfg.cache_seed if cfg.cache_seed >= 0 else cfg.seed
@@ -79,14 +87,14 @@ def run(cfg: DistillConfig) -> dict:
     meta = {"stage": "distill", "teacher": cfg.teacher, "classes": teacher_classes, "mode": cfg.mode,
             "config_hash": config_hash(cfg)}
     trainer = Trainer(task, settings(cfg, steps_per_epoch(len(transfer), cfg.batch_size), meta),
-                      make_prepare(size, teacher))
+                      make_prepare(size, teacher, cfg.temperature))
     labelled_batch = cfg.target_batch_size or cfg.batch_size
 
     def loader_for(epoch: int) -> Iterator[dict]:
         extra = (endless_batches(target, batch_size=labelled_batch, seed=cfg.seed, epoch=epoch, views=views,
                                  cache=caches["labelled"]) if target is not None else None)
         for batch in bank_batches(transfer, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, views=views,
-                                  cache=caches["unlabelled"]):
+                                  cache=caches["unlabelled"], mix=mix):  # the per-step labelled images: never mixed
             yield {"unlabelled": batch, "labelled": next(extra) if extra is not None else None}
 
     with timed("distill"):

@@ -11,6 +11,7 @@ import torch
 
 from distill.bank import ImageBank, bank_from_tensors
 from distill.losses import teacher_outputs
+from distill.mixing import apply_mix, mix_teacher_outputs, mix_weight
 from distill.teacher.data import load_images
 from distill.trainer import Prepare, TrainSettings
 from distill.trainer_cache import teacher_input
@@ -52,10 +53,13 @@ def settings(cfg, steps_per_epoch: int, meta: dict) -> TrainSettings:
                          checkpoint_every=cfg.checkpoint_every, compile=cfg.compile, resume=cfg.resume, meta=meta)
 
 
-def make_prepare(size: int, teacher=None) -> Prepare:
+def make_prepare(size: int, teacher=None, temperature: float = 1.0) -> Prepare:
     """prepare() of a batch {"unlabelled": ..., "labelled": ...} (either may be missing; distill/data.py batches):
     each part's views rendered on the device at the student's `size`, labels (the unlabelled part's set to -1), and
-    with a teacher the teacher's outputs: cached ones from the batch, else the teacher run on the same views."""
+    with a teacher the teacher's outputs: cached ones from the batch, else the teacher run on the same views.
+    A part with a "mix" (distill/mixing.py) is mixed alike at both sizes, its labels set to -1 (no hard-label CE on
+    a mixed image), and the online teacher runs on the mixed image (function matching); cached outputs are mixed
+    as tempered class distributions at `temperature` (an approximation)."""
     def prepare(batch: dict, device: torch.device, epoch: int) -> dict:
         images, labels, outs = [], [], []
         for name in ("unlabelled", "labelled"):
@@ -63,12 +67,17 @@ def make_prepare(size: int, teacher=None) -> Prepare:
             if part is None:
                 continue
             source = part["source"].to(device, non_blocking=True)
-            images.append(render(source, part["theta"], size))
-            labels.append(part["labels"].clamp(max=-1) if name == "unlabelled" else part["labels"])
+            mix = part.get("mix")
+            view = render(source, part["theta"], size)
+            images.append(apply_mix(view, mix) if mix is not None else view)
+            labels.append(part["labels"].clamp(max=-1) if name == "unlabelled" or mix is not None else part["labels"])
             if "teacher_logits" in part:
-                outs.append({k.removeprefix("teacher_"): v for k, v in part.items() if k.startswith("teacher_")})
+                out = {k.removeprefix("teacher_"): v for k, v in part.items() if k.startswith("teacher_")}
+                outs.append(mix_teacher_outputs(out, mix, mix_weight(mix, size), temperature) if mix is not None
+                            else out)
             elif teacher is not None:
-                outs.append(teacher_outputs(teacher, teacher_input(teacher, source, part["theta"])))
+                seen = teacher_input(teacher, source, part["theta"])
+                outs.append(teacher_outputs(teacher, apply_mix(seen, mix) if mix is not None else seen))
         kwargs = {"images": channels_last(torch.cat(images)), "labels": torch.cat(labels).to(device)}
         if outs:
             keys = set.intersection(*(set(o) for o in outs))

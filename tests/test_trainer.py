@@ -120,18 +120,20 @@ def test_finetune_from_the_distilled_student(distilled, world, tmp_path, one_tor
 RESUME_RUN = dict(epochs=2, batch_size=4, lr=3e-3, warmup=2, ema=0.9, checkpoint_every=3)  # 24 steps
 
 
-def _cli(world: dict, out: Path) -> list[str]:
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in RESUME_RUN.items()]
+def _cli(world: dict, out: Path, mix: str = "none") -> list[str]:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**RESUME_RUN, "mix": mix}.items()]
     return [sys.executable, "-m", "pipeline.cli", "distill", str(world["transfer"]), "--teacher", str(world["teacher"]),
             "--student", "resnet10t", "--small-input", "--image-size", "32", "--device", "cpu",
             *flags, "--out", str(out)]
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run(world, tmp_path, one_torch_thread):
-    """SIGKILL the CLI after its first checkpoint, rerun it: the same student as one uninterrupted run."""
+@pytest.mark.parametrize("mix", ["none", "both"])
+def test_kill_and_resume_matches_an_uninterrupted_run(world, tmp_path, one_torch_thread, mix):
+    """SIGKILL the CLI after its first checkpoint, rerun it: the same student as one uninterrupted run (with mixed
+    batches too: each batch's mix is redrawn from (seed, epoch))."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     full, killed = tmp_path / "full", tmp_path / "killed"
-    proc = subprocess.Popen(_cli(world, killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cli(world, killed, mix), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -141,14 +143,57 @@ def test_kill_and_resume_matches_an_uninterrupted_run(world, tmp_path, one_torch
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     at_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < at_kill < 24
-    subprocess.run(_cli(world, killed), cwd=ROOT, env=env, check=True, capture_output=True)
-    run_distill(distill_cfg(world, full, **RESUME_RUN))  # uninterrupted, in process (1 thread)
+    subprocess.run(_cli(world, killed, mix), cwd=ROOT, env=env, check=True, capture_output=True)
+    run_distill(distill_cfg(world, full, **RESUME_RUN, mix=mix))  # uninterrupted, in process (1 thread)
     a, _ = load_student(full / "student.pt")
     b, _ = load_student(killed / "student.pt")
     for name, value in a.state_dict().items():
         assert torch.allclose(value.float(), b.state_dict()[name].float(), atol=1e-4, rtol=1e-3), name
     steps = [r["step"] for r in metrics(killed)]
     assert steps[-1] == 24 and set(steps) == set(range(1, 25))
+
+
+def test_prepare_shows_the_online_teacher_the_students_mix(world):
+    """Function matching: the student's images and the teacher's input are the same view with the same mix, each
+    at its own size, and the teacher's outputs are its outputs on the mixed image; a cached teacher's are mixed as
+    class distributions with the mix's weight at the student's size."""
+    from distill.mixing import MixSpec, apply_mix, mix_weight
+    from distill.teacher.checkpoint import load_teacher
+    from distill.trainer_cache import build_cache, teacher_input
+    from distill.training import make_prepare
+    from distill.views import render
+
+    teacher = load_teacher(world["teacher"], device="cpu", classes=CLASSES)
+    bank = open_bank([str(world["transfer"])], 32)
+    for kind in ("mixup", "cutmix"):
+        batch = next(bank_batches(bank, batch_size=8, seed=0, epoch=0, views=ViewSpec("crop"), mix=MixSpec(kind)))
+        got = make_prepare(24, teacher, 4.0)({"unlabelled": batch}, torch.device("cpu"), 0)
+        mix = batch["mix"]
+        assert torch.allclose(got["images"], apply_mix(render(batch["source"], batch["theta"], 24), mix))
+        with torch.no_grad():
+            want = teacher(apply_mix(teacher_input(teacher, batch["source"], batch["theta"]), mix))
+        assert torch.allclose(got["teacher_out"]["logits"], want, atol=1e-5)
+        assert (got["labels"] == -1).all()
+    cache = build_cache(teacher, bank, str(world["teacher"]), kind="clean", views=1, spec=ViewSpec("crop"), seed=0,
+                        features=False, device=torch.device("cpu"))
+    batch = next(bank_batches(bank, batch_size=8, seed=0, epoch=0, views=ViewSpec("crop"), cache=cache,
+                              mix=MixSpec("cutmix")))
+    got = make_prepare(24, teacher, 4.0)({"unlabelled": batch}, torch.device("cpu"), 0)
+    p, lam = torch.softmax(batch["teacher_logits"] / 4.0, dim=-1), mix_weight(batch["mix"], 24)
+    want = lam * p + (1 - lam) * p[batch["mix"]["perm"]]
+    assert 0 < lam < 1 and torch.allclose(torch.softmax(got["teacher_out"]["logits"] / 4.0, dim=-1), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_distill_with_mixed_batches(world, tmp_path, one_torch_thread, cached):
+    """--mix both, online (the teacher on the mixed images) and cached (interpolated targets; features too)."""
+    settings = dict(cache_teacher=True, teacher_view="clean", mode="progressive") if cached else {}
+    out = tmp_path / "mix"
+    summary = run_distill(distill_cfg(world, out, epochs=1, augment="shift", mix="both", mix_alpha=0.4, **settings))
+    assert summary["steps"] == 3
+    rows = metrics(out)
+    assert all(r["kd"] > 0 and r["loss"] == r["loss"] for r in rows)
+    assert all(r["feature"] > 0 for r in rows) if cached else "feature" not in rows[0]
 
 
 def test_corrupt_and_empty_shards_are_counted_skips(world, tmp_path):
