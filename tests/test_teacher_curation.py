@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import cli
 from pipeline.io import file_hash, write_json, write_parquet
-from test_curate import DIM, World, curate, unit
+from test_curate import World, curate
 
 CLASS_NAMES = ["zero", "one", "two", "three"]
 

@@ -22,7 +22,8 @@ from distill.data import ViewSpec
 from distill.teacher.checkpoint import load_teacher, read_teacher_meta
 from distill.trainer_cache import build_cache
 from pipeline.config import ConfigError, MaterializeConfig, config_hash, to_dict
-from pipeline.curate.curate import attach_metadata, summarize
+from pipeline.curate.curate import attach_metadata
+from pipeline.curate.select import summarize
 from pipeline.device import resolve_device, set_threads
 from pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, MANIFEST_JSON, MANIFEST_PARQUET, SCORES_JSON,
                               SCORES_PARQUET, read_candidates)
