@@ -2,7 +2,6 @@
 orig_label, and the pool without those images; and `rakt run` with the carve step (the fashion config's shape)."""
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
