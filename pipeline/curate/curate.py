@@ -66,12 +66,14 @@ def run(cfg: CurateConfig) -> dict:
         counts["per_class"] = per_class(images)
         if scores is not None:  # the selected set as the teacher sees it
             counts["teacher_predicted"] = predicted_per_class(images, scores, classes)
+        if "deferred" in hits:  # images taken by a query whose class the teacher does not predict
+            counts["teacher_disagree_selected"] = int(hits.loc[hits["took"] & hits["deferred"], "pool_id"].nunique())
         if counts["empty_slots"] > 0:
             fetched = cmeta.get("k", int(cands.groupby("query_id").size().max()) if len(cands) else 0)
             log.warning("%d of %d slots stay empty: the candidates ran out after filtering (retrieve fetched "
                         "k=%s per query); rerun `rakt retrieve --k %d` (or --fill-per-class %d) for more candidates",
                         counts["empty_slots"], int(quotas.sum()), fetched, max(2 * int(fetched or 1), k + 1),
-                        2 * int(quotas.sum()) // max(len(shares), 1))
+                        max(2 * int(quotas.sum()) // max(len(shares), 1), 2 * int(cmeta.get("fill_per_class") or 0)))
 
         manifest = attach_metadata(images, index)
         removed = add_pool_names(concat_removed(removed_parts), index)

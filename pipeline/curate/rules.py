@@ -180,13 +180,13 @@ def teacher_ood(cands: pd.DataFrame, ctx: CurateContext) -> RuleResult:
     return RuleResult(cands[~low], _teacher_removed(gone, ctx.scores.reindex(gone), "teacher_ood", ctx))
 
 
-@register("teacher_agree", phase="candidates", count="teacher_disagree_removed", label="teacher disagrees",
+@register("teacher_agree", phase="candidates", count="teacher_disagree_deferred", label="teacher disagrees",
           when=lambda cfg: bool(cfg.teacher_scores) and cfg.teacher_agree)
 def teacher_agree(cands: pd.DataFrame, ctx: CurateContext) -> RuleResult:
-    """Candidate rows whose query class the teacher does not predict; an image goes (removed.parquet) when it
-    keeps no row, i.e. when no query of its predicted class found it."""
+    """Candidate rows whose query class the teacher does not predict are deferred (column `deferred`): selection
+    proposes them only after every other row, so they fill just the slots the teacher's class cannot. Counts the
+    deferred rows; nothing is removed."""
     got = teacher_rows(cands, ctx)
     labels = cands["query_label"]
-    keep = (labels.isna() | (labels.astype("float64").to_numpy() == got["pred"].to_numpy())).to_numpy()
-    gone = _gone(cands, cands[keep])
-    return RuleResult(cands[keep], _teacher_removed(gone, ctx.scores.reindex(gone), "teacher_disagrees", ctx))
+    agree = (labels.isna() | (labels.astype("float64").to_numpy() == got["pred"].to_numpy())).to_numpy()
+    return RuleResult(cands.assign(deferred=~agree), empty_removed(), int((~agree).sum()))

@@ -20,66 +20,83 @@ def select(cands: pd.DataFrame, quotas: pd.Series, dedup: bool, groups: pd.Serie
     """Greedy rank-by-rank selection; returns the hits with `took` (True: took a slot, False: merged dup).
 
     With `groups` (query_id -> class, balance="class" with dedup) the slots a query cannot fill (its neighbours
-    were taken by other queries) go to the other queries of its class, again rank by rank."""
+    were taken by other queries) go to the other queries of its class, again rank by rank. Rows marked `deferred`
+    (curation rules such as teacher_agree) come only after all others: they fill what the others could not."""
     order = ["rank", "score", "query_id", "pool_id"]
     cands = cands.sort_values(order, ascending=[True, False, True, True], kind="mergesort")
+    deferred = cands["deferred"].to_numpy(bool) if "deferred" in cands else np.zeros(len(cands), bool)
     if not dedup:
+        cands = pd.concat([cands[~deferred], cands[deferred]])
         nth = cands.groupby("query_id", sort=False).cumcount().to_numpy()
         hits = cands[nth < quotas.reindex(cands["query_id"]).to_numpy()].copy()
         hits["took"] = True
         return hits.reset_index(drop=True)
-    pos = pd.Series(np.arange(len(quotas)), index=quotas.index)
-    quota = quotas.to_numpy()
-    taken = np.zeros(len(quota), np.int64)
-    chosen = np.zeros(0, np.int64)
-    parts = []
-    for _, props in cands.groupby("rank", sort=True):
-        qpos = pos.reindex(props["query_id"]).to_numpy()
-        active = taken[qpos] < quota[qpos]
-        if not active.any():
-            if (taken >= quota).all():
-                break
-            continue
-        props, qpos = props[active], qpos[active]
-        pool = props["pool_id"].to_numpy()
-        seen = np.isin(pool, chosen)
-        took = ~seen & ~pd.Series(pool).duplicated(keep="first").to_numpy()
-        np.add.at(taken, qpos[took], 1)
-        chosen = np.concatenate([chosen, pool[took]])
-        parts.append(props.assign(took=took))
+    state = Selection(quotas, groups)
+    state.by_query(cands[~deferred])
     if groups is not None:
-        parts += share_class_slots(cands, quotas, taken, chosen, groups)
-    if not parts:
+        state.by_class(cands[~deferred])
+        state.by_class(cands[deferred])  # per class: queries' own slots may have gone to their classmates
+    else:
+        state.by_query(cands[deferred])
+    if not state.parts:
         return cands.iloc[:0].assign(took=np.zeros(0, bool))
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat(state.parts, ignore_index=True)
 
 
-def share_class_slots(cands: pd.DataFrame, quotas: pd.Series, taken: np.ndarray, chosen: np.ndarray,
-                      groups: pd.Series) -> list[pd.DataFrame]:
-    """The empty slots of each class filled from its queries' candidates not chosen yet, rank by rank."""
-    group_of = groups.reindex(quotas.index).to_numpy()
-    left = pd.Series(quotas.to_numpy() - taken, index=group_of).groupby(level=0).sum()
-    left = left[left > 0]
-    if left.empty:
-        return []
-    rest = cands[~cands["pool_id"].isin(chosen)]
-    rest = rest.assign(group=groups.reindex(rest["query_id"]).to_numpy())
-    rest = rest[rest["group"].isin(left.index)]
-    parts, room = [], left.to_dict()
-    for _, props in rest.groupby("rank", sort=True):
-        props = props[props["group"].map(room).to_numpy() > 0]
-        props = props[~props["pool_id"].isin(chosen) & ~props["pool_id"].duplicated(keep="first")]
-        if props.empty:
-            if not any(v > 0 for v in room.values()):
-                break
-            continue
-        nth = props.groupby("group", sort=False).cumcount().to_numpy()
-        props = props[nth < props["group"].map(room).to_numpy()]
-        for group, n in props["group"].value_counts().items():
-            room[group] -= int(n)
-        chosen = np.concatenate([chosen, props["pool_id"].to_numpy()])
-        parts.append(props.drop(columns="group").assign(took=True))
-    return parts
+class Selection:
+    """What is taken so far: per-query counts, the chosen pool images, per-class room, the hit rows."""
+
+    def __init__(self, quotas: pd.Series, groups: pd.Series | None) -> None:
+        self.quotas, self.groups = quotas, groups
+        self.pos = pd.Series(np.arange(len(quotas)), index=quotas.index)
+        self.quota = quotas.to_numpy()
+        self.taken = np.zeros(len(self.quota), np.int64)
+        self.chosen = np.zeros(0, np.int64)
+        self.parts: list[pd.DataFrame] = []
+        self.room: dict | None = None  # per class, set by the first by_class
+
+    def by_query(self, cands: pd.DataFrame) -> None:
+        """Rank by rank, every query with quota left proposes its next candidate (score order within a rank)."""
+        for _, props in cands.groupby("rank", sort=True):
+            if "deferred" in props:  # a deferred row of a chosen image is no hit of its query: not merged
+                props = props[~(props["deferred"].to_numpy(bool) & np.isin(props["pool_id"].to_numpy(), self.chosen))]
+            qpos = self.pos.reindex(props["query_id"]).to_numpy()
+            active = self.taken[qpos] < self.quota[qpos]
+            if not active.any():
+                if (self.taken >= self.quota).all():
+                    break
+                continue
+            props, qpos = props[active], qpos[active]
+            pool = props["pool_id"].to_numpy()
+            took = ~np.isin(pool, self.chosen) & ~pd.Series(pool).duplicated(keep="first").to_numpy()
+            np.add.at(self.taken, qpos[took], 1)
+            self.chosen = np.concatenate([self.chosen, pool[took]])
+            self.parts.append(props.assign(took=took))
+
+    def by_class(self, cands: pd.DataFrame) -> None:
+        """The empty slots of each class filled from its queries' candidates not chosen yet, rank by rank."""
+        if self.room is None:
+            group_of = self.groups.reindex(self.quotas.index).to_numpy()
+            left = pd.Series(self.quota - self.taken, index=group_of).groupby(level=0).sum()
+            self.room = {g: int(n) for g, n in left.items() if n > 0}
+        if not any(v > 0 for v in self.room.values()):
+            return
+        rest = cands[~cands["pool_id"].isin(self.chosen)]
+        rest = rest.assign(group=self.groups.reindex(rest["query_id"]).to_numpy())
+        rest = rest[rest["group"].map(self.room).fillna(0).to_numpy() > 0]
+        for _, props in rest.groupby("rank", sort=True):
+            props = props[props["group"].map(self.room).to_numpy() > 0]
+            props = props[~props["pool_id"].isin(self.chosen) & ~props["pool_id"].duplicated(keep="first")]
+            if props.empty:
+                if not any(v > 0 for v in self.room.values()):
+                    break
+                continue
+            nth = props.groupby("group", sort=False).cumcount().to_numpy()
+            props = props[nth < props["group"].map(self.room).to_numpy()]
+            for group, n in props["group"].value_counts().items():
+                self.room[group] -= int(n)
+            self.chosen = np.concatenate([self.chosen, props["pool_id"].to_numpy()])
+            self.parts.append(props.drop(columns="group").assign(took=True))
 
 
 def class_groups(queries: pd.DataFrame, cfg: CurateConfig) -> pd.Series | None:

@@ -230,7 +230,8 @@ def _transfer_sets(doc: _Doc, ctx: dict, shares: dict, bad_shards: int) -> None:
             ("selected", "selected"), ("dedup_merged", "duplicate hits merged"),
             ("near_dup_removed", "near-duplicates removed"), ("leakage_removed", "leakage removed"),
             ("teacher_unscored", "not scored by the teacher"), ("teacher_ood_removed", "teacher: unlike every class"),
-            ("teacher_disagree_removed", "teacher: another class than the query's"), ("empty_slots", "empty slots")]
+            ("teacher_disagree_deferred", "candidates deferred: the teacher predicts another class"),
+            ("teacher_disagree_selected", "of them selected (to fill their class)"), ("empty_slots", "empty slots")]
     rows = [("manifest rows", *(f"{len(m['df']):,}" for m in mans.values()))]
     rows += [(label, *(_num(m["meta"].get("counts", {}).get(k)) for m in mans.values())) for k, label in keys
              if any(k in m["meta"].get("counts", {}) for m in mans.values())]
