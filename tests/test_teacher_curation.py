@@ -91,22 +91,31 @@ def scored(tmp_path):
     return cands, write_scores(tmp_path / "scores", cands, preds), preds, unscored
 
 
-def test_teacher_agreement_balances_by_the_teachers_class(tmp_path, scored):
+def test_teacher_agreement_fills_each_class_with_the_teachers_class_first(tmp_path, scored):
     cands, scores, preds, unscored = scored
     df, meta = curate(cands, tmp_path / "m", budget=4 + 20, balance="class", teacher_scores=str(scores),
                       teacher_agree=True)
     assert meta["counts"]["empty_slots"] == 0 and unscored not in set(df["pool_id"])
     assert all(preds[p][0] == lab for p, lab in zip(df["pool_id"], df["query_label"]))
     assert meta["counts"]["teacher_predicted"] == {"zero": 10, "one": 10, "two": 0, "three": 0}
-    assert meta["counts"]["teacher_unscored"] == 1 and meta["counts"]["teacher_disagree_removed"] > 0
+    assert meta["counts"]["teacher_unscored"] == 1 and meta["counts"]["teacher_disagree_deferred"] > 0
+    assert meta["counts"]["teacher_disagree_selected"] == 0
     removed = pq.read_table(tmp_path / "m" / "removed.parquet").to_pandas()
-    disagree = removed[removed["reason"] == "teacher_disagrees"]
-    assert len(disagree) == meta["counts"]["teacher_disagree_removed"]
-    assert (disagree["matched_id"] == "one").all() and np.allclose(disagree["cosine"], [preds[p][1] for p in
-                                                                                        disagree["pool_id"]])
+    assert removed["reason"].tolist() == ["teacher_unscored"]  # deferred candidates are not removed
     plain, plain_meta = curate(cands, tmp_path / "plain", budget=4 + 20, balance="class")
     assert "teacher_predicted" not in plain_meta["counts"]
     assert any(preds.get(p, (lab,))[0] != lab for p, lab in zip(plain["pool_id"], plain["query_label"]))
+
+    # a budget beyond what the teacher assigns to class 0: its agreeing candidates all go in, then the others
+    big, big_meta = curate(cands, tmp_path / "big", budget=4 + 80, balance="class", teacher_scores=str(scores),
+                           teacher_agree=True)
+    ranked = pq.read_table(cands / "candidates.parquet").to_pandas()
+    agreeing = {int(p) for p, lab in zip(ranked["pool_id"], ranked["query_label"])
+                if p in preds and preds[p][0] == lab == 0}
+    zero = big[big["query_label"] == 0]
+    late = [p for p in zero["pool_id"] if preds[p][0] != 0]
+    assert late and big_meta["counts"]["teacher_disagree_selected"] >= len(late)
+    assert agreeing - set(big[big["query_label"] == 1]["pool_id"]) <= set(zero["pool_id"])
 
 
 def test_teacher_min_prob_drops_out_of_domain_candidates(tmp_path, scored):
