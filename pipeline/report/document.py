@@ -204,13 +204,14 @@ def _deliverable(doc: _Doc, ctx: dict) -> None:
                  + (", ".join(f"{k} differs from PyTorch by {v:.2f} points" for k, v in diff.items()) or "no export"))
 
 
-def _teacher_predicted(doc: _Doc, mans: dict) -> None:
-    """Teacher-aware curation: the selected images per class the adapted teacher predicts."""
+def _teacher_predicted(doc: _Doc, mans: dict, class_order: list[str]) -> None:
+    """Teacher-aware curation: the selected images per class the adapted teacher predicts (in class order)."""
     predicted = {ts: m["meta"]["counts"]["teacher_predicted"] for ts, m in mans.items()
                  if m["meta"].get("counts", {}).get("teacher_predicted")}
     if not predicted:
         return
-    names = list(next(iter(predicted.values())))
+    found = list(next(iter(predicted.values())))
+    names = [n for n in class_order if n in found] + [n for n in found if n not in class_order]
     doc.add("p", "Teacher-aware curation: the adapted teacher scored every candidate before curation "
                  "(`scores/`); what its scores removed is counted above and listed in removed.parquet.")
     doc.add("table", ["teacher-predicted class", *predicted],
@@ -256,7 +257,7 @@ def _transfer_sets(doc: _Doc, ctx: dict, shares: dict, bad_shards: int) -> None:
                  [names.get(lab, str(lab)) for lab in labels],
                  {ts: [c.get(lab, 0) for lab in labels] for ts, c in per_class.items()}, ylabel="images",
                  title="Transfer-set images per query class")
-    _teacher_predicted(doc, mans)
+    _teacher_predicted(doc, mans, [names[k] for k in sorted(names)])
     scores = mans.get("retrieved", {}).get("df", pd.DataFrame()).get("score")
     if scores is not None and scores.notna().any():
         s = scores.dropna().to_numpy()
