@@ -213,7 +213,9 @@ def _teacher_predicted(doc: _Doc, mans: dict, class_order: list[str]) -> None:
     found = list(next(iter(predicted.values())))
     names = [n for n in class_order if n in found] + [n for n in found if n not in class_order]
     doc.add("p", "Teacher-aware curation: the adapted teacher scored every candidate before curation "
-                 "(`scores/`); what its scores removed is counted above and listed in removed.parquet.")
+                 "(`scores/`); each class was filled first with the candidates the teacher assigns to it, and "
+                 "with the others only where those ran out (counted above). The selected images by the class the "
+                 "teacher predicts:")
     doc.add("table", ["teacher-predicted class", *predicted],
             [(name, *(_num(c.get(name, 0)) for c in predicted.values())) for name in names])
     doc.plot("teacher_predicted", "selected images per teacher-predicted class", plots.grouped_bars, names,
