@@ -99,9 +99,12 @@ def fill_classes(index, queries: pa.Table, vectors: np.ndarray, scores: np.ndarr
     labels = np.asarray(queries["label"].to_numpy(zero_copy_only=False), dtype=float)
     top = min(cfg.max_k, index.size)
     k_of = {int(lab): cfg.k for lab in np.unique(labels[~np.isnan(labels)])}
+
+    def distinct(lab: int) -> int:  # pool images the class's queries found so far
+        return len(np.setdiff1d(ids[labels == lab], [-1]))
+
     while True:
-        short = [lab for lab, k in k_of.items() if k < top
-                 and len(np.setdiff1d(ids[labels == lab], [-1])) < cfg.fill_per_class]
+        short = [lab for lab, k in k_of.items() if k < top and distinct(lab) < cfg.fill_per_class]
         if not short:
             break
         for lab in short:
@@ -119,8 +122,7 @@ def fill_classes(index, queries: pa.Table, vectors: np.ndarray, scores: np.ndarr
                  cfg.fill_per_class, ", ".join(f"{lab} (k={k_of[lab]})" for lab in short))
     refilled = {str(lab): k for lab, k in k_of.items() if k != cfg.k}
     for lab in k_of:
-        found = len(np.setdiff1d(ids[labels == lab], [-1]))
-        if found < cfg.fill_per_class:
+        if (found := distinct(lab)) < cfg.fill_per_class:
             log.warning("retrieve: class %s holds %d distinct neighbours at k=%d, fewer than --fill-per-class %d "
                         "(raise --max-k, or the pool has no more)", lab, found, k_of[lab], cfg.fill_per_class)
     return scores, ids, refilled

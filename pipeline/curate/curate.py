@@ -133,7 +133,7 @@ def teacher_scores(cfg: CurateConfig, cand_dir: Path) -> tuple[pd.DataFrame | No
 def predicted_per_class(images: pd.DataFrame, scores: pd.DataFrame, classes: list[str] | None) -> dict:
     """Selected images per teacher-predicted class name (classes in the teacher's order)."""
     preds = scores.reindex(images["pool_id"].to_numpy())["pred"].dropna().astype(int)
-    counts = np.bincount(preds.to_numpy(), minlength=len(classes or [])) if len(preds) else np.zeros(len(classes or []), int)
+    counts = np.bincount(preds.to_numpy(), minlength=len(classes or []))
     names = classes or [str(i) for i in range(len(counts))]
     return {names[i] if i < len(names) else str(i): int(c) for i, c in enumerate(counts)}
 
