@@ -185,6 +185,12 @@ def write_pool_slice(args, root: Path) -> tuple[list[str], list[str], list[str]]
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="rakt-ceiling-") as tmp:  # ~250 MB of shards and checkpoints
+        return measure(args, Path(tmp))
+
+
+def measure(args, root: Path) -> dict:
+    """Run every stage through rakt's code and its compute-only ceiling; working files go under `root`."""
     import torch
 
     from distill import distill, evaluate, finetune
@@ -205,7 +211,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = resolve_device(args.device)
     threads = set_threads()
-    root = Path(tempfile.mkdtemp(prefix="rakt-ceiling-"))
     if args.tiny:
         args.teacher_model, args.teacher_pretrained, args.teacher_size = TINY_CLIP, "", 32
         args.student_size = 32
