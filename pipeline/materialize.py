@@ -115,8 +115,18 @@ def manifest_rows(path: Path) -> pd.DataFrame:
                              "(shard+key or path); fetch them with `rakt download` instead")
         raise InputError(f"{path}: no locator columns (shard+key or path) with values; rebuild the index with them")
     nth = df.groupby("pool_id", sort=False).cumcount().to_numpy()
-    df["sample_key"] = [f"{p:010d}" if n == 0 else f"{p:010d}-{n}" for p, n in zip(df["pool_id"], nth)]
+    df["sample_key"] = [sample_key(p, n) for p, n in zip(df["pool_id"], nth)]
     return df
+
+
+def sample_key(pool_id: int, nth: int = 0) -> str:
+    """The WebDataset key of a pool image in materialized shards (`nth` > 0: a repeat of it in the manifest)."""
+    return f"{pool_id:010d}" if nth == 0 else f"{pool_id:010d}-{nth}"
+
+
+def pool_id_of(key: str) -> int:
+    """The pool_id a `sample_key` names."""
+    return int(key.split("-")[0])
 
 
 def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver, roots: PoolRoots) -> dict:

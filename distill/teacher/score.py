@@ -69,7 +69,7 @@ def run(cfg: ScoreConfig) -> dict:
     logits = torch.from_numpy(cache.logits[0]).float()
     probs = logits.softmax(-1)
     prob, pred = probs.max(-1)
-    pool_ids = np.array([int(k.split("-")[0]) for k in bank.keys], np.int64)
+    pool_ids = np.array([materialize.pool_id_of(k) for k in bank.keys], np.int64)
     table = pa.table({"pool_id": pool_ids, "id": index.metadata(pool_ids)["id"].cast(pa.string()),
                       "pred": pa.array(pred.numpy().astype(np.int32)), "prob": pa.array(prob.numpy()),
                       "logits": pa.array(list(logits.numpy()), pa.list_(pa.float32()))})
