@@ -97,6 +97,14 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
     assert changed["ran"][0] == "manifest" and "shards" in changed["ran"] and "teacher" not in changed["ran"]
     assert pq.read_metadata(tmp_path / "run/manifest/manifest.parquet").num_rows == 24 - 12
 
+    # a step run again with the same settings (here: its record deleted) reruns every step that read its output
+    (tmp_path / "run/steps/manifest.json").unlink()
+    again = execute(config(world, tiny_clip, tmp_path / "run", **{"curate": "{budget: 24, balance: class, leakage_threshold: 1.0}",
+                                                                  "distill.epochs": 2}))
+    assert again["ran"][:2] == ["manifest", "shards"] and "teacher" not in again["ran"]
+    assert {"arms/retrieved-task-s0/distill", "arms/retrieved-task-s0/evaluate"} <= set(again["ran"])
+    assert "arms/labelled-none-s0/finetune" not in again["ran"]
+
 
 def test_status_command_and_config_errors(world, tiny_clip, tmp_path, capsys, one_torch_thread):
     cfg = config(world, tiny_clip, tmp_path / "run", adapt="{mode: finetune, epochs: 1, batch_size: 8}")

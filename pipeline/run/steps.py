@@ -1,9 +1,11 @@
 """The steps of `rakt run`: run, skip, clear or resume each step of the plan, and report their state.
 
 A step's identity is the hash of its config (run-directory paths written as ${run_dir}) and of the steps it reads.
-`steps/NAME.json` is written when a step finishes; a rerun skips a step whose record has the same hash, clears and
-reruns one whose settings or inputs changed, and lets a step that was killed (`steps/NAME.started.json` without a
-record) resume through its stage's own resume. results.json, results.csv and the report are written at the end.
+`steps/NAME.json` is written when a step finishes, with a fresh `run_id` and the run_ids of the steps it read
+(`inputs`); a rerun skips a step whose record has the same hash and whose inputs did not run again since, clears
+and reruns one whose settings or inputs changed (an upstream step rerun, e.g. after its record was deleted, counts
+as changed input), and lets a step that was killed (`steps/NAME.started.json` without a record) resume through its
+stage's own resume. results.json, results.csv and the report are written at the end.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -44,15 +47,26 @@ def step_hashes(steps: list[Step], run_dir: str) -> dict[str, str]:
     return hashes
 
 
-def step_state(run_dir: str | Path, name: str, digest: str) -> str:
-    """done | started (running now, or killed: a rerun resumes it) | changed (finished with other settings or
-    inputs) | pending."""
+def step_state(run_dir: str | Path, name: str, digest: str, deps: list[str] = ()) -> str:
+    """done | started (running now, or killed: a rerun resumes it) | changed (finished with other settings, or
+    before one of its `deps` ran again) | pending."""
     rec, started = record_path(run_dir, name), record_path(run_dir, name, ".started.json")
     if started.exists() and read_json(started, "step marker").get("config_hash") == digest:
         return "started"
     if rec.exists():
-        return "done" if read_json(rec, "step record").get("config_hash") == digest else "changed"
+        record = read_json(rec, "step record")
+        inputs = record.get("inputs")  # absent in records written before run_ids: trusted as they are
+        if record.get("config_hash") != digest or (
+                inputs is not None and any(inputs.get(d) != run_id(run_dir, d) for d in deps)):
+            return "changed"
+        return "done"
     return "started" if started.exists() else "pending"
+
+
+def run_id(run_dir: str | Path, name: str) -> str | None:
+    """The run_id of a step's record (None: no record, or one written before run_ids)."""
+    rec = record_path(run_dir, name)
+    return read_json(rec, "step record").get("run_id") if rec.exists() else None
 
 
 def execute(cfg: dict, *, only: str = "") -> dict:
@@ -73,7 +87,7 @@ def _execute(cfg: dict, run_dir: Path, steps: list[Step], hashes: dict[str, str]
     for i, step in enumerate(steps, 1):
         if step.name not in wanted:
             continue
-        digest, state = hashes[step.name], step_state(run_dir, step.name, hashes[step.name])
+        digest, state = hashes[step.name], step_state(run_dir, step.name, hashes[step.name], step.deps)
         label = f"[{i}/{len(steps)}] {step.name} ({step.stage})"
         if state == "done":
             log.info("%s: done, unchanged; skipped", label)
@@ -95,6 +109,7 @@ def _execute(cfg: dict, run_dir: Path, steps: list[Step], hashes: dict[str, str]
             _kill_self(step.name)
         write_json(record_path(run_dir, step.name), {
             "step": step.name, "stage": step.stage, "config_hash": digest, "status": "done",
+            "run_id": uuid.uuid4().hex, "inputs": {d: run_id(run_dir, d) for d in step.deps},
             "started": dt.datetime.fromtimestamp(began, dt.timezone.utc).isoformat(timespec="seconds"),
             "finished": _now(), "seconds": round(time.time() - began, 2), "device": device_name(),
             "config": to_dict(step.config), "result": result})
@@ -166,7 +181,7 @@ def status(run_dir: str | Path) -> list[dict]:
     hashes = step_hashes(steps, str(run_dir))
     rows = []
     for s in steps:
-        state = step_state(run_dir, s.name, hashes[s.name])
+        state = step_state(run_dir, s.name, hashes[s.name], s.deps)
         rec = read_json(record_path(run_dir, s.name), "step record") if state in ("done", "changed") else {}
         rows.append({"step": s.name, "stage": s.stage, "state": state, "seconds": rec.get("seconds"),
                      "result": _short(rec.get("result") or {})})
