@@ -126,9 +126,8 @@ class DistillConfig(TrainConfig):
                                         "instead of running the teacher every step; see --teacher-view")
     teacher_view: str = option("same", "with --cache-teacher: same (the student trains on --cache-views fixed views, "
                                        "epoch e on view e mod V, with the teacher's outputs on that view) | clean (the "
-                                       "teacher's outputs on the whole image; the student gets fresh views each epoch) | clean-flip (as clean, "
-                                       "averaged with the mirror image's)",
-                               choices=("same", "clean", "clean-flip"))
+                                       "teacher's outputs on the whole image; the student gets fresh views each epoch)",
+                               choices=("same", "clean"))
     cache_views: int = option(4, "augmented views per image in the teacher cache (teacher-view same)")
     cache_seed: int = option(-1, "seed of the cached views (-1 = --seed); fix it to share one cache across seeds")
     mix: str = option("none", "mix transfer batches (function matching): mixup | cutmix | both (either, 1/2 each per "

@@ -6,8 +6,6 @@ Two kinds (`--teacher-view`):
          very view (the same crop at each model's own resolution).
 - clean: the teacher's outputs on the whole, un-augmented image (one view); the student trains on fresh views
          every epoch (light augmentations such as flips and small shifts barely move the teacher's answer).
-- clean-flip: as clean, the mean of the teacher's outputs on the whole image and on its mirror image (the views
-         the student is flipped between; one more teacher pass when the cache is built).
 
 Outputs (logits, and features when the mode needs them; float32) are written per view to
 `{bank's decoded folder}/teacher-cache/{cache_id}/view-{v}.npz`, atomically; a view whose file exists is not
@@ -34,7 +32,7 @@ from pipeline.progress import Progress
 log = logging.getLogger("rakt")
 
 CACHE_DIR = "teacher-cache"
-TEACHER_VIEWS = ("same", "clean", "clean-flip")
+TEACHER_VIEWS = ("same", "clean")
 
 
 def teacher_input(teacher, source: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
@@ -74,7 +72,7 @@ class TeacherCache:
 
 def cache_views(kind: str, spec: ViewSpec, view: int, seed: int, n: int, side: int) -> torch.Tensor | None:
     """theta of cached view `view` for all n bank rows (None: the whole image)."""
-    if kind != "same":
+    if kind == "clean":
         return None
     return draw_views(n, spec.kind, generator(seed, "cache-view", view), scale=spec.scale, side=side)
 
@@ -88,16 +86,12 @@ def cache_id(teacher_path: str, bank: ImageBank, kind: str, views: int, spec: Vi
 
 @torch.no_grad()
 def _view_outputs(teacher, bank: ImageBank, theta: torch.Tensor | None, device: torch.device, batch_size: int,
-                  features: bool, progress: Progress, mirror: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Teacher outputs of one view of every bank row; mirror: the mean over the view and its mirror image."""
+                  features: bool, progress: Progress) -> tuple[np.ndarray, np.ndarray | None]:
     logits, feats = [], []
     for start in range(0, len(bank), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(bank)))
         images = teacher_input(teacher, bank.take(rows).to(device), None if theta is None else theta[rows])
         got = teacher_outputs(teacher, images)
-        if mirror:
-            flipped = teacher_outputs(teacher, images.flip(-1))
-            got = {k: (v + flipped[k]) / 2 for k, v in got.items()}
         logits.append(got["logits"].float().cpu().numpy())
         if features:
             feats.append(got["features"].float().cpu().numpy())
@@ -111,7 +105,7 @@ def build_cache(teacher, bank: ImageBank, teacher_path: str, *, kind: str, views
     computed (and written there when `folder` is given). Under DDP every rank computes what is missing."""
     if kind not in TEACHER_VIEWS:
         raise ValueError(f"teacher view must be one of {', '.join(TEACHER_VIEWS)}, got {kind!r}")
-    views = views if kind == "same" else 1
+    views = 1 if kind == "clean" else views
     ident = cache_id(teacher_path, bank, kind, views, spec, seed, features)
     where = folder / CACHE_DIR / ident if folder is not None else None
     logits, feats = [], []
@@ -125,8 +119,7 @@ def build_cache(teacher, bank: ImageBank, teacher_path: str, *, kind: str, views
                 feats.append(z["features"] if features else None)
             continue
         theta = cache_views(kind, spec, v, seed, len(bank), bank.side)
-        lv, fv = _view_outputs(teacher, bank, theta, device, batch_size, features, progress,
-                               mirror=kind == "clean-flip")
+        lv, fv = _view_outputs(teacher, bank, theta, device, batch_size, features, progress)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:

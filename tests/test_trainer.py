@@ -184,25 +184,6 @@ def test_prepare_shows_the_online_teacher_the_students_mix(world):
     assert 0 < lam < 1 and torch.allclose(torch.softmax(got["teacher_out"]["logits"] / 4.0, dim=-1), want, atol=1e-6)
 
 
-def test_clean_flip_cache_holds_the_mean_over_the_image_and_its_mirror(world):
-    """teacher view clean-flip: the mean of the teacher's outputs on the whole image and on its mirror image,
-    which differs from the clean view's outputs (the tiny teacher is not mirror-symmetric)."""
-    from distill.teacher.checkpoint import load_teacher
-    from distill.trainer_cache import build_cache, teacher_input
-
-    teacher = load_teacher(world["teacher"], device="cpu", classes=CLASSES)
-    bank = open_bank([str(world["transfer"])], 32)
-    caches = {kind: build_cache(teacher, bank, str(world["teacher"]), kind=kind, views=4, spec=ViewSpec("shift"),
-                                seed=0, features=True, device=torch.device("cpu")) for kind in ("clean", "clean-flip")}
-    assert caches["clean-flip"].ident != caches["clean"].ident and caches["clean-flip"].logits.shape[0] == 1
-    images = teacher_input(teacher, bank.take(torch.arange(len(bank))), None)
-    with torch.no_grad():
-        want = (teacher(images) + teacher(images.flip(-1))) / 2
-    got = torch.from_numpy(caches["clean-flip"].logits[0])
-    assert torch.allclose(got, want, atol=1e-5)
-    assert not torch.allclose(got, torch.from_numpy(caches["clean"].logits[0]), atol=1e-3)
-
-
 @pytest.mark.parametrize("cached", [False, True])
 def test_distill_with_mixed_batches(world, tmp_path, one_torch_thread, cached):
     """--mix both, online (the teacher on the mixed images) and cached (interpolated targets; features too)."""
