@@ -101,13 +101,14 @@ def training_ceiling(student_factory, batch: int, size: int, classes: int, devic
     import torch
 
     from distill.losses import kd_loss
+    from distill.trainer import adamw
     from pipeline.device import autocast
 
     out = {}
     for name, cl, dtype in layouts(device):
         student = student_factory().to(device).train()
         student = student.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-        opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        opt = adamw([{"params": list(student.parameters())}], device, lr=1e-3)
         x = torch.rand(batch, 3, size, size, device=device)
         x = x.contiguous(memory_format=torch.channels_last) if cl else x.contiguous()
         target = torch.randn(batch, classes, device=device)

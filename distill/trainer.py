@@ -80,6 +80,12 @@ class FinetuneTask(nn.Module):
         return {"ce": ce, "loss": ce}
 
 
+def adamw(groups: list[dict], device: torch.device, **kwargs) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel on CPU and CUDA (one pass over all parameters: ~6x faster per step than the
+    per-parameter loop on a 2-core CPU for a 5M-parameter student), the default implementation elsewhere."""
+    return torch.optim.AdamW(groups, fused=True if device.type in ("cpu", "cuda") else None, **kwargs)
+
+
 def cosine_lambda(total: int, warmup: int) -> Callable[[int], float]:
     """LR factor: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
     def factor(step: int) -> float:
@@ -156,8 +162,8 @@ class Trainer:
         params = [p for p in task.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
+        self.optimizer = adamw([{"params": decay, "weight_decay": settings.weight_decay},
+                                {"params": no_decay, "weight_decay": 0.0}], self.device, lr=settings.lr)
         self.total_steps = max(settings.epochs * settings.steps_per_epoch, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            cosine_lambda(self.total_steps, settings.warmup))

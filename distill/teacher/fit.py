@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from distill.teacher.data import holdout_split
 from distill.teacher.model import AdaptedTeacher
+from distill.trainer import adamw
 from pipeline.progress import Progress
 
 log = logging.getLogger("rakt")
@@ -110,7 +111,7 @@ def fit_images(teacher: AdaptedTeacher, images: torch.Tensor, labels: torch.Tens
     groups = [{"params": head, "lr": lr}]
     if teacher.backbone_trainable:
         groups.append({"params": [p for p in teacher.backbone.parameters() if p.requires_grad], "lr": lr * backbone_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    opt = adamw(groups, device, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(labels) / batch_size)
     total = max(1, epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
