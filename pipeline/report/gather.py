@@ -22,7 +22,7 @@ log = logging.getLogger("rakt.report")
 STEPS = ["task", "target", "eval", "index", "candidates", "manifest", "shards", "teacher", "random-manifest",
          "random-shards", "target-manifest", "target-shards"]
 KEY_SETTINGS = ("model", "image_size", "per_class", "pool", "index_spec", "k", "budget", "mode", "student",
-                "epochs", "seeds", "arms", "device")
+                "epochs", "batch_size", "seeds", "arms", "device")
 POOL_ROWS_MAX = 200_000  # read the whole pool's sources only up to this many index rows
 UNKNOWN = "unknown"
 
