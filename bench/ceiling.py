@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-size", type=int, default=96)
     p.add_argument("--student", default="resnet10t")
     p.add_argument("--student-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=128, help="distill batch (embed/cache/evaluate use 256)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="distill batch, as the default's (embed/cache/evaluate use 256)")
     p.add_argument("--finetune-batch-size", type=int, default=64)
     p.add_argument("--images", type=int, default=4096, help="pool images embedded, cached and distilled")
     p.add_argument("--test-images", type=int, default=2000)
