@@ -1,5 +1,5 @@
 """Where and how models run: the device, the autocast dtype (`--precision`), the memory layout, and CPU threads
-and DataLoader workers chosen together from the core count.
+and DataLoader workers chosen together from the core count, and the C allocator's thresholds (keep_freed_memory).
 
 `--precision auto` is bf16 autocast on CUDA and on CPUs with native bf16 arithmetic (avx512_bf16 or AMX on x86,
 FEAT_BF16 on Arm, read from the CPU's own feature flags), fp32 elsewhere. Outputs that are stored (embeddings,
@@ -8,6 +8,7 @@ teacher logits) are always written as float32.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import os
@@ -112,8 +113,33 @@ def loader_workers(requested: int, device: torch.device) -> int:
     return 0 if cores <= 4 else min(4, cores // 4)
 
 
+# glibc mallopt parameters, and the values keep_freed_memory sets
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD, TRIM_THRESHOLD = 64 << 20, 256 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_memory() -> bool:
+    """On glibc, let freed blocks up to 64 MiB go back to the heap (not to the kernel) and keep up to 256 MiB of free
+    heap. glibc's defaults hand an activation-sized block back with munmap when it is freed, so each forward pass on
+    CPU page-faults its activations in again: on this project's 2-core CPU that cost a third of a ResNet-10t's bf16
+    inference at batch 256 (docs/benchmarks.md). Left alone where MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_
+    is set, or another allocator is preloaded. True when the thresholds were set."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def set_threads(requested: int = AUTO) -> int:
-    """Intra-op threads for the model: an explicit count wins, auto = every core this process may use."""
+    """Intra-op threads for the model: an explicit count wins, auto = every core this process may use. Also sets
+    the allocator's thresholds (keep_freed_memory)."""
+    keep_freed_memory()
     threads = requested if requested > 0 else cpu_cores()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -2,9 +2,14 @@
 choices, and progress lines in logs. Real shards and images, no GPU."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import platform
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +137,36 @@ def test_workers_and_threads_auto_and_explicit(monkeypatch):
         assert dev.set_threads(-1) == 32
     finally:
         torch.set_num_threads(before)
+
+
+MMAPPED_BLOCKS = """
+import ctypes, sys
+from pipeline import device
+if sys.argv[1] == "tuned":
+    assert device.keep_freed_memory()
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Info
+before = mallinfo2().hblks
+block = bytearray(8 << 20)
+print(mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_freed_activation_sized_blocks_stay_in_the_heap():
+    """An 8 MiB block is mmapped (and page-faulted on every use) under glibc's defaults, taken from the heap once
+    keep_freed_memory has set the thresholds; a user's own MALLOC_* setting is left alone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, check=True, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert run([sys.executable, "-c", MMAPPED_BLOCKS, "default"]).stdout.split() == ["1"]
+    assert run([sys.executable, "-c", MMAPPED_BLOCKS, "tuned"]).stdout.split() == ["0"]
+    users = run([sys.executable, "-c", "from pipeline import device; print(device.keep_freed_memory())"],
+                env={**env, "MALLOC_TRIM_THRESHOLD_": "1048576"})
+    assert users.stdout.split() == ["False"]
 
 
 def test_progress_writes_log_lines_when_not_on_a_terminal(monkeypatch, caplog):
