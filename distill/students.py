@@ -45,8 +45,14 @@ class StudentModel(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images -> resized (if needed) and normalized network input."""
-        x = resize_input(x, self.image_size)
+        """[0, 1] images -> resized (if needed) and normalized network input. Normalizing is per-channel affine and
+        bilinear resizing averages with weights summing to 1, so the order does not change the result: whichever
+        is smaller, the input or the output, is normalized."""
+        if self.image_size and x.shape[-1] < self.image_size:
+            return resize_input(self._normalize(x), self.image_size)
+        return self._normalize(resize_input(x, self.image_size))
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

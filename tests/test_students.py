@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill.losses import DistillTask
@@ -64,6 +65,12 @@ def test_student_normalizes_and_resizes_itself():
     assert prepared.shape == (1, 3, 64, 64)
     expected = (0.5 - torch.tensor(model.net.pretrained_cfg["mean"])) / torch.tensor(model.net.pretrained_cfg["std"])
     assert torch.allclose(prepared[0, :, 0, 0], expected, atol=1e-5)
+    mean, std = model.mean, model.std
+    for side in (32, 40, 100):  # up- and downsampling: normalized on the smaller side, the same result
+        x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(side))
+        reference = (F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=side > 64)
+                     - mean) / std
+        assert torch.allclose(model.prepare(x), reference, atol=1e-5), side
 
 
 def test_checkpoint_round_trip_and_wrong_architecture(tmp_path):
