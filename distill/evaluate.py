@@ -34,8 +34,8 @@ def evaluate_model(model: torch.nn.Module, data: Batches | tuple[torch.Tensor, t
 
     data: an iterable of (images, labels) batches (e.g. a DataLoader), or one (images, labels) pair of
     tensors, evaluated in chunks of `batch_size`. confusion[i][j] counts samples of true class i predicted
-    as j. The model runs in eval mode under no_grad (autocast by `precision`, channels_last) and is put back in its
-    previous mode.
+    as j. The model runs in eval mode under inference_mode (autocast by `precision`, channels_last) and is put
+    back in its previous mode.
     """
     device = torch.device(device)
     dtype = autocast_dtype(device, precision)
@@ -46,7 +46,7 @@ def evaluate_model(model: torch.nn.Module, data: Batches | tuple[torch.Tensor, t
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for images, labels in data:
                 labels = torch.as_tensor(labels).to("cpu", torch.int64)
                 if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
@@ -78,19 +78,25 @@ def metrics_from_confusion(confusion: np.ndarray) -> dict:
 
 
 def decode_rgb(data: bytes, size: int) -> torch.Tensor:
-    """Encoded image bytes -> float [3, S, S] tensor in [0, 1]: a square no larger than `size` as it is (the student
-    upsamples it itself, as in training), anything else resized to size x size (size 0 keeps every image as is)."""
+    """Encoded image bytes -> float [3, S, S] tensor in [0, 1] (see decode_uint8)."""
+    return decode_uint8(data, size).float().div_(255.0)
+
+
+def decode_uint8(data: bytes, size: int) -> torch.Tensor:
+    """Encoded image bytes -> uint8 [3, S, S]: a square no larger than `size` as it is (the student upsamples it
+    itself, as in training), anything else resized to size x size (size 0 keeps every image as is)."""
     with Image.open(io.BytesIO(data)) as img:
         rgb = img.convert("RGB")
     w, h = rgb.size
     if size and not (w == h and w <= size):
         rgb = rgb.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def labelled_batches(source: Source, split: str, size: int, batch_size: int,
                      skipped: collections.Counter) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Decoded (images, labels) batches of a source's labelled samples of `split` ('' = all splits)."""
+    """Decoded (images, labels) batches of a source's labelled samples of `split` ('' = all splits); images are
+    decoded as uint8 and turned into [0, 1] floats a batch at a time."""
     images: list[torch.Tensor] = []
     labels: list[int] = []
     for partition in source.partitions:
@@ -102,7 +108,7 @@ def labelled_batches(source: Source, split: str, size: int, batch_size: int,
                 skipped["unlabelled"] += 1
                 continue
             try:
-                images.append(decode_rgb(sample.image, size))
+                images.append(decode_uint8(sample.image, size))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 skipped["undecodable"] += 1
                 log.warning("%s: cannot decode image (%s); skipped", sample.locator, e)
@@ -116,11 +122,13 @@ def labelled_batches(source: Source, split: str, size: int, batch_size: int,
 
 
 def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
-    """One batch; images of several sizes (small squares kept as they are) are brought to size x size first."""
+    """One float batch in [0, 1] from uint8 images; images of several sizes (small squares kept as they are) are
+    brought to size x size first."""
     if len({tuple(x.shape) for x in images}) > 1:
-        images = [torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
-                                                  antialias=x.shape[-1] > size)[0] for x in images]
-    return torch.stack(images)
+        return torch.cat([torch.nn.functional.interpolate(x[None].float().div_(255.0), size=(size, size),
+                                                          mode="bilinear", align_corners=False,
+                                                          antialias=x.shape[-1] > size) for x in images])
+    return torch.stack(images).float().div_(255.0)
 
 
 def _load_model(cfg: EvaluateConfig, num_classes: int):
