@@ -19,7 +19,7 @@ from distill.config import EvaluateConfig
 from pipeline.config import to_dict
 from pipeline.device import autocast, autocast_dtype, channels_last, resolve_device, set_threads
 from pipeline.progress import Progress
-from pipeline.io import InputError, timed, write_json
+from pipeline.io import InputError, prefetched, timed, write_json
 from pipeline.sources import Source, open_source
 
 log = logging.getLogger("rakt")
@@ -159,7 +159,7 @@ def run(cfg: EvaluateConfig) -> dict:
         device = resolve_device(cfg.device)
         model = channels_last(model.to(device))
         skipped: collections.Counter = collections.Counter()
-        batches = labelled_batches(source, cfg.split, model.image_size, cfg.batch_size, skipped)
+        batches = prefetched(labelled_batches(source, cfg.split, model.image_size, cfg.batch_size, skipped))
         with Progress(None, "evaluate", unit="img") as bar:
             metrics = evaluate_model(model, batches, num_classes, device=device, precision=cfg.precision, progress=bar)
         if metrics["count"] == 0:

@@ -29,7 +29,7 @@ from distill.evaluate import evaluate_model, labelled_batches, metrics_from_conf
 from distill.students import StudentModel, load_student, resize_input
 from pipeline.config import to_dict
 from pipeline.device import device_name, set_threads
-from pipeline.io import InputError, atomic_path, timed, write_json
+from pipeline.io import InputError, atomic_path, prefetched, timed, write_json
 from pipeline.sources import open_source
 
 log = logging.getLogger("rakt")
@@ -142,7 +142,7 @@ def _check_accuracy(cfg: ExportConfig, model: StudentModel, exported: dict[str, 
     confusion = {name: np.zeros((n, n), dtype=np.int64) for name in ["pytorch", *exported]}
     first_diff: dict[str, float] = {}
     skipped: collections.Counter = collections.Counter()
-    for images, labels in labelled_batches(source, cfg.split, model.image_size, cfg.batch_size, skipped):
+    for images, labels in prefetched(labelled_batches(source, cfg.split, model.image_size, cfg.batch_size, skipped)):
         sized = resize_input(images, model.image_size)  # the exported graphs take exactly S x S
         confusion["pytorch"] += evaluate_model(model, (images, labels), n, precision="fp32",
                                                batch_size=len(labels))["confusion"]

@@ -127,3 +127,34 @@ def test_rakt_evaluate_bare_weights_with_model_flag(tmp_path):
     images = torch.stack([decode_rgb(s["jpg"], 32) for s in _samples() if "cls" in s])
     labels = torch.tensor([s["cls"] for s in _samples() if "cls" in s])
     assert report["confusion"] == evaluate_model(model, (images, labels), 2)["confusion"]
+
+
+def test_prefetched_keeps_order_raises_in_place_and_lets_go_early():
+    """The background reader of evaluate and export: the same items in the same order; the producer's error
+    after the items before it; a consumer that stops early leaves no producer thread behind."""
+    import threading
+
+    from pipeline.io import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield from range(3)
+        raise ValueError("bad shard")
+
+    got = []
+    with pytest.raises(ValueError, match="bad shard"):
+        for item in prefetched(failing()):
+            got.append(item)
+    assert got == [0, 1, 2]
+
+    def endless():
+        n = 0
+        while True:
+            yield n
+            n += 1
+
+    stream = prefetched(endless(), depth=1)
+    assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+    stream.close()
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
