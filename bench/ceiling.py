@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="distill batch, as the default's (embed/cache/evaluate use 256)")
     p.add_argument("--finetune-batch-size", type=int, default=64)
     p.add_argument("--images", type=int, default=4096, help="pool images embedded, cached and distilled")
-    p.add_argument("--test-images", type=int, default=2000)
+    p.add_argument("--test-images", type=int, default=10000)
     p.add_argument("--steps", type=int, default=0, help="compute-only timed steps (0 = enough for ~10 s)")
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny models and generated images: a smoke run for CI")
@@ -200,7 +200,7 @@ def measure(args, root: Path) -> dict:
     from distill.data import ViewSpec
     from distill.students import create_student
     from distill.teacher.checkpoint import save_teacher
-    from distill.teacher.model import PixelPipeline
+    from pipeline.pixels import PixelPipeline
     from distill.teacher.modes import build_teacher
     from distill.trainer_cache import build_cache
     from pipeline.config import EncoderConfig, from_dict

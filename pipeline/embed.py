@@ -32,6 +32,7 @@ from pipeline.encoders import ImageEncoder, encoder_model_id, load_image_encoder
 from pipeline.engines import EngineOptions, get_engine, raise_if_failed
 from pipeline.formats import EMBEDDINGS_JSON, embedding_table
 from pipeline.io import InputError, json_hash, read_json, timed, write_json, write_parquet
+from pipeline.pixels import PixelPipeline
 from pipeline.progress import Progress
 from pipeline.sources import Partition, Sample, Source, count_hint, open_source
 
@@ -286,6 +287,7 @@ class PartitionImages(IterableDataset):
     def __init__(self, source: Source, partition: Partition, preprocess: Callable, batch_size: int,
                  split: str) -> None:
         self.source, self.partition, self.preprocess = source, partition, preprocess
+        self.pixels = PixelPipeline.exact(preprocess)
         self.batch_size, self.split = batch_size, split
 
     def _is_files(self) -> bool:
@@ -324,16 +326,31 @@ class PartitionImages(IterableDataset):
             yield samples, collections.Counter(stats)
 
     def _decode(self, samples: list[Sample], skipped: collections.Counter) -> dict:
-        rows, tensors = [], []
+        rows, images = [], []
         for sample in samples:
             try:
                 with Image.open(io.BytesIO(sample.image)) as img:
                     rgb = img.convert("RGB")
+                    image = rgb if self.pixels is None else np.asarray(rgb, dtype=np.uint8)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 skipped["undecodable_image"] += 1
                 where = sample.locator.get("path") or sample.locator.get("shard")
                 log.warning("%s (%s): undecodable image (%s); skipped", sample.id, where, e)
                 continue
-            tensors.append(self.preprocess(rgb))
+            images.append(image)
             rows.append((sample.id, sample.label, self.split or sample.split or "train", sample.locator))
-        return {"rows": rows, "pixels": torch.stack(tensors) if tensors else None, "skipped": dict(skipped)}
+        return {"rows": rows, "pixels": self._preprocess(images) if images else None, "skipped": dict(skipped)}
+
+    def _preprocess(self, images: list) -> torch.Tensor:
+        """The encoder's input batch: through the tensor pipeline a size group at a time when the transform allows
+        it (pipeline/pixels.py), else the transform on each PIL image."""
+        if self.pixels is None:
+            return torch.stack([self.preprocess(img) for img in images])
+        out = torch.empty((len(images), 3, self.pixels.crop, self.pixels.crop))
+        by_shape: dict[tuple, list[int]] = collections.defaultdict(list)
+        for i, array in enumerate(images):
+            by_shape[array.shape].append(i)
+        for rows in by_shape.values():
+            batch = torch.from_numpy(np.stack([images[i] for i in rows])).permute(0, 3, 1, 2)
+            out[rows] = self.pixels(batch.float().div_(255.0))
+        return out

@@ -14,60 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision import transforms as T
 
 from pipeline.config import EncoderConfig
 from pipeline.device import autocast
 from pipeline.encoders import TIMM_PREFIX, ImageEncoder, load_image_encoder
 from pipeline.io import InputError
+from pipeline.pixels import PixelPipeline, center_crop, resize_short
 
 log = logging.getLogger("rakt")
 
 ENCODER_KEYS = ("model", "pretrained", "image_size")
 FORMAT = "rakt-teacher/1"
-
-
-@dataclasses.dataclass
-class PixelPipeline:
-    """The tensor version of an encoder's eval transform."""
-    resize: int
-    crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def from_transform(cls, preprocess: Callable) -> "PixelPipeline":
-        steps = getattr(preprocess, "transforms", [])
-        resize = next((t.size for t in steps if isinstance(t, T.Resize)), None)
-        crop = next((t.size for t in steps if isinstance(t, T.CenterCrop)), None)
-        norm = next((t for t in steps if isinstance(t, T.Normalize)), None)
-        if crop is None or norm is None:
-            raise InputError(f"cannot read the input size and normalization from the encoder's transform {preprocess}")
-        crop = int(crop[0] if isinstance(crop, (tuple, list)) else crop)
-        resize = int(resize[0] if isinstance(resize, (tuple, list)) else resize or crop)
-        mean = tuple(float(v) for v in torch.as_tensor(norm.mean).flatten())
-        std = tuple(float(v) for v in torch.as_tensor(norm.std).flatten())
-        return cls(resize, crop, mean, std)
-
-
-def _resize_short(x: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    if min(h, w) == size:
-        return x
-    scale = size / min(h, w)
-    new = (max(size, round(h * scale)), max(size, round(w * scale)))
-    return F.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-
-
-def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top:top + size, left:left + size]
 
 
 class PaddingPrompt(nn.Module):
@@ -129,7 +90,7 @@ class AdaptedTeacher(nn.Module):
             inner = self.input_size - 2 * self.prompt.width
             x = F.interpolate(x, size=(inner, inner), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
             return self.prompt((x - self.mean) / self.std)
-        x = _center_crop(_resize_short(x, self.pixels.resize), self.pixels.crop)
+        x = center_crop(resize_short(x, self.pixels.resize), self.pixels.crop)
         return (x - self.mean) / self.std
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
