@@ -351,6 +351,6 @@ class PartitionImages(IterableDataset):
         for i, array in enumerate(images):
             by_shape[array.shape].append(i)
         for rows in by_shape.values():
-            batch = torch.from_numpy(np.stack([images[i] for i in rows])).permute(0, 3, 1, 2)
-            out[rows] = self.pixels(batch.float().div_(255.0))
+            batch = torch.from_numpy(np.stack([images[i] for i in rows])).permute(0, 3, 1, 2)  # channels_last
+            out[rows] = self.pixels(batch)
         return out

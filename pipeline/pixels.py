@@ -3,7 +3,7 @@
 `PixelPipeline.from_transform` reads the sizes and the normalization from an open_clip/timm transform; `exact`
 does so only when the transform holds nothing else, so that a whole batch can go through `__call__` in place of
 the per-image PIL transform (`rakt embed`, the adapted teacher). Resampling is torch's bicubic with antialiasing,
-PIL's kernel, on float pixels: within a few levels of 255 of PIL's 8-bit result.
+PIL's kernel: on uint8 images within one level of PIL's result, on [0, 1] floats within a few levels.
 """
 from __future__ import annotations
 
@@ -58,8 +58,11 @@ class PixelPipeline:
         return cls.from_transform(preprocess)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] float images [B, 3, H, W] -> the normalized [B, 3, crop, crop] the encoder takes."""
+        """uint8 images [B, 3, H, W] (resized as uint8, as PIL does: fastest channels_last), or [0, 1] floats ->
+        the normalized [B, 3, crop, crop] the encoder takes."""
         x = center_crop(resize_short(x, self.resize), self.crop)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -76,16 +79,17 @@ def _kind(step: Callable) -> str:
 
 
 def resize_short(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so that the shorter side is `size` (bicubic, antialiased, clamped to [0, 1])."""
+    """Resize so that the shorter side is `size` (bicubic, antialiased; floats clamped to [0, 1], uint8 rounded
+    and saturated as PIL does)."""
     h, w = x.shape[-2:]
     if min(h, w) == size:
         return x
-    scale = size / min(h, w)
-    new = (max(size, round(h * scale)), max(size, round(w * scale)))
-    return F.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    new = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)  # torchvision's rounding
+    out = F.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False)
+    return out if x.dtype == torch.uint8 else out.clamp(0, 1)
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # torchvision's CenterCrop
     return x[..., top:top + size, left:left + size]

@@ -36,18 +36,19 @@ def test_exact_takes_open_clip_and_timm_transforms_and_nothing_else(tiny_clip, k
 
 
 def test_batch_pipeline_matches_the_per_image_transform(tiny_clip):
-    """Up- and downsampling, square and not: within a few levels of PIL's 8-bit result, one level on average."""
+    """Up- and downsampling, square and not: uint8 input within two levels of PIL's result (0.1 on average),
+    float input within a few levels, one on average."""
     preprocess = T.Compose([T.Resize(48, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(48), T.ToTensor(),
                             T.Normalize((0.5,) * 3, (0.25,) * 3)])
     pixels = PixelPipeline.exact(preprocess)
-    for h, w in ((32, 32), (40, 64), (96, 96), (120, 80)):
+    for h, w in ((32, 32), (40, 64), (96, 96), (120, 80), (75, 101)):
         arrays = [image_array(i, 128)[:h, :w] for i in range(4)]
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
-        ours = pixels(batch)
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         theirs = torch.stack([preprocess(Image.fromarray(a)) for a in arrays])
-        assert ours.shape == theirs.shape == (4, 3, 48, 48)
-        diff = (ours - theirs).abs() * 0.25 * 255  # in levels of 255
-        assert diff.mean() < 1.0 and diff.max() < 8, (h, w, float(diff.mean()), float(diff.max()))
+        for ours, mean, most in ((pixels(batch), 0.1, 2.01), (pixels(batch.float().div(255)), 1.0, 8)):
+            assert ours.shape == theirs.shape == (4, 3, 48, 48)
+            diff = (ours - theirs).abs() * 0.25 * 255  # in levels of 255
+            assert diff.mean() < mean and diff.max() < most, (h, w, ours.dtype, float(diff.mean()), float(diff.max()))
 
 
 def test_embed_batches_mixed_sizes_in_source_order(tmp_path, tiny_clip):
@@ -66,7 +67,7 @@ def test_embed_batches_mixed_sizes_in_source_order(tmp_path, tiny_clip):
     assert item["skipped"] == {"undecodable_image": 1}
     decoded = [np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
                for s in samples if s["__key__"] != "broken"]
-    one_by_one = torch.cat([images.pixels(torch.from_numpy(a).permute(2, 0, 1)[None].float().div(255))
+    one_by_one = torch.cat([images.pixels(torch.from_numpy(a).permute(2, 0, 1)[None])
                             for a in decoded])
     assert torch.allclose(item["pixels"], one_by_one, atol=1e-6)
     assert collections.Counter(tuple(a.shape) for a in decoded) == {(32, 32, 3): 3, (48, 48, 3): 2, (20, 20, 3): 1}
