@@ -150,14 +150,14 @@ class Info(ctypes.Structure):
 mallinfo2 = ctypes.CDLL(None).mallinfo2
 mallinfo2.restype = Info
 before = mallinfo2().hblks
-block = bytearray(8 << 20)
+block = bytearray(48 << 20)  # above the 32 MiB that glibc's adaptive threshold can reach
 print(mallinfo2().hblks - before)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_freed_activation_sized_blocks_stay_in_the_heap():
-    """An 8 MiB block is mmapped (and page-faulted on every use) under glibc's defaults, taken from the heap once
+    """A 48 MiB block is mmapped (and page-faulted on every use) under glibc's defaults, taken from the heap once
     keep_freed_memory has set the thresholds; a user's own MALLOC_* setting is left alone."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
     run = functools.partial(subprocess.run, capture_output=True, text=True, check=True, env=env,
