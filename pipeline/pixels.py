@@ -3,7 +3,7 @@
 `PixelPipeline.from_transform` reads the sizes and the normalization from an open_clip/timm transform; `exact`
 does so only when the transform holds nothing else, so that a whole batch can go through `__call__` in place of
 the per-image PIL transform (`rakt embed`, the adapted teacher). Resampling is torch's bicubic with antialiasing,
-PIL's kernel: on uint8 images within one level of PIL's result, on [0, 1] floats within a few levels.
+PIL's kernel: on uint8 images within two levels of PIL's result, on [0, 1] floats within a few levels.
 """
 from __future__ import annotations
 
