@@ -72,11 +72,13 @@ def rate(step, items: int, device, seconds: float = 8.0, steps: int = 0, warmup:
 
 
 def layouts(device):
-    """(column name, channels_last, autocast dtype) of the compute-only columns."""
-    import torch
+    """(column name, channels_last, autocast dtype) of the compute-only columns. The low-precision column only where
+    `--precision auto` picks it: a CPU without native bf16 emulates it at a fraction of fp32's speed."""
+    from pipeline.device import autocast_dtype, dtype_name
 
-    low = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    return [("fp32", False, None), ("channels_last", True, None), (f"channels_last+{str(low)[6:]}", True, low)]
+    columns = [("fp32", False, None), ("channels_last", True, None)]
+    low = autocast_dtype(device, "auto")
+    return columns + [(f"channels_last+{dtype_name(low)}", True, low)] if low is not None else columns
 
 
 def inference_ceiling(model, batch: int, size: int, device, args) -> dict[str, float]:
@@ -311,7 +313,9 @@ def measure(args, root: Path) -> dict:
     worst = min(r["ratio"] for r in rows)
     print(f"lowest ratio {worst:.2f} (target >= {TARGET})")
     result = {"device": device_name(device), "torch": torch.__version__, "precision": dtype_name(low), "rows": rows}
-    if args.precision_check:
+    if args.precision_check and low is None:
+        print("precision: --precision auto runs fp32 on this device, so there is no bf16 answer to check")
+    elif args.precision_check:
         result["precision_check"] = precision_check(args, device, root)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
