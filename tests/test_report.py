@@ -222,3 +222,15 @@ def test_summary_computed_from_arms_when_results_have_none(tmp_path):
     assert md.index("| labelled / none |") < md.index("| retrieved / agnostic |")
     assert "task-agnostic KD" in md and "Not done: index (failed)" in md and "_Missing: no run.yaml_" in md
     assert [Path(p).name for p in out["plots"]] == ["accuracy.png"]
+
+
+def test_summary_keeps_the_std_unrounded_for_display():
+    """The labelled arm's seeds 27.78 / 28.02 / 27.74 have a std of 0.151 points: the table prints 0.2, not the 0.1
+    that a std rounded to 4 decimals of a fraction (0.0015) would print."""
+    from pipeline.report.results import results_text, summarize
+
+    arms = [{"transfer_set": "labelled", "method": "none", "accuracy": a, "seconds": {"finetune": 1.0}}
+            for a in (0.2778, 0.2802, 0.2774)]
+    rows = summarize(arms)
+    assert abs(rows[0]["std"] - 0.001514) < 1e-6
+    assert "27.8 ± 0.2%" in results_text({"summary": rows})

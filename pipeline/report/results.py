@@ -69,8 +69,8 @@ def summarize(arms: list[dict]) -> list[dict]:
         mean = sum(acc) / len(acc)
         std = math.sqrt(sum((x - mean) ** 2 for x in acc) / (len(acc) - 1)) if len(acc) > 1 else 0.0
         secs = [sum(a["seconds"].values()) for a in items]
-        rows.append({"transfer_set": tset, "method": method, "seeds": len(items), "mean": round(mean, 4),
-                     "std": round(std, 4), "min": min(acc), "max": max(acc),
+        rows.append({"transfer_set": tset, "method": method, "seeds": len(items), "mean": round(mean, 6),
+                     "std": round(std, 6), "min": min(acc), "max": max(acc),
                      "seconds_mean": round(sum(secs) / len(secs), 1)})
     return rows
 
