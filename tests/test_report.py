@@ -234,3 +234,11 @@ def test_summary_keeps_the_std_unrounded_for_display():
     rows = summarize(arms)
     assert abs(rows[0]["std"] - 0.001514) < 1e-6
     assert "27.8 ± 0.2%" in results_text({"summary": rows})
+
+
+def test_the_report_names_the_adapted_teachers_own_resolution(run_dir):
+    what = lambda: Path(write_report(run_dir)["markdown"]).read_text().split("## What happened", 1)[1]  # noqa: E731
+    assert "tf_efficientnet_lite0 at 96 px," in what()
+    cfg = yaml.safe_load((run_dir / "run.yaml").read_text())
+    (run_dir / "run.yaml").write_text(yaml.safe_dump({**cfg, "adapt": {"mode": "finetune", "image_size": 128}}))
+    assert "tf_efficientnet_lite0 at 96 px (adapted at 128 px)," in what()

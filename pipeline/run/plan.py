@@ -126,12 +126,20 @@ def plan(cfg: dict) -> list[Step]:
 
 
 def add_teacher(cfg: dict, add, enc: dict, t: dict, p) -> None:
-    """The "teacher" step: `rakt adapt` on the labelled images (linear/zeroshot: on their embeddings)."""
+    """The "teacher" step: `rakt adapt` on the labelled images (linear/zeroshot: on their embeddings). An adapted
+    teacher that runs its encoder (finetune, reprogram) may see its own resolution, `adapt.image_size`, while
+    embed and index keep `teacher.image_size`."""
+    section = cfg.get("adapt") or {}
+    size = section.get("image_size") or enc.get("image_size", 0)
     adapt = {**enc, "seed": t["seed"], "out": p("teacher.pt")}
-    if (cfg.get("adapt") or {}).get("mode", "linear") in ("linear", "zeroshot"):
+    if section.get("mode", "linear") in ("linear", "zeroshot"):
+        if size != enc.get("image_size", 0):
+            raise ConfigError(f"run config: adapt.image_size {size} with adapt.mode {section.get('mode', 'linear')}: "
+                              "this mode fits the embeddings made at teacher.image_size; set teacher.image_size "
+                              "instead, or adapt.mode finetune/reprogram")
         adapt.update(embeddings=p("target"), eval=[p("eval")])  # the embeddings of `target`, not recomputed
     else:
-        adapt.update(train=[p(LABELLED_SHARD)], per_class=0, eval=t["test"])
+        adapt.update(train=[p(LABELLED_SHARD)], per_class=0, eval=t["test"], image_size=size)
     add("teacher", "adapt", adapt, ["target", "eval", "labelled"], [p("teacher.pt"), p("teacher.pt.json")])
 
 
