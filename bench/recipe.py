@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--curate", default="", help="KEY=VALUE,... curate settings of that set (with --budget)")
     parser.add_argument("--epochs", type=int, default=0, help="distill epochs (0 = the run config's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher", default="", help="another adapted teacher checkpoint (default: the run's)")
     parser.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the finetune step and score it")
     return parser.parse_args(argv)
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.variants:
         settings = variant(spec)
         mode = settings.pop("labelled", "step")
-        dcfg = {**(cfg.get("distill") or {}), **settings, "seed": args.seed, "teacher": str(run / "teacher.pt")}
+        dcfg = {**(cfg.get("distill") or {}), **settings, "seed": args.seed, "teacher": args.teacher or str(run / "teacher.pt")}
         if args.epochs:
             dcfg["epochs"] = args.epochs
         dcfg["transfer"] = [shards] + ([labelled] if mode == "transfer" else [])
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         dcfg["target_per_class"] = 0
         name = spec.replace("/", "_").replace(",", "+").replace("=", "")
         tag = f"b{args.budget or 'run'}{'-' + args.curate.replace(',', '+').replace('=', '') if args.curate else ''}"
+        tag += f"-{Path(args.teacher).stem}" if args.teacher else ""
         out = run / "recipe" / f"{name}-{tag}-e{dcfg['epochs']}-s{args.seed}"
         dcfg["out"] = str(out / "distill")
         dcfg["resume"] = False
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - start
         score = lambda ckpt, where: evaluate.run(from_dict(STAGES["evaluate"].config, {  # noqa: E731
             "source": test, "checkpoint": ckpt, "out": str(out / where)}))["accuracy"]
-        row = {"variant": spec, "budget": args.budget, "curate": args.curate, "epochs": dcfg["epochs"], "seed": args.seed,
+        row = {"variant": spec, "teacher": args.teacher or "run", "budget": args.budget, "curate": args.curate, "epochs": dcfg["epochs"], "seed": args.seed,
                "transfer_samples": summary["transfer_samples"], "distill_s": round(seconds, 1),
                "images_per_s": summary["images_per_s"], "val_distilled": score(summary["student"], "eval-distill.json")}
         if args.finetune:
