@@ -237,8 +237,10 @@ def test_summary_keeps_the_std_unrounded_for_display():
 
 
 def test_the_report_names_the_adapted_teachers_own_resolution(run_dir):
+    """The adapted teacher's size comes from its checkpoint (results.json), not from the config."""
     what = lambda: Path(write_report(run_dir)["markdown"]).read_text().split("## What happened", 1)[1]  # noqa: E731
     assert "tf_efficientnet_lite0 at 96 px," in what()
-    cfg = yaml.safe_load((run_dir / "run.yaml").read_text())
-    (run_dir / "run.yaml").write_text(yaml.safe_dump({**cfg, "adapt": {"mode": "finetune", "image_size": 128}}))
-    assert "tf_efficientnet_lite0 at 96 px (adapted at 128 px)," in what()
+    results = json.loads((run_dir / "results.json").read_text())
+    for size, text in ((96, "at 96 px,"), (128, "at 96 px (adapted at 128 px),")):
+        write_json(run_dir / "results.json", {**results, "teacher": {**results["teacher"], "image_size": size}})
+        assert f"tf_efficientnet_lite0 {text}" in what()

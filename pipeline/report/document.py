@@ -57,7 +57,7 @@ def _what_happened(ctx: dict, rows: list[dict], shares: dict) -> str:
                                              "the rest of them stay in the pool, unlabelled)" if carve else "") + ".")
     if pick:
         n_cls = f" ({len(ctx['classes'])} classes)" if ctx["classes"] else ""
-        size, adapted = pick.get("image_size", "?"), (config.get("adapt") or {}).get("image_size")
+        size, adapted = pick.get("image_size", "?"), ((res or {}).get("teacher") or {}).get("image_size")  # checkpoint
         size = f"{size} px (adapted at {adapted} px)" if adapted and adapted != size else f"{size} px"
         out.append(f"Teacher {pick.get('model', '?')} at {size}, "
                    f"{pick.get('per_class', '?')} labelled images per class{n_cls}, "

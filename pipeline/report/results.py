@@ -25,6 +25,7 @@ def collect(run_dir: str | Path, cfg: dict) -> dict:
     teacher = read_json(teacher_json, "teacher report") if teacher_json.exists() else {}
     out = {"task": (cfg.get("target") or {}).get("name", ""), "device": teacher_rec.get("device", ""), "classes": [],
            "teacher": {"accuracy": teacher.get("accuracy"), "mode": teacher.get("mode"),
+                       "image_size": (teacher.get("config") or {}).get("image_size"),
                        "seconds": teacher_rec.get("seconds")}, "arms": []}
     for arm in arm_runs(cfg):
         tset, method, seed = arm

@@ -125,21 +125,25 @@ def plan(cfg: dict) -> list[Step]:
     return steps
 
 
+EMBEDDING_MODES = ("linear", "zeroshot")  # adapt modes fitted on the embeddings, at teacher.image_size
+
+
+def adapt_image_size(cfg: dict) -> int:
+    """The adapted teacher's input size: `adapt.image_size` for a mode that runs the encoder (finetune, reprogram),
+    else (and by default) `teacher.image_size`: linear and zeroshot fit the embeddings made at that size."""
+    section, size = cfg.get("adapt") or {}, (cfg.get("teacher") or {}).get("image_size", 0)
+    return size if section.get("mode", "linear") in EMBEDDING_MODES else section.get("image_size") or size
+
+
 def add_teacher(cfg: dict, add, enc: dict, t: dict, p) -> None:
     """The "teacher" step: `rakt adapt` on the labelled images (linear/zeroshot: on their embeddings). An adapted
-    teacher that runs its encoder (finetune, reprogram) may see its own resolution, `adapt.image_size`, while
-    embed and index keep `teacher.image_size`."""
-    section = cfg.get("adapt") or {}
-    size = section.get("image_size") or enc.get("image_size", 0)
+    teacher that runs its encoder (finetune, reprogram) sees `adapt_image_size(cfg)`, while embed and index keep
+    `teacher.image_size`."""
     adapt = {**enc, "seed": t["seed"], "out": p("teacher.pt")}
-    if section.get("mode", "linear") in ("linear", "zeroshot"):
-        if size != enc.get("image_size", 0):
-            raise ConfigError(f"run config: adapt.image_size {size} with adapt.mode {section.get('mode', 'linear')}: "
-                              "this mode fits the embeddings made at teacher.image_size; set teacher.image_size "
-                              "instead, or adapt.mode finetune/reprogram")
+    if (cfg.get("adapt") or {}).get("mode", "linear") in EMBEDDING_MODES:
         adapt.update(embeddings=p("target"), eval=[p("eval")])  # the embeddings of `target`, not recomputed
     else:
-        adapt.update(train=[p(LABELLED_SHARD)], per_class=0, eval=t["test"], image_size=size)
+        adapt.update(train=[p(LABELLED_SHARD)], per_class=0, eval=t["test"], image_size=adapt_image_size(cfg))
     add("teacher", "adapt", adapt, ["target", "eval", "labelled"], [p("teacher.pt"), p("teacher.pt.json")])
 
 
