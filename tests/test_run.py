@@ -267,7 +267,7 @@ def test_teacher_aware_curation_scores_candidates_before_curate(world, tiny_clip
 
 
 def test_the_adapted_teacher_may_see_its_own_resolution(world, tiny_clip, tmp_path):
-    """adapt.image_size sets the finetuned teacher's input size; embed and index keep teacher.image_size; a linear
+    """adapt.image_size raises the finetuned teacher's input size; embed and index keep teacher.image_size; a linear
     teacher is fitted on those embeddings, so the size (e.g. the default's, inherited) does not apply to it."""
     from pipeline.run.plan import plan
 
@@ -275,8 +275,9 @@ def test_the_adapted_teacher_may_see_its_own_resolution(world, tiny_clip, tmp_pa
                                            adapt="{mode: finetune, epochs: 1, image_size: 48}"))}
     assert steps["teacher"].config.image_size == 48
     assert steps["index"].config.image_size == steps["target"].config.image_size == steps["eval"].config.image_size == 32
-    same = {s.name: s for s in plan(config(world, tiny_clip, tmp_path / "run", adapt="{mode: finetune, epochs: 1}"))}
-    assert same["teacher"].config.image_size == 32
+    for adapt in ("{mode: finetune, epochs: 1}", "{mode: finetune, epochs: 1, image_size: 24}"):  # never lowered
+        same = {s.name: s for s in plan(config(world, tiny_clip, tmp_path / "run", adapt=adapt))}
+        assert same["teacher"].config.image_size == 32
     linear = {s.name: s for s in plan(config(world, tiny_clip, tmp_path / "run", adapt="{mode: linear, image_size: 48}"))}
     assert linear["teacher"].config.embeddings == str(tmp_path / "run" / "target")
     assert linear["teacher"].config.image_size == 32

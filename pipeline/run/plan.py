@@ -129,10 +129,13 @@ EMBEDDING_MODES = ("linear", "zeroshot")  # adapt modes fitted on the embeddings
 
 
 def adapt_image_size(cfg: dict) -> int:
-    """The adapted teacher's input size: `adapt.image_size` for a mode that runs the encoder (finetune, reprogram),
-    else (and by default) `teacher.image_size`: linear and zeroshot fit the embeddings made at that size."""
+    """The adapted teacher's input size: `teacher.image_size`, raised to `adapt.image_size` for a mode that runs the
+    encoder (finetune, reprogram). Never lowered: `--set teacher.image_size=224` on a GPU adapts at 224 too; linear
+    and zeroshot fit the embeddings made at teacher.image_size."""
     section, size = cfg.get("adapt") or {}, (cfg.get("teacher") or {}).get("image_size", 0)
-    return size if section.get("mode", "linear") in EMBEDDING_MODES else section.get("image_size") or size
+    raised = section.get("image_size") or 0
+    embeds = section.get("mode", "linear") in EMBEDDING_MODES
+    return raised if not embeds and size and raised > size else size  # size 0 = the model's own: left as it is
 
 
 def add_teacher(cfg: dict, add, enc: dict, t: dict, p) -> None:
