@@ -52,6 +52,11 @@ def kd_modes() -> dict:
     return _load("distill.kd_modes:KD_MODES")
 
 
+def adapt_modes() -> dict:
+    """The adapt modes of `rakt adapt` (distill/teacher/modes.py: name -> AdaptMode, with the inputs each fits on)."""
+    return _load("distill.teacher.modes:ADAPT_MODES")
+
+
 STAGES: dict[str, Stage] = {
     "labelled": Stage("pipeline.config:LabelledConfig", "pipeline.labelled",
                       "write the few-shot draw of labelled target images as one WebDataset shard"),

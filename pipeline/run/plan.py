@@ -12,7 +12,7 @@ from pipeline.formats import CARVE_POOL, CARVE_TEST, CARVE_TRAIN
 from pipeline.io import kit_dir
 from pipeline.run.config import expand
 from pipeline.rundir import LABELLED, LABELLED_SHARD, TRANSFER_SETS, Arm, arm_runs
-from pipeline.stages import STAGES, kd_modes
+from pipeline.stages import STAGES, adapt_modes, kd_modes
 
 ENCODER_KEYS = ("model", "pretrained", "image_size", "batch_size", "workers", "device", "precision")
 COLLECT = ("materialize", "download")  # the stages that turn a manifest into shards
@@ -125,28 +125,19 @@ def plan(cfg: dict) -> list[Step]:
     return steps
 
 
-EMBEDDING_MODES = ("linear", "zeroshot")  # adapt modes fitted on the embeddings, at teacher.image_size
-
-
-def adapt_image_size(cfg: dict) -> int:
-    """The adapted teacher's input size: `teacher.image_size`, raised to `adapt.image_size` for a mode that runs the
-    encoder (finetune, reprogram). Never lowered: `--set teacher.image_size=224` on a GPU adapts at 224 too; linear
-    and zeroshot fit the embeddings made at teacher.image_size."""
-    section, size = cfg.get("adapt") or {}, (cfg.get("teacher") or {}).get("image_size", 0)
-    raised = section.get("image_size") or 0
-    embeds = section.get("mode", "linear") in EMBEDDING_MODES
-    return raised if not embeds and size and raised > size else size  # size 0 = the model's own: left as it is
-
-
 def add_teacher(cfg: dict, add, enc: dict, t: dict, p) -> None:
-    """The "teacher" step: `rakt adapt` on the labelled images (linear/zeroshot: on their embeddings). An adapted
-    teacher that runs its encoder (finetune, reprogram) sees `adapt_image_size(cfg)`, while embed and index keep
-    `teacher.image_size`."""
+    """The "teacher" step: `rakt adapt` on the labelled images (linear/zeroshot: on their embeddings). A mode that
+    runs the encoder (finetune, reprogram) sees `teacher.image_size` raised to `adapt.image_size`, never lowered
+    (`--set teacher.image_size=224` on a GPU adapts at 224 too), while embed and index keep `teacher.image_size`."""
+    section = cfg.get("adapt") or {}
+    mode = adapt_modes().get(section.get("mode", "linear"))  # an unknown name fails in the step, with the choices
     adapt = {**enc, "seed": t["seed"], "out": p("teacher.pt")}
-    if (cfg.get("adapt") or {}).get("mode", "linear") in EMBEDDING_MODES:
+    if mode and mode.inputs == "embeddings":
         adapt.update(embeddings=p("target"), eval=[p("eval")])  # the embeddings of `target`, not recomputed
     else:
-        adapt.update(train=[p(LABELLED_SHARD)], per_class=0, eval=t["test"], image_size=adapt_image_size(cfg))
+        size, raised = enc.get("image_size", 0), section.get("image_size") or 0
+        size = raised if size and raised > size else size  # size 0 = the model's own: left as it is
+        adapt.update(train=[p(LABELLED_SHARD)], per_class=0, eval=t["test"], image_size=size)
     add("teacher", "adapt", adapt, ["target", "eval", "labelled"], [p("teacher.pt"), p("teacher.pt.json")])
 
 
