@@ -136,7 +136,8 @@ def add_teacher(cfg: dict, add, enc: dict, t: dict, p) -> None:
         adapt.update(embeddings=p("target"), eval=[p("eval")])  # the embeddings of `target`, not recomputed
     else:
         size, raised = enc.get("image_size", 0), section.get("image_size") or 0
-        size = raised if size and raised > size else size  # size 0 = the model's own: left as it is
+        if not isinstance(raised, int) or (size and raised > size):  # size 0 = the model's own: left as it is
+            size = raised  # (a value that is no whole number meets the stage config's own check, naming the step)
         adapt.update(train=[p(LABELLED_SHARD)], per_class=0, eval=t["test"], image_size=size)
     add("teacher", "adapt", adapt, ["target", "eval", "labelled"], [p("teacher.pt"), p("teacher.pt.json")])
 
