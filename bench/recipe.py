@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.variants:
         settings = variant(spec)
         mode = settings.pop("labelled", "step")
-        dcfg = {**(cfg.get("distill") or {}), **settings, "seed": args.seed, "teacher": args.teacher or str(run / "teacher.pt")}
+        dcfg = {**(cfg.get("distill") or {}), **settings, "seed": args.seed,
+                "teacher": args.teacher or str(run / "teacher.pt")}
         if args.epochs:
             dcfg["epochs"] = args.epochs
         dcfg["transfer"] = [shards] + ([labelled] if mode == "transfer" else [])
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - start
         score = lambda ckpt, where: evaluate.run(from_dict(STAGES["evaluate"].config, {  # noqa: E731
             "source": test, "checkpoint": ckpt, "out": str(out / where)}))["accuracy"]
-        row = {"variant": spec, "teacher": args.teacher or "run", "budget": args.budget, "curate": args.curate, "epochs": dcfg["epochs"], "seed": args.seed,
+        row = {"variant": spec, "teacher": args.teacher or "run", "budget": args.budget, "curate": args.curate,
+               "epochs": dcfg["epochs"], "seed": args.seed,
                "transfer_samples": summary["transfer_samples"], "distill_s": round(seconds, 1),
                "images_per_s": summary["images_per_s"], "val_distilled": score(summary["student"], "eval-distill.json")}
         if args.finetune:

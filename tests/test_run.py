@@ -274,12 +274,13 @@ def test_the_adapted_teacher_may_see_its_own_resolution(world, tiny_clip, tmp_pa
     steps = {s.name: s for s in plan(config(world, tiny_clip, tmp_path / "run",
                                            adapt="{mode: finetune, epochs: 1, image_size: 48}"))}
     assert steps["teacher"].config.image_size == 48
-    assert steps["index"].config.image_size == steps["target"].config.image_size == steps["eval"].config.image_size == 32
+    assert {steps[name].config.image_size for name in ("index", "target", "eval")} == {32}
     for adapt in ("{mode: finetune, epochs: 1}", "{mode: finetune, epochs: 1, image_size: 24}"):  # never lowered
         same = {s.name: s for s in plan(config(world, tiny_clip, tmp_path / "run", adapt=adapt))}
         assert same["teacher"].config.image_size == 32
     with pytest.raises(ConfigError, match="step 'teacher': 'image_size' must be int"):
         plan(config(world, tiny_clip, tmp_path / "run", adapt="{mode: finetune, image_size: big}"))
-    linear = {s.name: s for s in plan(config(world, tiny_clip, tmp_path / "run", adapt="{mode: linear, image_size: 48}"))}
+    linear = {s.name: s for s in plan(config(world, tiny_clip, tmp_path / "run",
+                                             adapt="{mode: linear, image_size: 48}"))}
     assert linear["teacher"].config.embeddings == str(tmp_path / "run" / "target")
     assert linear["teacher"].config.image_size == 32
