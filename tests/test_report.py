@@ -189,6 +189,20 @@ def test_partial_run_reports_missing_sections(tmp_path):
     assert 'class="missing"' in page and "timm:tf_efficientnet_lite0" in page
 
 
+def test_a_run_without_results_json_summarizes_its_arms_evals(tmp_path):
+    """Mid-run (no results.json yet) the results table comes from each arm's eval.json, seeds pooled."""
+    run = tmp_path / "midrun"
+    run.mkdir()
+    write_config(run)
+    write_steps(run)
+    for name, acc in [("retrieved-task-s0", 0.50), ("retrieved-task-s1", 0.54), ("labelled-none-s0", 0.25)]:
+        write_json(run / "arms" / name / "eval.json", eval_json(acc))
+    md = Path(write_report(run)["markdown"]).read_text()
+    results = md.split("## Results\n", 1)[1].split("\n## ", 1)[0]
+    assert "52.0 ± 2.8%" in results and "25.0%" in results, results
+    assert results.index("labelled") < results.index("retrieved"), results
+
+
 def test_metrics_keep_last_occurrence_of_a_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps({"step": s, "loss": v}) for s, v in [(1, 5.0), (2, 4.0), (2, 3.0)])

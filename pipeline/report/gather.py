@@ -8,13 +8,12 @@ import tarfile
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
 from pipeline.formats import EMBEDDINGS_JSON, INDEX_JSON, MANIFEST_JSON, MANIFEST_PARQUET, REMOVED_PARQUET
-from pipeline.report.results import export_figures
+from pipeline.report.results import export_figures, summarize
 from pipeline.rundir import SET_ORDER, TRANSFER_SETS, Arm, method_order
 
 log = logging.getLogger("rakt.report")
@@ -151,21 +150,12 @@ def pool_shares(run: Path, ctx: dict) -> tuple[dict, int]:
 def summary_rows(ctx: dict) -> list[dict]:
     """One row per (transfer_set, method): results.json's summary, else computed from the arms; labelled first."""
     arms = [a for a in ctx["arms"] if a.get("accuracy") is not None]
-    rows = [dict(r) for r in ctx["results"].get("summary", []) if r.get("mean") is not None]
+    rows = [dict(r) for r in ctx["results"].get("summary", []) if r.get("mean") is not None] or \
+        summarize([{**a, "seconds": a.get("seconds") or {}} for a in arms])
     for r in rows:
         r["std"] = r.get("std") or 0.0
         r["values"] = [a["accuracy"] for a in arms if (a.get("transfer_set"), a.get("method")) ==
                        (r.get("transfer_set"), r.get("method"))]
-    if not rows:
-        groups: dict[tuple, list] = {}
-        for a in arms:
-            groups.setdefault((a.get("transfer_set"), a.get("method")), []).append(a)
-        for (ts, method), group in groups.items():
-            acc = np.array([a["accuracy"] for a in group])
-            secs = [sum((a.get("seconds") or {}).values()) for a in group]
-            rows.append({"transfer_set": ts, "method": method, "seeds": len(acc), "mean": acc.mean(),
-                         "std": acc.std(ddof=1) if len(acc) > 1 else 0.0, "min": acc.min(), "max": acc.max(),
-                         "seconds_mean": float(np.mean(secs)), "values": list(acc)})
 
     methods = method_order()
 
