@@ -71,7 +71,8 @@ def write_steps(run: Path) -> None:
 
 def write_config(run: Path) -> None:
     cfg = {"teacher": {"model": "timm:tf_efficientnet_lite0", "image_size": 96}, "target": {"per_class": 10},
-           "pool": "pool-{000000..000002}.tar.gz", "budget": 5000, "student": "resnet18", "epochs": 3}
+           "pool": "pool-{000000..000002}.tar.gz", "curate": {"budget": 5000}, "adapt": {"image_size": 128},
+           "distill": {"student": "resnet18", "image_size": 64, "epochs": 3}}
     (run / "run.yaml").write_text(yaml.safe_dump(cfg))
 
 
@@ -158,7 +159,7 @@ def test_full_report(run_dir):
     assert "| retrieved-task-s0 | 41.0% |" in md
     # steps table and settings
     assert "| arms/retrieved-task-s0/distill | distill | 100.0 | done |" in md
-    assert "resnet18" in md and "Missing" not in md
+    assert "10 labelled images per class (3 classes), student resnet18." in md and "Missing" not in md
     names = {Path(p).stem for p in out["plots"]}
     assert names == {"accuracy", "per_class", "confusion", "curves", "images_per_class", "scores", "sources",
                      "samples"}

@@ -45,23 +45,21 @@ def _method_text(method: str) -> str:
 
 
 def _what_happened(ctx: dict, rows: list[dict], shares: dict) -> str:
-    cfg, res, out = flatten(ctx["config"] or {}), ctx["results"], []
-    pick = {}  # leaf name -> value; the teacher's / target's settings win over same-named others
-    for k, v in sorted(cfg.items(), key=lambda kv: "teacher" in kv[0] or "target" in kv[0]):
-        pick[k.rsplit(".", 1)[-1]] = v
-    config = ctx["config"] or {}
-    task = (config.get("target") or {}).get("name")
+    config, res, out = ctx["config"] or {}, ctx["results"], []
+    teacher, target = config.get("teacher") or {}, config.get("target") or {}
+    student = (config.get("distill") or {}).get("student")
+    task = target.get("name")
     if task:
         carve = config.get("carve") or {}
         out.append(f"Target task: {task}" + (f", carved out of the pool (its '{carve.get('source', '?')}' images; "
                                              "the rest of them stay in the pool, unlabelled)" if carve else "") + ".")
-    if pick:
+    if teacher or target or student:  # run.yaml's own keys: teacher.*, target.per_class, distill.student
         n_cls = f" ({len(ctx['classes'])} classes)" if ctx["classes"] else ""
-        size, adapted = pick.get("image_size", "?"), ((res or {}).get("teacher") or {}).get("image_size")  # checkpoint
+        size, adapted = teacher.get("image_size", "?"), ((res or {}).get("teacher") or {}).get("image_size")  # ckpt
         size = f"{size} px (adapted at {adapted} px)" if adapted and adapted != size else f"{size} px"
-        out.append(f"Teacher {pick.get('model', '?')} at {size}, "
-                   f"{pick.get('per_class', '?')} labelled images per class{n_cls}, "
-                   f"student {pick.get('student', '?')}.")
+        out.append(f"Teacher {teacher.get('model', '?')} at {size}, "
+                   f"{target.get('per_class', '?')} labelled images per class{n_cls}, "
+                   f"student {student or '?'}.")
     if "retrieved" in ctx["manifests"]:
         m = ctx["manifests"]["retrieved"]
         c = m["meta"].get("counts", {})
