@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -17,7 +18,8 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature p
 import faiss  # noqa: E402
 
 from indexes.base import IndexSpecError  # noqa: E402
-from indexes.faiss_build import METRICS, ivf_of  # noqa: E402
+from indexes.helpers import c_stdout_to_stderr  # noqa: E402
+from indexes.faiss_ops import METRICS, ivf_of  # noqa: E402
 from indexes.layout import INDEX_JSON, METADATA_DIR, METADATA_PARTS  # noqa: E402
 from indexes.published import describe_published, is_published, split_spec  # noqa: E402
 
@@ -132,8 +134,18 @@ def _read_part(path: Path, mmap: bool) -> tuple[faiss.Index, bool]:
     """Read one FAISS file, memory-mapped when asked and supported; returns (index, mapped).
 
     faiss 1.15 maps IVF inverted lists (IVF-PQ parts) only with IO_FLAG_MMAP (OnDiskInvertedLists over the file);
-    IO_FLAG_MMAP_IFC maps flat codes but reads IVF lists into RAM, so the file's fourcc picks the order.
+    IO_FLAG_MMAP_IFC maps flat codes but reads IVF lists into RAM, so the file's fourcc picks the order. Lists kept
+    on disk (`rakt index build --on-disk`, faiss's merge_ondisk: a `.ivfdata` file beside) are always mapped, from
+    the index's own folder (IO_FLAG_ONDISK_SAME_DIR), whatever folder the index was written in.
     """
+    if any(path.parent.glob("*.ivfdata")):
+        try:
+            with c_stdout_to_stderr():
+                return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY), True
+        except RuntimeError as e:
+            raise IndexSpecError(f"{path}: not a readable FAISS index with on-disk lists "
+                                 f"({str(e).strip().splitlines()[-1]}); its .ivfdata file must sit beside it: "
+                                 f"restore it or rebuild with `rakt index build --on-disk`") from None
     if mmap:
         names = ("IO_FLAG_MMAP", "IO_FLAG_MMAP_IFC") if _looks_ivf(path) else ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP")
         for name in names:
@@ -184,3 +196,31 @@ def ivf_lists(index: faiss.Index) -> str:
     if ivf is None:
         return "n/a"
     return "ondisk" if isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists) else "ram"
+
+
+def reconstruct_by_scan(ivf: faiss.IndexIVF, ids: np.ndarray) -> np.ndarray:
+    """Stored vectors of `ids` in an IVF index without a direct map: one pass over the lists' ids finds each id's
+    list and offset (memory: one list's ids), then each vector is decoded from its code."""
+    ids = np.asarray(ids, np.int64)
+    wanted = np.unique(ids)
+    where = np.full((len(wanted), 2), -1, np.int64)  # (list, offset) of each wanted id
+    invlists = ivf.invlists
+    for lst in range(ivf.nlist):
+        size = invlists.list_size(lst)
+        if size == 0:
+            continue
+        found = np.zeros(size, np.int64)
+        ptr = invlists.get_ids(lst)
+        try:
+            faiss.memcpy(faiss.swig_ptr(found), ptr, found.nbytes)
+        finally:
+            invlists.release_ids(lst, ptr)
+        hit = np.nonzero(np.isin(found, wanted, assume_unique=True))[0]
+        if len(hit):
+            where[np.searchsorted(wanted, found[hit])] = np.stack([np.full(len(hit), lst), hit], 1)
+    if (where[:, 0] < 0).any():
+        raise IndexSpecError(f"ids {wanted[where[:, 0] < 0][:5].tolist()} are in no inverted list of the index")
+    vectors = np.empty((len(where), ivf.d), np.float32)
+    for row, (lst, off) in zip(vectors, where):
+        ivf.reconstruct_from_offset(int(lst), int(off), faiss.swig_ptr(row))
+    return vectors[np.searchsorted(wanted, ids)]

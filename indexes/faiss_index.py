@@ -24,9 +24,11 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature p
 import faiss  # noqa: E402
 
 from indexes.base import IndexSpecError  # noqa: E402
-from indexes.faiss_build import (build_faiss_index, choose_index, exact_knn, gpu_count, ivf_of,  # noqa: E402,F401
-                                 merge_topk, parse_memory, prepare_ivfpq, prep_vectors, recall_at, set_nprobe, to_gpu)
-from indexes.faiss_files import metadata_file, read_index_dir  # noqa: E402
+from indexes.faiss_build import build_faiss_index  # noqa: E402,F401
+from indexes.faiss_choice import choose_index, parse_memory  # noqa: E402,F401
+from indexes.faiss_ops import (exact_knn, gpu_count, ivf_of, merge_topk, prepare_ivfpq, prep_vectors,  # noqa: E402,F401
+                               recall_at, set_nprobe, to_gpu)
+from indexes.faiss_files import metadata_file, read_index_dir, reconstruct_by_scan  # noqa: E402
 from indexes.helpers import json_hash  # noqa: E402
 from indexes.layout import INDEX_JSON, METADATA_DIR, METADATA_PARTS  # noqa: E402
 
@@ -37,6 +39,7 @@ log = logging.getLogger("rakt.indexes")
 
 BACKENDS = ("auto", "faiss", "torch")
 FAISS_GPU_MAX_K = 2048  # faiss GPU k-selection limit; larger k is searched on the CPU copy of the part
+DIRECT_MAP_MAX = 2_000_000  # IVF parts up to this size get a direct map for embeddings(); larger ones are scanned
 
 
 class FaissIndex:
@@ -57,7 +60,7 @@ class FaissIndex:
         for p in parts:
             set_nprobe(p, self.nprobe)
         self._current_nprobe = self.nprobe
-        self._direct_map = False
+        self._direct_maps: set[int] = set()  # parts given a direct map
         if meta_files is None:
             meta_files = sorted((path / METADATA_DIR).glob(METADATA_PARTS))
         self._files = [metadata_file(f) for f in meta_files]
@@ -193,39 +196,42 @@ class FaissIndex:
         return self._read_rows(ids, columns)
 
     def _read_rows(self, ids: np.ndarray, columns: list[str] | None) -> pa.Table:
+        """The rows `ids` in order, reading their row groups one at a time (memory: one group + the result)."""
         if len(ids) == 0:
             return self._files[0].schema_arrow.empty_table().select(columns or self._files[0].schema_arrow.names)
         group_of = np.searchsorted(self._group_starts, ids, side="right") - 1
-        needed = np.unique(group_of)
-        tables, base = [], {}
-        offset = 0
-        for g in needed:
+        order = np.argsort(group_of, kind="stable")
+        groups, first = np.unique(group_of[order], return_index=True)
+        pieces = []
+        for g, a, b in zip(groups, first, [*first[1:], len(order)]):
             fi, rg = self._groups[g]
-            t = self._files[fi].read_row_group(rg, columns=columns)
-            tables.append(t)
-            base[g] = offset
-            offset += t.num_rows
-        table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-        pos = np.array([base[g] for g in group_of], np.int64) + ids - self._group_starts[group_of]
-        return table.take(pa.array(pos))
+            group = self._files[fi].read_row_group(rg, columns=columns)
+            pieces.append(group.take(pa.array(ids[order[a:b]] - self._group_starts[g])))
+            del group
+        table = pa.concat_tables(pieces, promote_options="default") if len(pieces) > 1 else pieces[0]
+        return table.take(pa.array(np.argsort(order, kind="stable")))
 
     def embeddings(self, ids: np.ndarray) -> np.ndarray:
-        """Stored vectors for `ids` (float32 [n, dim]); approximate (decoded codes) for PQ indexes."""
+        """Stored vectors for `ids` (float32 [n, dim]); approximate (decoded codes) for PQ indexes. An IVF part of
+        up to DIRECT_MAP_MAX vectors gets a direct map (8 bytes a vector); a larger one is looked up by one scan
+        of its lists' ids per call (no memory that grows with the index), so ask for many ids at once."""
         ids = self._check_ids(ids)
-        if not self._direct_map:
-            for p in self._parts:
-                ivf = ivf_of(p)
-                if ivf is not None:
-                    ivf.make_direct_map()
-            self._direct_map = True
         out = np.zeros((len(ids), self.dim), np.float32)
         part_of = np.searchsorted(self._offsets, ids, side="right") - 1
         for j in np.unique(part_of):
             mask = part_of == j
+            local = ids[mask] - self._offsets[j]
+            part, ivf = self._parts[j], ivf_of(self._parts[j])
             try:
-                out[mask] = self._parts[j].reconstruct_batch(ids[mask] - self._offsets[j])
+                if ivf is not None and part.ntotal > DIRECT_MAP_MAX:
+                    out[mask] = reconstruct_by_scan(ivf, local)
+                    continue
+                if ivf is not None and j not in self._direct_maps:
+                    ivf.make_direct_map()
+                    self._direct_maps.add(j)
+                out[mask] = part.reconstruct_batch(local)
             except RuntimeError as e:
-                raise IndexSpecError(f"{self.path}: {type(self._parts[j]).__name__} cannot reconstruct stored "
+                raise IndexSpecError(f"{self.path}: {type(part).__name__} cannot reconstruct stored "
                                      f"vectors ({str(e).strip().splitlines()[-1]}); use a flat or IVF index") from None
         return out
 

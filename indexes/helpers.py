@@ -29,6 +29,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def c_stdout_to_stderr() -> Iterator[None]:
+    """Send what C code prints to stdout (faiss's on-disk lists do) to stderr meanwhile: rakt's stdout is its JSON
+    summary."""
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """`x` scaled to unit L2 norm along `axis`; zero vectors stay zero. Same dtype as `x` for float input."""
     norms = np.linalg.norm(x, axis=axis, keepdims=True)

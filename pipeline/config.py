@@ -77,8 +77,18 @@ class EngineConfig:
                                   "cluster this node belongs to, or ray://HOST:10001")
 
 
+EMBEDDING_DTYPES = ("float32", "float16")  # float16 halves the disk (clip-retrieval stores LAION's embeddings so)
+
+
 @dataclass
-class EmbedConfig(EngineConfig, EncoderConfig):
+class EmbeddingStoreConfig:
+    """How an embedding set stores its vectors; the same flag on every stage that writes one."""
+    dtype: str = option("float32", "float32 | float16 (half the disk; every reader accepts both)",
+                        choices=EMBEDDING_DTYPES)
+
+
+@dataclass
+class EmbedConfig(EmbeddingStoreConfig, EngineConfig, EncoderConfig):
     source: list[str] = option([], "image folder (class subfolders), CSV/parquet manifest (path,label), or "
                                    "WebDataset shards (files, brace patterns or a folder of .tar/.tar.gz)",
                                positional=True)
@@ -91,18 +101,24 @@ class EmbedConfig(EngineConfig, EncoderConfig):
 
 
 @dataclass
-class IndexBuildConfig(EngineConfig, EncoderConfig):
+class IndexBuildConfig(EmbeddingStoreConfig, EngineConfig, EncoderConfig):
     source: list[str] = option([], "pool images (folder, manifest or shards) or an existing embedding set directory",
                                positional=True)
     out: str = option("", "output index directory")
     kind: str = option("auto", "auto | flat | ivfpq | a faiss index_factory string (e.g. 'IVF1024,PQ32')")
-    memory_budget: str = option("4G", "RAM the index may use, e.g. 500M, 16G; decides flat vs IVF-PQ with kind=auto")
+    memory_budget: str = option("4G", "RAM this build may use, e.g. 500M, 16G: decides flat vs IVF-PQ with kind=auto "
+                                      "and the PQ code size; a build that cannot fit is refused before it starts")
+    on_disk: bool = option(False, "keep the IVF lists on disk (index-000.ivfdata, memory-mapped when searched) instead "
+                                  "of in RAM: for indexes larger than RAM; resumes after a kill")
     metric: str = option("ip", "ip (cosine on normalized embeddings) | l2", choices=("ip", "l2"))
     metadata: str = option("", "optional parquet of extra pool metadata (url, caption, ...) joined on column 'id'")
     partition_size: int = option(10000, "images per partition when embedding a folder/manifest pool")
-    train_size: int = option(100000, "vectors sampled to train IVF/PQ quantizers")
+    train_size: int = option(0, "vectors sampled to train IVF/PQ quantizers (0 = auto: 39 per IVF list, the lists "
+                                "~4 sqrt(N))")
     nprobe: int = option(16, "IVF lists visited per query (stored as the index default)")
     seed: int = option(0, "seed for the training sample")
+    task_rows: int = option(0, "vectors per add task of a build in parts (--on-disk, --engine ray): the unit a killed "
+                               "build resumes by (0 = auto: >= 1M, and >= 10x the empty index's size)")
 
 
 @dataclass

@@ -30,8 +30,8 @@ from pipeline.config import ConfigError, EmbedConfig, config_hash
 from pipeline.device import loader_workers, set_threads
 from pipeline.encoders import ImageEncoder, encoder_model_id, load_image_encoder
 from pipeline.engines import EngineOptions, get_engine, raise_if_failed
-from pipeline.formats import EMBEDDINGS_JSON, embedding_table
-from pipeline.io import InputError, json_hash, read_json, timed, write_json, write_parquet
+from pipeline.formats import EMBEDDINGS_JSON, embedding_table, write_embedding_part
+from pipeline.io import InputError, json_hash, read_json, timed, write_json
 from pipeline.pixels import PixelPipeline
 from pipeline.progress import Progress
 from pipeline.sources import Partition, Sample, Source, count_hint, open_source
@@ -39,7 +39,8 @@ from pipeline.sources import Partition, Sample, Source, count_hint, open_source
 log = logging.getLogger("rakt")
 
 RUN_JSON = "run.json"
-IDENTITY_KEYS = ("model", "sources", "per_class", "seed", "partition_size", "split", "classes")
+IDENTITY_KEYS = ("model", "sources", "per_class", "seed", "partition_size", "split", "classes", "dtype")
+IDENTITY_DEFAULTS = {"dtype": "float32"}  # what a run.json written before the key existed meant
 MAX_RETRIES = 1
 
 
@@ -73,7 +74,8 @@ def run(cfg: EmbedConfig) -> dict:
                          f"the target set is empty")
     meta = {
         "model": model_id, "model_name": cfg.model, "pretrained": _abs_if_file(cfg.pretrained),
-        "dim": parts[0]["dim"], "normalized": True, "count": count, "skipped": dict(sorted(skipped.items())),
+        "dim": parts[0]["dim"], "normalized": True, "count": count, "dtype": cfg.dtype,
+        "skipped": dict(sorted(skipped.items())),
         "classes": source.classes, "partitions": [p.name for p in source.partitions],
         "sources": [os.path.abspath(s) for s in cfg.source], "split": cfg.split, "per_class": cfg.per_class,
         "seed": cfg.seed, "config_hash": config_hash(cfg),
@@ -168,7 +170,8 @@ def _readable(part: Path) -> bool:
 
 def _identity(cfg: EmbedConfig, source: Source, model_id: str) -> dict:
     return {"model": model_id, "sources": [os.path.abspath(s) for s in cfg.source], "per_class": cfg.per_class,
-            "seed": cfg.seed, "partition_size": cfg.partition_size, "split": cfg.split, "classes": source.classes}
+            "seed": cfg.seed, "partition_size": cfg.partition_size, "split": cfg.split, "classes": source.classes,
+            "dtype": cfg.dtype}
 
 
 def _claim(out: Path, identity: dict) -> None:
@@ -176,7 +179,7 @@ def _claim(out: Path, identity: dict) -> None:
     run_json = out / RUN_JSON
     if run_json.exists():
         before = read_json(run_json, "embed run record")
-        diff = [k for k in IDENTITY_KEYS if before.get(k) != identity[k]]
+        diff = [k for k in IDENTITY_KEYS if before.get(k, IDENTITY_DEFAULTS.get(k)) != identity[k]]
         if diff and not any(out.glob("part-*.stats.json")):  # a claim nothing was made under (a failed start)
             log.info("embed: %s holds no finished partition; replacing its %s", out, RUN_JSON)
             write_json(run_json, {**identity, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
@@ -219,11 +222,11 @@ class EmbedWorker:
 
     def __call__(self, partition: Partition) -> dict:
         return embed_partition(self.encoder, self.source, partition, self.out, batch_size=self.cfg.batch_size,
-                               workers=self.workers, split=self.cfg.split, progress=self.progress)
+                               workers=self.workers, split=self.cfg.split, progress=self.progress, dtype=self.cfg.dtype)
 
 
 def embed_partition(encoder: ImageEncoder, source: Source, partition: Partition, out: Path, *, batch_size: int,
-                    workers: int, split: str = "", progress: Progress | None = None) -> dict:
+                    workers: int, split: str = "", progress: Progress | None = None, dtype: str = "float32") -> dict:
     """Embed one partition: write `part-NAME.parquet`, then `part-NAME.stats.json` (the done marker); both
     atomically. Every engine runs this, so outputs do not depend on where a partition was embedded."""
     start = time.perf_counter()
@@ -240,7 +243,7 @@ def embed_partition(encoder: ImageEncoder, source: Source, partition: Partition,
             if progress is not None:
                 progress.update(len(item["rows"]))
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), np.float32)
-    write_parquet(out / f"part-{partition.name}.parquet", _table(rows, matrix, source.locator_columns))
+    write_embedding_part(out / f"part-{partition.name}.parquet", _table(rows, matrix, source.locator_columns, dtype))
     stats = {"partition": partition.name, "count": len(rows), "source_hash": digest, "skipped": dict(sorted(skipped.items())),
              "seconds": round(time.perf_counter() - start, 3), "dim": encoder.dim}
     write_json(_stats_path(out, partition), stats)
@@ -268,11 +271,11 @@ def _pass_through(item: dict) -> dict:
     return item
 
 
-def _table(rows: list[tuple], matrix: np.ndarray, locator_columns: list[str]) -> pa.Table:
+def _table(rows: list[tuple], matrix: np.ndarray, locator_columns: list[str], dtype: str) -> pa.Table:
     ids, labels, splits, locators = zip(*rows) if rows else ((), (), (), ())
     extra = {c: pa.array([None if loc.get(c) is None else str(loc[c]) for loc in locators], pa.string())
              for c in locator_columns}
-    return embedding_table(ids, labels, splits, matrix, extra)
+    return embedding_table(ids, labels, splits, matrix, extra, dtype)
 
 
 class PartitionImages(IterableDataset):

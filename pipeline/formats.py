@@ -10,27 +10,34 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 import braceexpand
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from indexes.layout import INDEX_JSON, METADATA_DIR  # noqa: F401  (section 2's file names, re-exported)
-from pipeline.io import InputError, parquet_rows, read_json, read_parquet
+from pipeline.config import EMBEDDING_DTYPES  # noqa: F401  (re-exported: the contract's dtypes)
+from pipeline.io import InputError, atomic_path, parquet_rows, read_json, read_parquet
 
 # --- 1. embedding set ------------------------------------------------------------------------------
 
 EMBEDDINGS_JSON = "embeddings.json"
 EMBEDDING_PARTS = "part-*.parquet"
+EMBEDDING_ROW_GROUP = 16_384  # rows per parquet row group: a sampled row costs at most this many decoded
 
 
-def embedding_table(ids, labels, splits, vectors: np.ndarray, extra: dict | None = None) -> pa.Table:
-    """One partition of an embedding set: id, label, split, embedding (+ locator columns in `extra`)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+def embedding_table(ids, labels, splits, vectors: np.ndarray, extra: dict | None = None,
+                    dtype: str = "float32") -> pa.Table:
+    """One partition of an embedding set: id, label, split, embedding (float32 or float16) + locator columns."""
+    if dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"embedding dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {dtype!r}")
+    vectors = np.ascontiguousarray(vectors, dtype=dtype)
     n, dim = vectors.shape if vectors.ndim == 2 else (0, 0)
-    emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
     cols = {
         "id": pa.array([str(i) for i in ids], pa.string()),
         "label": pa.array([None if lab is None or lab < 0 else int(lab) for lab in labels], pa.int64()),
@@ -42,27 +49,99 @@ def embedding_table(ids, labels, splits, vectors: np.ndarray, extra: dict | None
     return pa.table(cols)
 
 
+def write_embedding_part(path: str | Path, table: pa.Table) -> None:
+    """Write one part file atomically: row groups of EMBEDDING_ROW_GROUP rows, no dictionary for the vectors."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=EMBEDDING_ROW_GROUP,
+                       use_dictionary=[c for c in table.column_names if c != "embedding"])
+
+
 def read_embedding_set(path: str | Path, split: str | None = None,
                        columns: list[str] | None = None) -> tuple[dict, pa.Table]:
-    """Read an embedding set directory: (embeddings.json metadata, table of all partitions in order)."""
+    """Read a whole embedding set directory: (embeddings.json metadata, table of all partitions in order).
+    For sets that may not fit in memory (an index's pool), use EmbeddingParts."""
     path = Path(path)
     meta = read_json(path / EMBEDDINGS_JSON, "embedding set metadata (embeddings.json); run `rakt embed` first")
     parts = sorted(path.glob(EMBEDDING_PARTS))
     if not parts:
         raise InputError(f"{path}: no part-*.parquet files; the embedding set is empty or unfinished")
-    fix = "rerun `rakt embed` with the same --out: it embeds a damaged partition again"
-    table = pa.concat_tables([read_parquet(p, fix, columns) for p in parts])
+    table = pa.concat_tables([read_parquet(p, _REEMBED, columns) for p in parts])
     if split:
         table = table.filter(pc.equal(table["split"], split))
     return meta, table
 
 
-def embedding_matrix(table: pa.Table) -> np.ndarray:
-    """The `embedding` column as a float32 [n, dim] array."""
-    col = table["embedding"].combine_chunks()
+def embedding_matrix(data: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """The `embedding` column (float32 or float16) as a float32 [n, dim] array."""
+    col = data.column("embedding")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    dim = col.type.list_size
     if len(col) == 0:
-        return np.zeros((0, col.type.list_size), np.float32)
-    return col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), col.type.list_size)
+        return np.zeros((0, dim), np.float32)
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(col), dim)
+
+
+_REEMBED = "rerun `rakt embed` with the same --out: it embeds a damaged partition again"
+
+
+class EmbeddingParts:
+    """An embedding set read part by part: never whole in memory. Row r of the set is row r - start of the part
+    file holding it (files in name order), as `read_embedding_set` concatenates them."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.files = sorted(self.path.glob(EMBEDDING_PARTS))
+        if not self.files:
+            raise InputError(f"{self.path}: no part-*.parquet files; the embedding set is empty or unfinished")
+        self.footers = [self._footer(f) for f in self.files]
+        self.rows = [m.num_rows for m in self.footers]
+        self.starts = np.cumsum([0] + self.rows)
+        self.n = int(self.starts[-1])
+        schema = self.footers[0].schema.to_arrow_schema()
+        if "embedding" not in schema.names:
+            raise InputError(f"{self.files[0]}: no 'embedding' column; is {self.path} an embedding set?")
+        kind = schema.field("embedding").type
+        self.dim = kind.list_size
+        self.dtype = "float16" if kind.value_type == pa.float16() else "float32"
+        self.columns = schema.names
+        self.groups_read = 0  # row groups decoded by take(): what a training sample cost
+
+    def __reduce__(self):  # pickled as its path (for Ray workers): the footers are read again there
+        return EmbeddingParts, (self.path,)
+
+    def _footer(self, path: Path) -> pq.FileMetaData:
+        try:
+            return pq.read_metadata(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{path}: not a readable parquet file ({e}); {_REEMBED}") from None
+
+    def batches(self, columns: list[str] | None = None, batch_rows: int = 65_536,
+                files: range | None = None) -> Iterator[pa.RecordBatch]:
+        """The rows of `files` (default: all) in order, as record batches of <= `batch_rows` rows."""
+        for j in files if files is not None else range(len(self.files)):
+            try:
+                yield from pq.ParquetFile(self.files[j]).iter_batches(batch_size=batch_rows, columns=columns)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise InputError(f"{self.files[j]}: not a readable parquet file ({e}); {_REEMBED}") from None
+
+    def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """The set's rows `rows` (sorted, unique) in that order, reading only the row groups that hold them, one
+        at a time (counted in `groups_read`)."""
+        rows = np.asarray(rows, np.int64)
+        pieces = []
+        for j in np.unique(np.searchsorted(self.starts, rows, side="right") - 1):
+            local = rows[(rows >= self.starts[j]) & (rows < self.starts[j + 1])] - self.starts[j]
+            file = pq.ParquetFile(self.files[j])
+            group_starts = np.cumsum([0] + [self.footers[j].row_group(g).num_rows
+                                            for g in range(self.footers[j].num_row_groups)])
+            for g in np.unique(np.searchsorted(group_starts, local, side="right") - 1):
+                inside = local[(local >= group_starts[g]) & (local < group_starts[g + 1])] - group_starts[g]
+                pieces.append(file.read_row_group(int(g), columns=columns).take(pa.array(inside)))
+                self.groups_read += 1
+        if not pieces:
+            return pq.read_schema(self.files[0]).empty_table().select(columns or self.columns)
+        return pa.concat_tables(pieces)
 
 
 # --- 2. index directory: opened only through indexes.registry.open_index (the Index protocol) ---------

@@ -56,9 +56,7 @@ def flat_dir(tmp_path_factory, data) -> Path:
 @pytest.fixture(scope="module")
 def ivfpq_dir(tmp_path_factory, data) -> Path:
     out = tmp_path_factory.mktemp("ivfpq")
-    # 6000 x 64 float32 = 1.5M: a 1M budget must flip kind=auto to IVF-PQ
-    build_faiss_index(data, meta_table(N), out, model="test:model", kind="auto", memory_budget="1M",
-                      train_size=3000, nprobe=8)
+    build_faiss_index(data, meta_table(N), out, model="test:model", kind="ivfpq", train_size=3000, nprobe=8)
     return out
 
 
@@ -70,6 +68,7 @@ def test_parse_memory_and_choice():
     with pytest.raises(IndexSpecError, match="500M"):
         parse_memory("lots")
     assert choose_index(N, D, memory_budget="1G").factory == "Flat"
+    assert choose_index(N, D, memory_budget="1M").kind == "ivfpq"  # 6000 x 64 float32 = 1.5M: over a 1M budget
     assert choose_index(3_000_000, D, memory_budget="1T").kind == "ivfpq"  # too many vectors to scan
     small = choose_index(1_000_000, 512, memory_budget="200M", train_size=100_000)
     assert small.kind == "ivfpq" and small.memory_bytes <= 200 * 2**20

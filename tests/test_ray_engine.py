@@ -20,7 +20,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402  (part of the test extra: a missing Ray fails this module, it is not skipped)
 
-import pipeline.index as index_build  # noqa: E402
+import pipeline.index_parts as index_parts  # noqa: E402
 from conftest import image_array, write_folder  # noqa: E402
 from indexes.faiss_index import FaissIndex  # noqa: E402
 from pipeline.cli import main  # noqa: E402
@@ -89,16 +89,15 @@ def test_embed_ray_writes_what_local_writes(embedded, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in embedded["ray"].glob("part-*")} == before
 
 
-def test_flat_index_added_in_parts_on_ray_equals_local(embedded, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(index_build, "ADD_ROWS_PER_TASK", 5)  # one add task per embedding partition
+def test_flat_index_added_in_parts_on_ray_equals_local(embedded, tmp_path, capsys):
     outs = {engine: tmp_path / engine for engine in ("local", "ray")}
     for engine, out in outs.items():
         assert main(["index", "build", str(embedded[engine]), "--kind", "flat", "--engine", engine,
-                     "--out", str(out)]) == 0
+                     "--task-rows", "5", "--out", str(out)]) == 0  # one add task per embedding partition
         assert json.loads(capsys.readouterr().out)["count"] == 12
     info = json.loads((outs["ray"] / "index.json").read_text())
     assert info["add"] == "in parts, merged" and info["factory"] == "Flat"
-    assert not (outs["ray"] / index_build.ADD_PARTS_SUBDIR).exists()
+    assert not (outs["ray"] / index_parts.ADD_PARTS_SUBDIR).exists()
     a, b = FaissIndex.open(outs["ray"]), FaissIndex.open(outs["local"])
     queries = embedding_matrix(read_embedding_set(embedded["local"])[1])
     (sa, ia), (sb, ib) = a.search(queries, 5), b.search(queries, 5)
@@ -139,13 +138,12 @@ def _embedding_set(root: Path, n: int, d: int, per_part: int) -> np.ndarray:
     return x
 
 
-def test_ivfpq_built_in_parts_on_ray_equals_local(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(index_build, "ADD_ROWS_PER_TASK", 1000)  # 4 add tasks, one per partition
+def test_ivfpq_built_in_parts_on_ray_equals_local(tmp_path, capsys):
     x = _embedding_set(tmp_path / "emb", n=4000, d=32, per_part=1000)
     outs = {engine: tmp_path / engine for engine in ("local", "ray")}
     for engine, out in outs.items():
         assert main(["index", "build", str(tmp_path / "emb"), "--kind", "IVF32,PQ8", "--nprobe", "4",
-                     "--engine", engine, "--out", str(out)]) == 0
+                     "--engine", engine, "--task-rows", "1000", "--out", str(out)]) == 0  # 4 add tasks
         assert json.loads(capsys.readouterr().out)["factory"] == "IVF32,PQ8"
     a, b = FaissIndex.open(outs["ray"]), FaissIndex.open(outs["local"])
     (sa, ia), (sb, ib) = a.search(x[::40], 10), b.search(x[::40], 10)

@@ -1,0 +1,158 @@
+"""`rakt index build` at scale, on small data: the training sample read as just its rows, lists on disk equal to
+lists in RAM, float16 embedding sets, a memory budget refused up front, a killed on-disk build resumed."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import image_array, write_folder
+from indexes.faiss_index import FaissIndex
+from indexes.faiss_files import reconstruct_by_scan
+from pipeline.cli import main
+from pipeline.formats import EmbeddingParts, embedding_matrix, embedding_table, read_embedding_set
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def clustered_set(root: Path, n: int, d: int = 16, per_part: int = 5000, row_group: int = 100,
+                  dtype: str = "float32", seed: int = 0, separable: bool = False) -> np.ndarray:
+    """An embedding set of clustered unit vectors: parts of `per_part` rows in row groups of `row_group`.
+    `separable`: clusters of exactly 10 tight points, so a point's top-10 is its cluster, far from the rest."""
+    rng = np.random.default_rng(seed)
+    if separable:
+        x = rng.normal(size=(n // 10, d)).repeat(10, axis=0) + 0.02 * rng.normal(size=(n, d))
+    else:
+        x = rng.normal(size=(40, d))[rng.integers(0, 40, n)] + 0.25 * rng.normal(size=(n, d))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    root.mkdir(parents=True)
+    for j, begin in enumerate(range(0, n, per_part)):
+        ids = [f"img{i:06d}" for i in range(begin, min(n, begin + per_part))]
+        table = embedding_table(ids, [None] * len(ids), ["pool"] * len(ids), x[begin:begin + len(ids)],
+                                {"url": [f"http://pool.example/{i}.jpg" for i in ids]}, dtype=dtype)
+        pq.write_table(table, root / f"part-{j:05d}.parquet", row_group_size=row_group)
+    (root / "embeddings.json").write_text(json.dumps({"model": "open_clip:test:random", "dim": d, "count": n,
+                                                      "dtype": dtype}))
+    return x
+
+
+def test_training_reads_only_the_sampled_rows(tmp_path, capsys):
+    clustered_set(tmp_path / "emb", n=50_000, d=8)  # 500 row groups of 100 rows
+    assert main(["index", "build", str(tmp_path / "emb"), "--kind", "IVF8,Flat", "--out", str(tmp_path / "ix")]) == 0
+    read = json.loads(capsys.readouterr().out)["sample_read"]
+    # 8 lists x 39 training vectors + 1000 recall queries, taken from the row groups that hold them, no others
+    assert read["rows"] == 8 * 39 + 1000 and read["row_groups"] == 500
+    assert 300 < read["row_groups_read"] < 500
+
+
+def test_take_reads_only_the_row_groups_holding_the_rows(tmp_path):
+    x = clustered_set(tmp_path / "emb", n=3000, per_part=1000)  # 3 files x 10 row groups
+    parts = EmbeddingParts(tmp_path / "emb")
+    rows = np.array([5, 7, 1500, 2999])
+    np.testing.assert_array_equal(embedding_matrix(parts.take(rows, ["embedding"])), x[rows])
+    assert parts.groups_read == 3  # groups 0 of file 0, 5 of file 1, 9 of file 2
+
+
+def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys):
+    x = clustered_set(tmp_path / "emb", n=20_000, per_part=4000)
+    outs = {"ram": [], "disk": ["--on-disk", "--task-rows", "5000"]}
+    for name, flags in outs.items():
+        assert main(["index", "build", str(tmp_path / "emb"), "--kind", "IVF64,PQ8", "--nprobe", "8", *flags,
+                     "--out", str(tmp_path / name)]) == 0
+        assert json.loads(capsys.readouterr().out)["ivf_lists"] == name.replace("disk", "ondisk")
+    assert (tmp_path / "disk" / "index-000.ivfdata").exists() and not (tmp_path / "ram" / "index-000.ivfdata").exists()
+    assert not (tmp_path / "disk" / ".add-parts").exists()
+    shutil.move(tmp_path / "disk", tmp_path / "moved")  # the lists are found beside the index, wherever it is
+    ram, disk = FaissIndex.open(tmp_path / "ram"), FaissIndex.open(tmp_path / "moved")
+    assert disk.info()["ivf_lists"] == "ondisk" and disk.mapped
+    (sa, ia), (sb, ib) = ram.search(x[::97], 10), disk.search(x[::97], 10)
+    np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_allclose(sa, sb, atol=1e-6)
+    assert pd.read_parquet(tmp_path / "moved" / "metadata").equals(pd.read_parquet(tmp_path / "ram" / "metadata"))
+    info = {n: json.loads((tmp_path / p / "index.json").read_text()) for n, p in (("ram", "ram"), ("disk", "moved"))}
+    assert info["ram"]["recall_at_10"] == info["disk"]["recall_at_10"] > 0.5
+    ids = np.array([0, 19_999, 777, 0])  # stored vectors, looked up without a direct map too
+    np.testing.assert_allclose(disk.embeddings(ids), ram.embeddings(ids), atol=1e-6)
+    np.testing.assert_allclose(reconstruct_by_scan(ivf_of(disk), ids), ram.embeddings(ids), atol=1e-6)
+
+
+def ivf_of(index: FaissIndex):
+    from indexes.faiss_ops import ivf_of as extract
+
+    return extract(index._parts[0])
+
+
+def test_float16_and_float32_sets_find_the_same_neighbours(tmp_path, capsys):
+    x = clustered_set(tmp_path / "f32", n=4000, per_part=1000, row_group=1000, separable=True)
+    clustered_set(tmp_path / "f16", n=4000, per_part=1000, row_group=1000, dtype="float16", separable=True)
+    assert pq.read_schema(tmp_path / "f16" / "part-00000.parquet").field("embedding").type.value_type == "halffloat"
+    size = {k: sum(p.stat().st_size for p in (tmp_path / k).glob("*.parquet")) for k in ("f16", "f32")}
+    assert size["f16"] < 0.7 * size["f32"]
+    found = {}
+    for name in ("f32", "f16"):
+        assert main(["index", "build", str(tmp_path / name), "--kind", "flat", "--out", str(tmp_path / f"ix-{name}")]) == 0
+        found[name] = np.sort(FaissIndex.open(tmp_path / f"ix-{name}").search(x[::7], 10)[1], axis=1)
+    assert np.array_equal(found["f16"], found["f32"])
+    assert np.array_equal(found["f32"][:, 0] // 10, np.arange(0, 4000, 7) // 10)  # the top-10 is the cluster
+
+
+def test_embed_writes_float16_sets(tmp_path, tiny_clip, capsys):
+    pool = write_folder(tmp_path / "pool", {"cat": [image_array(i) for i in range(3)]})
+    enc = ["--model", tiny_clip, "--pretrained", "", "--workers", "0", "--device", "cpu"]
+    for dtype in ("float32", "float16"):
+        assert main(["embed", str(pool), *enc, "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+    meta, table = read_embedding_set(tmp_path / "float16")
+    assert meta["dtype"] == "float16" and str(table.schema.field("embedding").type.value_type) == "halffloat"
+    half, full = embedding_matrix(table), embedding_matrix(read_embedding_set(tmp_path / "float32")[1])
+    assert half.dtype == np.float32 and np.abs(half - full).max() < 1e-3
+    capsys.readouterr()  # the same folder cannot be continued in another dtype
+    assert main(["embed", str(pool), *enc, "--dtype", "float32", "--out", str(tmp_path / "float16")]) == 2
+    assert "dtype: 'float16' there, 'float32' now" in capsys.readouterr().err
+
+
+def test_a_budget_that_cannot_fit_is_refused_with_figures(tmp_path, capsys):
+    clustered_set(tmp_path / "emb", n=20_000, d=64)
+    assert main(["index", "build", str(tmp_path / "emb"), "--kind", "ivfpq", "--memory-budget", "2M",
+                 "--out", str(tmp_path / "ix")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be built within --memory-budget 2.0M: it needs ~" in err and "index in RAM" in err
+    assert "raise --memory-budget" in err and not (tmp_path / "ix" / "index.json").exists()
+
+
+def test_killed_on_disk_build_resumes(tmp_path, capsys):
+    """SIGKILL an --on-disk build once its first add task is done; the rerun keeps the done tasks and the trained
+    index, and its index searches as a clean build's."""
+    x = clustered_set(tmp_path / "emb", n=60_000, d=32, per_part=500)
+    args = ["index", "build", str(tmp_path / "emb"), "--kind", "IVF64,PQ8", "--on-disk", "--task-rows", "500"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--out", str(killed)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list((killed / ".add-parts").glob("add-*.json")) if (killed / ".add-parts").exists() else True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the build ended or stalled before an add task was done: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (killed / "index.json").exists()
+    assert (killed / ".add-parts" / "trained.faiss").exists()
+    assert main([*args, "--out", str(killed)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert 1 <= summary["resumed_tasks"] < 120 and summary["count"] == 60_000  # done tasks kept (so the trained index)
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    a, b = FaissIndex.open(killed), FaissIndex.open(tmp_path / "clean")
+    np.testing.assert_array_equal(a.search(x[::301], 10)[1], b.search(x[::301], 10)[1])
+    assert pd.read_parquet(killed / "metadata").equals(pd.read_parquet(tmp_path / "clean" / "metadata"))
