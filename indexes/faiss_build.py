@@ -28,6 +28,7 @@ from indexes.faiss_choice import (RECALL_QUERIES, build_memory, check_budget, ch
 from indexes.faiss_ops import (METRICS, ExactTopK, prep_vectors, prepare_ivfpq, recall_at, set_nprobe,  # noqa: E402
                                to_gpu)
 from indexes.faiss_parts import IVFDATA_SUFFIX, check_mergeable  # noqa: E402
+from indexes.faiss_train import SampleFile, train_out_of_core  # noqa: E402
 from indexes.helpers import atomic_path  # noqa: E402
 from indexes.layout import INDEX_JSON, METADATA_DIR  # noqa: E402
 
@@ -36,6 +37,7 @@ log = logging.getLogger("rakt.indexes")
 METADATA_ROWS_PER_FILE = 1_000_000
 METADATA_ROW_GROUP = 8_192  # a looked-up row costs at most this many decoded rows
 INDEX_PART = "index-000.faiss"
+TRAIN_SAMPLE = ".train-sample.f32"  # the training sample while k-means reads it, removed after
 
 
 class VectorRows(Protocol):
@@ -43,8 +45,9 @@ class VectorRows(Protocol):
     n: int
     d: int
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """float32 vectors of `rows` (sorted, unique), reading no more than the rows' neighbourhood."""
+    def take(self, rows: np.ndarray) -> Iterator[np.ndarray]:
+        """float32 vectors of `rows` (sorted, unique) in that order, a chunk at a time, reading no more than the
+        rows' neighbourhood."""
 
     def batches(self) -> Iterator[tuple[np.ndarray, pa.Table]]:
         """Every vector in id order with its metadata rows (an `id` column), a batch at a time."""
@@ -65,8 +68,9 @@ class ArrayRows:
     def d(self) -> int:
         return self.vectors.shape[1]
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(self.vectors[rows], np.float32)
+    def take(self, rows: np.ndarray) -> Iterator[np.ndarray]:
+        for begin in range(0, len(rows), self.batch_size):
+            yield np.asarray(self.vectors[rows[begin:begin + self.batch_size]], np.float32)
 
     def batches(self) -> Iterator[tuple[np.ndarray, pa.Table]]:
         for begin in range(0, self.n, self.batch_size):
@@ -113,18 +117,11 @@ def build_faiss_index(vectors: VectorRows | np.ndarray, metadata: pa.Table | Non
     work = work if work is not None else index
     log.info("building on %s", device.upper())
     normalize = metric == "ip"  # cosine: every vector goes in at unit length (a no-op for normalized embeddings)
-    sample, queries = _sample(rows, choice.train_size if not index.is_trained else 0, seed)
-    sampled = len(sample) + len(queries)
-    unit = bool(len(queries) == 0 or np.allclose(np.linalg.norm(queries, axis=1), 1, atol=1e-3))
-    if normalize and not unit:
-        log.info("vectors are not unit-norm: normalizing them for metric ip (cosine similarity)")
+    sample, queries, unit = _sample(rows, choice.train_size if not index.is_trained else 0, seed, normalize, out)
+    sampled = (sample.n if sample is not None else 0) + len(queries)
     t0 = time.perf_counter()
-    if len(sample):
-        log.info("training %s on %d sampled vectors", choice.factory, len(sample))
-        work.train(prep_vectors(sample, normalize))
-    del sample
+    _train(index, work, sample, device)
     t1 = time.perf_counter()
-    queries = prep_vectors(queries, normalize)
     exact = ExactTopK(queries, min(10, n), metric)
     if add_step is None:
         _add_in_process(work, rows, normalize, exact, out / METADATA_DIR, progress)
@@ -189,8 +186,10 @@ def _new_index(d: int, factory: str, metric: str) -> faiss.Index:
     return index
 
 
-def _sample(rows: VectorRows, train_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training sample and the recall check's queries, drawn with `seed` over all rows and read in one go."""
+def _sample(rows: VectorRows, train_size: int, seed: int, normalize: bool,
+            folder: Path) -> tuple[SampleFile | None, np.ndarray, bool]:
+    """The training sample (a float32 file in `folder`, None without training), the recall check's queries, drawn
+    with `seed` over all rows and read in one pass, a chunk at a time, and whether the rows read were unit-norm."""
     rng = np.random.default_rng(seed)
     train = np.sort(rng.choice(rows.n, size=min(rows.n, train_size), replace=False)) if train_size else \
         np.zeros(0, np.int64)
@@ -198,8 +197,36 @@ def _sample(rows: VectorRows, train_size: int, seed: int) -> tuple[np.ndarray, n
     queries = np.sort(np.random.default_rng([seed, 1]).choice(rows.n, size=min(rows.n, RECALL_QUERIES),
                                                                replace=False))
     wanted = np.union1d(train, queries)
-    vectors = rows.take(wanted)
-    return vectors[np.searchsorted(wanted, train)], vectors[np.searchsorted(wanted, queries)]
+    sample = SampleFile(folder / TRAIN_SAMPLE, rows.d) if len(train) else None
+    found = np.zeros((len(queries), rows.d), np.float32)
+    done, unit = 0, True
+    for chunk in rows.take(wanted):
+        ids = wanted[done:done + len(chunk)]
+        unit = unit and bool(np.allclose(np.linalg.norm(chunk, axis=1), 1, atol=1e-3))
+        chunk = prep_vectors(chunk, normalize)
+        if sample is not None:
+            sample.append(chunk[np.isin(ids, train, assume_unique=True)])
+        asked = np.isin(ids, queries, assume_unique=True)
+        found[np.searchsorted(queries, ids[asked])] = chunk[asked]
+        done += len(chunk)
+    if sample is not None:
+        sample.close()
+    if normalize and not unit:
+        log.info("vectors are not unit-norm: normalizing them for metric ip (cosine similarity)")
+    return sample, found, unit
+
+
+def _train(index: faiss.Index, work: faiss.Index, sample: SampleFile | None, device: str) -> None:
+    """Train on the sample: out of core for a plain IVF on the CPU (indexes/faiss_train.py), else in memory."""
+    if sample is None:
+        return
+    try:
+        log.info("training %s on %d sampled vectors", type(faiss.downcast_index(index)).__name__, sample.n)
+        if device == "cpu" and train_out_of_core(index, sample):
+            return
+        work.train(sample.rows(0, sample.n))
+    finally:
+        sample.path.unlink(missing_ok=True)
 
 
 def _add_in_process(work: faiss.Index, rows: VectorRows, normalize: bool, exact: ExactTopK, folder: Path,

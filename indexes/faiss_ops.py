@@ -10,7 +10,6 @@ import numpy as np
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing logs are noise
 import faiss  # noqa: E402
 
-from indexes.helpers import l2_normalize  # noqa: E402
 
 log = logging.getLogger("rakt.indexes")
 
@@ -21,7 +20,8 @@ def prep_vectors(x: np.ndarray, normalize: bool) -> np.ndarray:
     """float32 C-contiguous copy, L2-normalized when asked (zero vectors stay zero)."""
     x = np.array(x, dtype=np.float32, order="C", copy=True)
     if normalize:
-        x = l2_normalize(x, axis=1)
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x /= np.where(norms > 0, norms, 1)
     return x
 
 
@@ -39,7 +39,7 @@ class ExactTopK:
         """Fold a batch (already normalized as the index stores it) whose first row has id `first_id`."""
         start = self.seen if first_id is None else first_id
         if len(vectors) and len(self.queries):
-            s, i = faiss.knn(self.queries, prep_vectors(vectors, False), min(self.k, len(vectors)),
+            s, i = faiss.knn(self.queries, np.ascontiguousarray(vectors, np.float32), min(self.k, len(vectors)),
                              metric=METRICS[self.metric])
             self.scores, self.ids = merge_topk([self.scores, s], [self.ids, i + start], self.k, self.metric)
         self.seen = start + len(vectors)

@@ -121,15 +121,23 @@ class EmbeddingParts:
         """The rows of `files` (default: all) in order, as record batches of <= `batch_rows` rows."""
         for j in files if files is not None else range(len(self.files)):
             try:
-                yield from pq.ParquetFile(self.files[j]).iter_batches(batch_size=batch_rows, columns=columns)
+                for batch in pq.ParquetFile(self.files[j]).iter_batches(batch_size=batch_rows, columns=columns):
+                    yield batch
+                    pa.default_memory_pool().release_unused()
             except (pa.ArrowInvalid, OSError) as e:
                 raise InputError(f"{self.files[j]}: not a readable parquet file ({e}); {_REEMBED}") from None
 
     def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
-        """The set's rows `rows` (sorted, unique) in that order, reading only the row groups that hold them, one
-        at a time (counted in `groups_read`)."""
+        """The set's rows `rows` (sorted, unique) in that order (see pieces)."""
+        pieces = list(self.pieces(rows, columns))
+        if not pieces:
+            return pq.read_schema(self.files[0]).empty_table().select(columns or self.columns)
+        return pa.concat_tables(pieces)
+
+    def pieces(self, rows: np.ndarray, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The set's rows `rows` (sorted, unique) in that order, a row group's share at a time, reading only the
+        row groups that hold them (counted in `groups_read`); decode buffers go back to the OS after each."""
         rows = np.asarray(rows, np.int64)
-        pieces = []
         for j in np.unique(np.searchsorted(self.starts, rows, side="right") - 1):
             local = rows[(rows >= self.starts[j]) & (rows < self.starts[j + 1])] - self.starts[j]
             file = pq.ParquetFile(self.files[j])
@@ -137,11 +145,10 @@ class EmbeddingParts:
                                             for g in range(self.footers[j].num_row_groups)])
             for g in np.unique(np.searchsorted(group_starts, local, side="right") - 1):
                 inside = local[(local >= group_starts[g]) & (local < group_starts[g + 1])] - group_starts[g]
-                pieces.append(file.read_row_group(int(g), columns=columns).take(pa.array(inside)))
+                piece = file.read_row_group(int(g), columns=columns).take(pa.array(inside))
                 self.groups_read += 1
-        if not pieces:
-            return pq.read_schema(self.files[0]).empty_table().select(columns or self.columns)
-        return pa.concat_tables(pieces)
+                pa.default_memory_pool().release_unused()
+                yield piece
 
 
 # --- 2. index directory: opened only through indexes.registry.open_index (the Index protocol) ---------

@@ -137,8 +137,9 @@ class EmbeddingSetRows:
     def d(self) -> int:
         return self.parts.dim
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        return embedding_matrix(self.parts.take(rows, ["embedding"]))
+    def take(self, rows: np.ndarray) -> Iterator[np.ndarray]:
+        for piece in self.parts.pieces(rows, ["embedding"]):
+            yield embedding_matrix(piece)
 
     def read_stats(self) -> dict:
         """What take() read: row groups decoded, of how many."""

@@ -16,18 +16,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, RetrieveConfig, config_hash
 from pipeline.progress import Progress
 from pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, CANDIDATES_SCHEMA, EMBEDDINGS_JSON, embedding_matrix,
                               read_embedding_set)
-from pipeline.io import (InputError, check_index_model, json_hash, l2_normalize, read_json, timed, write_json,
-                         write_parquet)
+from pipeline.io import InputError, check_index_model, json_hash, l2_normalize, read_json, timed, write_json
 from pipeline.prompts import TextQueries, build_text_queries
 
 log = logging.getLogger("rakt")
 
 SCHEMA = CANDIDATES_SCHEMA
+ROW_GROUP = 65_536  # candidate rows per row group; a batch's rows are sorted by rank, so a group spans few ranks
 
 
 def run(cfg: RetrieveConfig) -> dict:
@@ -58,74 +59,130 @@ def run(cfg: RetrieveConfig) -> dict:
     if index.metric == "ip":  # cosine: unit queries (a no-op for normalized embedding sets)
         vectors = l2_normalize(vectors, axis=1)
     n = len(vectors)
-    scores = np.empty((n, cfg.k), np.float32)
-    ids = np.empty((n, cfg.k), np.int64)
-    with timed("retrieve"), Progress(n, "retrieve", unit="query") as bar:
+    out = Path(cfg.out)
+    labels = np.asarray(queries["label"].to_numpy(zero_copy_only=False), dtype=float)
+    found = ClassNeighbours(labels) if cfg.fill_per_class else None
+    missing = 0
+    with timed("retrieve"), Progress(n, "retrieve", unit="query") as bar, \
+            CandidateWriter(out / CANDIDATES_PARQUET) as writer:
         for begin in range(0, n, cfg.batch_size):
             s, i = index.search(vectors[begin:begin + cfg.batch_size], cfg.k, nprobe=cfg.nprobe or None)
-            scores[begin:begin + len(s)], ids[begin:begin + len(s)] = s, i
+            rows = np.arange(begin, begin + len(s))
+            writer.write(_candidates(queries.take(pa.array(rows)), s, i))
+            missing += int((i < 0).sum())
+            if found is not None:
+                found.add(rows, i)
             bar.update(len(s))
-    refilled = {}
-    if cfg.fill_per_class:
-        scores, ids, refilled = fill_classes(index, queries, vectors, scores, ids, cfg)
-    table = _candidates(queries, scores, ids)
-    out = Path(cfg.out)
-    write_parquet(out / CANDIDATES_PARQUET, table)
+        refilled = fill_classes(index, queries, vectors, found, cfg, writer) if found is not None else {}
+    table_rows = writer.rows
     info = {
         "index": absolute_spec(cfg.index), "index_model": index.model,
         "embeddings": str(emb_dir.resolve()) if emb_dir else None,
         "embeddings_model": meta.get("model"), "query_split": cfg.query_split, "k": cfg.k, "n_queries": n,
-        "n_candidates": table.num_rows, "config_hash": config_hash(cfg),
+        "n_candidates": table_rows, "config_hash": config_hash(cfg),
         "fill_per_class": cfg.fill_per_class, "k_per_class": refilled,
         "inputs": {"embeddings_json_hash": json_hash(meta) if meta else None, "index_json_hash": index.identity()},
         **_text_info(cfg, text, n),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(out / CANDIDATES_JSON, info)
-    missing = int((ids[:, :cfg.k] < 0).sum())
     if missing:
         log.warning("retrieve: %d of %d neighbour slots came back empty (id -1); raise --nprobe for IVF indexes",
                     missing, n * cfg.k)
-    log.info("retrieve: %d queries x k=%d -> %d candidates in %s", n, cfg.k, table.num_rows, out)
-    return {"out": str(out), "n_queries": n, "k": cfg.k, "n_candidates": table.num_rows,
+    log.info("retrieve: %d queries x k=%d -> %d candidates in %s", n, cfg.k, table_rows, out)
+    return {"out": str(out), "n_queries": n, "k": cfg.k, "n_candidates": table_rows,
             "index_model": index.model, "seconds": round(time.perf_counter() - start, 2)}
 
 
-def fill_classes(index, queries: pa.Table, vectors: np.ndarray, scores: np.ndarray, ids: np.ndarray,
-                 cfg: RetrieveConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+class ClassNeighbours:
+    """The distinct pool images each class's queries found so far (for --fill-per-class)."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = labels
+        self.ids = {int(lab): np.zeros(0, np.int64) for lab in np.unique(labels[~np.isnan(labels)])}
+
+    def add(self, rows: np.ndarray, ids: np.ndarray) -> None:
+        for lab in self.ids:
+            mine = ids[self.labels[rows] == lab]
+            if mine.size:
+                self.ids[lab] = np.union1d(self.ids[lab], mine[mine >= 0])
+
+    def distinct(self, lab: int) -> int:
+        return len(self.ids[lab])
+
+
+def fill_classes(index, queries: pa.Table, vectors: np.ndarray, found: ClassNeighbours, cfg: RetrieveConfig,
+                 writer: "CandidateWriter") -> dict:
     """Re-query every class whose queries' neighbours hold fewer than cfg.fill_per_class distinct pool images with
-    a doubled k, until it does or k reaches cfg.max_k (or the pool's size). Returns the (wider, -1-padded) score
-    and id arrays and {class label: final k} of the classes re-queried."""
-    labels = np.asarray(queries["label"].to_numpy(zero_copy_only=False), dtype=float)
+    a doubled k, until it does or k reaches cfg.max_k (or the pool's size); the re-queried classes' rows replace
+    their first ones in the candidates. Returns {class label: final k} of the classes re-queried."""
+    labels = found.labels
     top = min(cfg.max_k, index.size)
-    k_of = {int(lab): cfg.k for lab in np.unique(labels[~np.isnan(labels)])}
-
-    def distinct(lab: int) -> int:  # pool images the class's queries found so far
-        return len(np.setdiff1d(ids[labels == lab], [-1]))
-
+    k_of = {lab: cfg.k for lab in found.ids}
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     while True:
-        short = [lab for lab, k in k_of.items() if k < top and distinct(lab) < cfg.fill_per_class]
+        short = [lab for lab, k in k_of.items() if k < top and found.distinct(lab) < cfg.fill_per_class]
         if not short:
             break
         for lab in short:
             k_of[lab] = min(2 * k_of[lab], top)
-        width = max(k_of[lab] for lab in short)
-        if width > ids.shape[1]:
-            pad = width - ids.shape[1]
-            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
-        for lab in short:
             rows = np.nonzero(labels == lab)[0]
             s, i = index.search(vectors[rows], k_of[lab], nprobe=cfg.nprobe or None)
-            ids[rows, :k_of[lab]], scores[rows, :k_of[lab]] = i, s
+            results[lab] = (s, i)
+            found.ids[lab] = np.union1d(found.ids[lab], i[i >= 0])
         log.info("retrieve: re-queried %d class(es) below %d distinct neighbours: %s", len(short),
                  cfg.fill_per_class, ", ".join(f"{lab} (k={k_of[lab]})" for lab in short))
-    refilled = {str(lab): k for lab, k in k_of.items() if k != cfg.k}
     for lab in k_of:
-        if (found := distinct(lab)) < cfg.fill_per_class:
+        if (have := found.distinct(lab)) < cfg.fill_per_class:
             log.warning("retrieve: class %s holds %d distinct neighbours at k=%d, fewer than --fill-per-class %d "
-                        "(raise --max-k, or the pool has no more)", lab, found, k_of[lab], cfg.fill_per_class)
-    return scores, ids, refilled
+                        "(raise --max-k, or the pool has no more)", lab, have, k_of[lab], cfg.fill_per_class)
+    if results:
+        rows = {lab: pa.array(np.nonzero(labels == lab)[0]) for lab in results}
+        replaced = pa.concat_arrays([queries["id"].combine_chunks().take(r) for r in rows.values()])
+        writer.replace(replaced.cast(pa.string()), [_candidates(queries.take(rows[lab]), s, i)
+                                                    for lab, (s, i) in results.items()])
+    return {str(lab): k for lab, k in k_of.items() if k != cfg.k}
+
+
+class CandidateWriter:
+    """candidates.parquet written batch by batch (memory: one batch), each batch's rows in rank order so that a
+    reader can take rank windows by row-group statistics; renamed into place when complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.rows = path, 0
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> "CandidateWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = pq.ParquetWriter(self.tmp, SCHEMA)
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table.sort_by([("rank", "ascending")]), row_group_size=ROW_GROUP)
+        self.rows += table.num_rows
+
+    def replace(self, query_ids: pa.Array, tables: list[pa.Table]) -> None:
+        """Drop the rows of the queries `query_ids` (searched again) and append their new rows: one more pass over
+        the file, a row group at a time."""
+        self._writer.close()
+        first = self.tmp.with_name(self.tmp.name + ".first")
+        self.tmp.replace(first)
+        self._writer, self.rows = pq.ParquetWriter(self.tmp, SCHEMA), 0
+        source = pq.ParquetFile(first)
+        for g in range(source.num_row_groups):
+            group = source.read_row_group(g)
+            self.write(group.filter(pc.invert(pc.is_in(group["query_id"], value_set=query_ids))))
+        for table in tables:
+            self.write(table)
+        first.unlink()
+
+    def __exit__(self, kind, value, tb) -> None:
+        self._writer.close()
+        if kind is None:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 def _queries(emb_dir: Path, split: str) -> tuple[dict, pa.Table]:

@@ -257,6 +257,11 @@ def test_torch_backend_on_ivfpq_is_refused(tmp_path, base, monkeypatch, caplog):
     assert "IVF16,PQ4 without faiss-gpu: searching it with faiss on CPU" in caplog.text
 
 
+def by_query(frame: pd.DataFrame) -> pd.DataFrame:
+    """Candidate rows by query and rank (the file holds each search batch's rows in rank order)."""
+    return frame.sort_values(["query_id", "rank"], kind="mergesort").reset_index(drop=True)
+
+
 def test_cli_retrieve_backend_torch_equals_faiss(tmp_path, base):
     root = two_part_dir(tmp_path / "index", base, split=2500)
     target = tmp_path / "target"
@@ -270,7 +275,7 @@ def test_cli_retrieve_backend_torch_equals_faiss(tmp_path, base):
         out = tmp_path / f"cand-{backend}"
         assert main(["retrieve", str(target), "--index", f"faiss:{root}", "--k", "20", "--batch-size", "25",
                      "--backend", backend, "--out", str(out)]) == 0
-        frames[backend] = pd.read_parquet(out / "candidates.parquet")
+        frames[backend] = by_query(pd.read_parquet(out / "candidates.parquet"))
     f, t = frames["faiss"], frames["torch"]
     assert len(f) == len(t) == 60 * 20
     assert (f["query_id"] == t["query_id"]).all() and (f["rank"] == t["rank"]).all()
@@ -296,7 +301,7 @@ def test_cli_retrieve_backend_torch_equals_faiss(tmp_path, base):
 
     assert main(["retrieve", str(target), "--index", f"plaintorchtest:{root}", "--k", "20", "--backend", "torch",
                  "--out", str(tmp_path / "plain")]) == 0
-    plain = pd.read_parquet(tmp_path / "plain" / "candidates.parquet")
+    plain = by_query(pd.read_parquet(tmp_path / "plain" / "candidates.parquet"))
     assert (plain["pool_id"] == f["pool_id"]).all()
     with pytest.raises(SystemExit):  # argparse choices
         main(["retrieve", str(target), "--index", f"faiss:{root}", "--backend", "gpu", "--out", str(tmp_path / "x")])
