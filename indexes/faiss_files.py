@@ -198,29 +198,64 @@ def ivf_lists(index: faiss.Index) -> str:
     return "ondisk" if isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists) else "ram"
 
 
+class ListLocations:
+    """Where ids sit in an IVF index's inverted lists (list, offset), found without a direct map: one pass over the
+    lists' ids locates a whole request (memory: a block of list ids, and the located ids, up to CACHE_IDS of them
+    kept for the next request), so ask for many ids at once (FaissIndex.prefetch)."""
+
+    CACHE_IDS = 8_000_000
+    BLOCK = 1 << 20  # list ids scanned at a time
+
+    def __init__(self, ivf: faiss.IndexIVF) -> None:
+        self.ivf = ivf
+        self.ids = np.zeros(0, np.int64)
+        self.where = np.zeros((0, 2), np.int64)
+
+    def find(self, ids: np.ndarray) -> None:
+        """Locate every id of `ids` not located yet (one scan of the lists' ids)."""
+        wanted = np.setdiff1d(np.asarray(ids, np.int64), self.ids)
+        if not len(wanted):
+            return
+        where = np.full((len(wanted), 2), -1, np.int64)
+        invlists, lists, found, owners = self.ivf.invlists, [], [], []
+        for lst in range(self.ivf.nlist):
+            size = invlists.list_size(lst)
+            if size:
+                block = np.zeros(size, np.int64)
+                ptr = invlists.get_ids(lst)
+                try:
+                    faiss.memcpy(faiss.swig_ptr(block), ptr, block.nbytes)
+                finally:
+                    invlists.release_ids(lst, ptr)
+                found.append(block)
+                owners.append(np.full(size, lst, np.int64))
+                lists.append(size)
+            if found and (sum(lists) >= self.BLOCK or lst == self.ivf.nlist - 1):
+                block, owner = np.concatenate(found), np.concatenate(owners)
+                offsets = np.concatenate([np.arange(n) for n in lists])
+                pos = np.minimum(np.searchsorted(wanted, block), len(wanted) - 1)
+                hit = wanted[pos] == block
+                where[pos[hit]] = np.stack([owner[hit], offsets[hit]], 1)
+                lists, found, owners = [], [], []
+        if (where[:, 0] < 0).any():
+            raise IndexSpecError(f"ids {wanted[where[:, 0] < 0][:5].tolist()} are in no inverted list of the index")
+        if len(self.ids) + len(wanted) > self.CACHE_IDS:
+            self.ids, self.where = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+        order = np.argsort(np.concatenate([self.ids, wanted]), kind="stable")
+        self.ids = np.concatenate([self.ids, wanted])[order]
+        self.where = np.concatenate([self.where, where])[order]
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of `ids` (decoded from their codes)."""
+        ids = np.asarray(ids, np.int64)
+        self.find(ids)
+        at = self.where[np.searchsorted(self.ids, ids)]
+        vectors = np.empty((len(ids), self.ivf.d), np.float32)
+        for row, (lst, off) in zip(vectors, at):
+            self.ivf.reconstruct_from_offset(int(lst), int(off), faiss.swig_ptr(row))
+        return vectors
+
+
 def reconstruct_by_scan(ivf: faiss.IndexIVF, ids: np.ndarray) -> np.ndarray:
-    """Stored vectors of `ids` in an IVF index without a direct map: one pass over the lists' ids finds each id's
-    list and offset (memory: one list's ids), then each vector is decoded from its code."""
-    ids = np.asarray(ids, np.int64)
-    wanted = np.unique(ids)
-    where = np.full((len(wanted), 2), -1, np.int64)  # (list, offset) of each wanted id
-    invlists = ivf.invlists
-    for lst in range(ivf.nlist):
-        size = invlists.list_size(lst)
-        if size == 0:
-            continue
-        found = np.zeros(size, np.int64)
-        ptr = invlists.get_ids(lst)
-        try:
-            faiss.memcpy(faiss.swig_ptr(found), ptr, found.nbytes)
-        finally:
-            invlists.release_ids(lst, ptr)
-        hit = np.nonzero(np.isin(found, wanted, assume_unique=True))[0]
-        if len(hit):
-            where[np.searchsorted(wanted, found[hit])] = np.stack([np.full(len(hit), lst), hit], 1)
-    if (where[:, 0] < 0).any():
-        raise IndexSpecError(f"ids {wanted[where[:, 0] < 0][:5].tolist()} are in no inverted list of the index")
-    vectors = np.empty((len(where), ivf.d), np.float32)
-    for row, (lst, off) in zip(vectors, where):
-        ivf.reconstruct_from_offset(int(lst), int(off), faiss.swig_ptr(row))
-    return vectors[np.searchsorted(wanted, ids)]
+    """Stored vectors of `ids` in an IVF index without a direct map (ListLocations, once)."""
+    return ListLocations(ivf).reconstruct(ids)

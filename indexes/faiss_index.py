@@ -28,7 +28,7 @@ from indexes.faiss_build import build_faiss_index  # noqa: E402,F401
 from indexes.faiss_choice import choose_index, parse_memory  # noqa: E402,F401
 from indexes.faiss_ops import (exact_knn, gpu_count, ivf_of, merge_topk, prepare_ivfpq, prep_vectors,  # noqa: E402,F401
                                recall_at, set_nprobe, to_gpu)
-from indexes.faiss_files import metadata_file, read_index_dir, reconstruct_by_scan  # noqa: E402
+from indexes.faiss_files import ListLocations, metadata_file, read_index_dir  # noqa: E402
 from indexes.helpers import json_hash  # noqa: E402
 from indexes.layout import INDEX_JSON, METADATA_DIR, METADATA_PARTS  # noqa: E402
 
@@ -61,6 +61,7 @@ class FaissIndex:
             set_nprobe(p, self.nprobe)
         self._current_nprobe = self.nprobe
         self._direct_maps: set[int] = set()  # parts given a direct map
+        self._located: dict[int, ListLocations] = {}  # large IVF parts: where looked-up ids sit in their lists
         if meta_files is None:
             meta_files = sorted((path / METADATA_DIR).glob(METADATA_PARTS))
         self._files = [metadata_file(f) for f in meta_files]
@@ -224,7 +225,7 @@ class FaissIndex:
             part, ivf = self._parts[j], ivf_of(self._parts[j])
             try:
                 if ivf is not None and part.ntotal > DIRECT_MAP_MAX:
-                    out[mask] = reconstruct_by_scan(ivf, local)
+                    out[mask] = self._locations(j, ivf).reconstruct(local)
                     continue
                 if ivf is not None and j not in self._direct_maps:
                     ivf.make_direct_map()
@@ -234,6 +235,21 @@ class FaissIndex:
                 raise IndexSpecError(f"{self.path}: {type(part).__name__} cannot reconstruct stored "
                                      f"vectors ({str(e).strip().splitlines()[-1]}); use a flat or IVF index") from None
         return out
+
+    def prefetch(self, ids: np.ndarray) -> None:
+        """Make embeddings() of these ids fast: large IVF parts locate them all in one pass over their lists (an
+        optional method of the Index protocol; curate calls it before asking for many ids in batches)."""
+        ids = self._check_ids(ids)
+        part_of = np.searchsorted(self._offsets, ids, side="right") - 1
+        for j in np.unique(part_of):
+            ivf = ivf_of(self._parts[j])
+            if ivf is not None and self._parts[j].ntotal > DIRECT_MAP_MAX:
+                self._locations(j, ivf).find(ids[part_of == j] - self._offsets[j])
+
+    def _locations(self, j: int, ivf) -> ListLocations:
+        if j not in self._located:
+            self._located[j] = ListLocations(ivf)
+        return self._located[j]
 
     def identity(self) -> str:
         """json_hash of index.json (as written), or of info() for a published folder without one."""

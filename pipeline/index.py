@@ -21,7 +21,7 @@ from pipeline.formats import EMBEDDINGS_JSON, EMBEDDING_PARTS, EmbeddingParts
 from pipeline.index_parts import (ADD_PARTS_SUBDIR, EmbeddingSetRows, PartitionedAdd, PoolMetadata,
                                   open_parts_dir)
 from pipeline.io import InputError, json_hash, read_json, timed
-from pipeline.progress import Progress
+from pipeline.progress import LazyProgress
 
 log = logging.getLogger("rakt")
 
@@ -61,7 +61,8 @@ def run(cfg: IndexBuildConfig) -> dict:
     if cfg.engine != "local" or cfg.on_disk:  # else the add step runs in process, batch by batch
         trained = open_parts_dir(parts_dir, {**hashes, "task_rows": cfg.task_rows})
         add_step = PartitionedAdd(engine, rows, parts_dir, cfg.on_disk, cfg.metric, cfg.task_rows)
-    with timed("index build"), Progress(parts.n, "index add", unit="vec") as bar:
+    bar = LazyProgress(parts.n, "index add", unit="vec")  # from the first vector added, not from the training
+    with timed("index build"), bar:
         info = build_faiss_index(rows, None, out, model=str(emb_meta.get("model", "")), metric=cfg.metric,
                                  kind=cfg.kind, memory_budget=cfg.memory_budget, train_size=cfg.train_size,
                                  nprobe=cfg.nprobe, seed=cfg.seed, on_disk=cfg.on_disk, extra_info=extra,

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.engines import Engine, raise_if_failed
 from pipeline.formats import EmbeddingParts, embedding_matrix
 from pipeline.io import InputError, atomic_path, read_json, timed, write_json
+from pipeline.progress import Progress
 
 if TYPE_CHECKING:
     import faiss
@@ -193,10 +194,10 @@ class AddWorkerBuilder:
     out: str
 
     def __call__(self) -> Callable[[AddTask], None]:
-        return functools.partial(add_part, self)
+        return functools.partial(add_part, self, Progress(self.rows.n, "index add", unit="vec"))
 
 
-def add_part(job: AddWorkerBuilder, task: AddTask) -> None:
+def add_part(job: AddWorkerBuilder, progress: Progress, task: AddTask) -> None:
     """Fill a copy of the empty index with one task's rows; write the part, its metadata rows, the exact top-k of
     the recall queries over its rows, and last its done marker (each file atomically)."""
     from indexes.faiss_ops import ExactTopK
@@ -210,7 +211,11 @@ def add_part(job: AddWorkerBuilder, task: AddTask) -> None:
             metas.append(meta)
             yield vectors
 
-    blob = fill_copy(job.empty, batches(), job.normalize, each=exact.add)
+    def added(vectors: np.ndarray) -> None:
+        exact.add(vectors)
+        progress.update(len(vectors))
+
+    blob = fill_copy(job.empty, batches(), job.normalize, each=added)
     count = sum(m.num_rows for m in metas)
     if count != task.rows:
         raise InputError(f"{task}: read {count} vectors, not {task.rows}; the embedding set changed during the build")

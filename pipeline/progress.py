@@ -103,3 +103,23 @@ class Progress:
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class LazyProgress:
+    """A Progress that starts counting (its clock too) at the first update: for a loop behind a long setup."""
+
+    def __init__(self, total: int | None, desc: str, **kw) -> None:
+        self.args, self.kw = (total, desc), kw
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> "LazyProgress":
+        return self
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self.bar is None:
+            self.bar = Progress(*self.args, **self.kw)
+        self.bar.update(n, **postfix)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import image_array, write_folder
+import indexes.faiss_index as faiss_index
 from indexes.faiss_index import FaissIndex
 from indexes.faiss_files import reconstruct_by_scan
 from pipeline.cli import main
@@ -63,7 +64,7 @@ def test_take_reads_only_the_row_groups_holding_the_rows(tmp_path):
     assert parts.groups_read == 3  # groups 0 of file 0, 5 of file 1, 9 of file 2
 
 
-def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys):
+def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys, monkeypatch):
     x = clustered_set(tmp_path / "emb", n=20_000, per_part=4000)
     outs = {"ram": [], "disk": ["--on-disk", "--task-rows", "5000"]}
     for name, flags in outs.items():
@@ -84,6 +85,11 @@ def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys):
     ids = np.array([0, 19_999, 777, 0])  # stored vectors, looked up without a direct map too
     np.testing.assert_allclose(disk.embeddings(ids), ram.embeddings(ids), atol=1e-6)
     np.testing.assert_allclose(reconstruct_by_scan(ivf_of(disk), ids), ram.embeddings(ids), atol=1e-6)
+    monkeypatch.setattr(faiss_index, "DIRECT_MAP_MAX", 0)  # as an index too large for a direct map
+    scanned = FaissIndex.open(tmp_path / "moved")
+    scanned.prefetch(np.arange(0, 20_000, 3))
+    np.testing.assert_allclose(scanned.embeddings(ids), ram.embeddings(ids), atol=1e-6)
+    assert not scanned._direct_maps and len(scanned._located[0].ids) == len(np.union1d(np.arange(0, 20_000, 3), ids))
 
 
 def ivf_of(index: FaissIndex):

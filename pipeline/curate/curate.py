@@ -11,15 +11,17 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, CurateConfig, config_hash, to_dict
 from pipeline.curate.filters import empty_removed, load_eval_set
-from pipeline.curate.rules import CurateContext, registered
+from pipeline.curate.rules import CurateContext, leakage_report, registered
 from pipeline.curate.select import UNLABELLED, class_groups, select_filtered, summarize
+from pipeline.curate.windows import CandidateWindows, Spill
 from pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, LOCATOR_COLUMNS, MANIFEST_JSON, MANIFEST_PARQUET,
-                              REMOVED_PARQUET, REMOVED_SCHEMA, read_candidates, read_scores)
+                              REMOVED_PARQUET, REMOVED_SCHEMA, read_scores)
 from pipeline.io import InputError, file_hash, json_hash, read_json, timed, write_json, write_parquet
 from pipeline.prompts import TEXT_QUERY_PREFIX
 
 log = logging.getLogger("rakt.curate")
 
+SPILL = ".candidates-kept.parquet"  # the rows the candidate rules kept, while selection reads them
 
 
 def run(cfg: CurateConfig) -> dict:
@@ -30,8 +32,8 @@ def run(cfg: CurateConfig) -> dict:
     with timed("curate"):
         cand_dir, out = Path(cfg.candidates), Path(cfg.out)
         cmeta = read_json(cand_dir / CANDIDATES_JSON, "candidates metadata; run `rakt retrieve` first")
-        cands = read_candidates(cand_dir / CANDIDATES_PARQUET)
-        queries = query_table(cands, cand_dir / CANDIDATES_PARQUET)
+        cands = CandidateWindows(cand_dir / CANDIDATES_PARQUET)
+        queries = cands.queries()
         if cmeta.get("n_queries") not in (None, len(queries)):
             log.warning("%s records %s queries but %s holds %d", CANDIDATES_JSON, cmeta["n_queries"],
                         CANDIDATES_PARQUET, len(queries))
@@ -43,8 +45,6 @@ def run(cfg: CurateConfig) -> dict:
         index = open_index(spec)
 
         counts: dict = {"queries": len(queries), "image_queries": n_image, "text_queries": len(queries) - n_image}
-        cands = cands[cands["pool_id"] >= 0]
-        counts["candidates"] = len(cands)
         ev = load_eval_set(cfg.eval_embeddings, cfg.eval_split, cmeta.get("embeddings"), index.model, index.dim,
                            _model_of)
         if not ev.enabled and cfg.require_leakage_guard:
@@ -54,8 +54,12 @@ def run(cfg: CurateConfig) -> dict:
                  else f"OFF: {ev.reason}; pool images may duplicate the target's test images")
         scores, classes = teacher_scores(cfg, cand_dir)
         ctx = CurateContext(cfg, index, ev, out / REMOVED_PARQUET, scores, classes, class_groups(queries, cfg))
-        cands, removed_parts = apply_candidate_rules(cands, ctx, counts)
-        hits, dropped = select_filtered(cands, quotas, ctx)
+        spill = Spill(out / SPILL)
+        try:
+            removed_parts = filter_candidates(cands, ctx, counts, spill)
+            hits, dropped = select_filtered(spill.windows, quotas, ctx)
+        finally:
+            spill.remove()
         images = summarize(hits, cfg.dedup)
         for rule in registered("selected"):  # a rule that did not run counts 0
             counts[rule.count] = sum(len(part) for part in dropped.get(rule.name, []))
@@ -69,7 +73,7 @@ def run(cfg: CurateConfig) -> dict:
         if "deferred" in hits:  # images taken by a query whose class the teacher does not predict
             counts["teacher_disagree_selected"] = int(hits.loc[hits["took"] & hits["deferred"], "pool_id"].nunique())
         if counts["empty_slots"] > 0:
-            fetched = cmeta.get("k", int(cands.groupby("query_id").size().max()) if len(cands) else 0)
+            fetched = cmeta.get("k", cands.ranks)
             log.warning("%d of %d slots stay empty: the candidates ran out after filtering (retrieve fetched "
                         "k=%s per query); rerun `rakt retrieve --k %d` (or --fill-per-class %d) for more candidates",
                         counts["empty_slots"], int(quotas.sum()), fetched, max(2 * int(fetched or 1), k + 1),
@@ -143,18 +147,6 @@ def _model_of(meta: dict) -> str:
     return str(meta.get("model", ""))
 
 
-def query_table(cands: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """One row per query (query_id, query_label), sorted by query_id; conflicting labels raise."""
-    q = cands[["query_id", "query_label"]].drop_duplicates()
-    dup = q["query_id"].duplicated(keep=False)
-    if dup.any():
-        bad = q[dup].iloc[0]["query_id"]
-        raise InputError(f"{path}: query '{bad}' appears with different query_label values; rerun `rakt retrieve`")
-    if q.empty:
-        raise InputError(f"{path}: no candidates at all; check the query split given to `rakt retrieve`")
-    return q.sort_values("query_id", kind="mergesort").reset_index(drop=True)
-
-
 def count_image_queries(queries: pd.DataFrame, cmeta: dict) -> int:
     """Queries that are images (not `text:` prompts, which retrieve writes only with --query-mode text/both)."""
     if cmeta.get("query_mode", "image") == "image":
@@ -200,18 +192,31 @@ def plan_quotas(queries: pd.DataFrame, cfg: CurateConfig, n_image: int | None = 
     return pd.Series(quota, dtype="int64").reindex(queries["query_id"]), k, shares
 
 
-def apply_candidate_rules(cands: pd.DataFrame, ctx: CurateContext, counts: dict) -> tuple[pd.DataFrame, list]:
-    """The "candidates" rules in registry order: the rows kept, and their removed.parquet rows (counts set)."""
-    removed = []
+def filter_candidates(cands: CandidateWindows, ctx: CurateContext, counts: dict, spill: Spill) -> list:
+    """The "candidates" rules in registry order over every rank window; the rows they keep go to `spill`. Returns
+    the removed.parquet rows, rule by rule (a pool image a rule removed in an earlier window is listed once), and
+    sets the rules' counts (summed over windows) and `candidates` (rows with a pool image)."""
+    active = [rule for rule in registered("candidates") if rule.when(ctx.cfg)]
+    removed: dict[str, list] = {rule.name: [] for rule in active}
+    listed = {rule.name: np.zeros(0, np.int64) for rule in active}
+    counts["candidates"] = 0
     for rule in registered("candidates"):
-        if not rule.when(ctx.cfg):
-            counts[rule.count] = 0
-            continue
-        res = rule.fn(cands, ctx)
-        cands = res.kept
-        counts[rule.count] = len(res.removed) if res.count is None else int(res.count)
-        removed.append(res.removed)
-    return cands, removed
+        counts[rule.count] = 0
+    for window in cands:
+        window = window[window["pool_id"] >= 0]
+        counts["candidates"] += len(window)
+        for rule in active:
+            res = rule.fn(window, ctx)
+            window = res.kept
+            fresh = res.removed[~np.isin(res.removed["pool_id"].to_numpy(np.int64), listed[rule.name])]
+            listed[rule.name] = np.union1d(listed[rule.name], fresh["pool_id"].to_numpy(np.int64))
+            counts[rule.count] += len(fresh) if res.count is None else int(res.count)
+            removed[rule.name].append(fresh)
+        spill.write(window)
+    spill.close()
+    leakage_report(ctx)
+    return [pd.concat(removed[rule.name]).sort_values("pool_id", kind="mergesort").reset_index(drop=True)
+            for rule in active if removed[rule.name]]
 
 
 def concat_removed(parts: list[pd.DataFrame]) -> pd.DataFrame:
@@ -254,5 +259,5 @@ def add_pool_names(removed: pd.DataFrame, index) -> pd.DataFrame:
     ids = removed["pool_id"].to_numpy(np.int64)
     names = index.metadata(ids)["id"].to_pylist() if len(ids) else []
     removed = removed.copy()
-    removed.insert(1, "id", pd.Series(names, dtype=object))
+    removed.insert(1, "id", np.asarray(names, dtype=object))
     return removed

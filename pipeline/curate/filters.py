@@ -48,8 +48,15 @@ def pool_vectors(index, pool_ids: np.ndarray) -> np.ndarray:
     """Normalized stored vectors of `pool_ids` from the index, fetched in batches."""
     if len(pool_ids) == 0:
         return np.zeros((0, index.dim), np.float32)
+    prefetch(index, pool_ids)
     chunks = [index.embeddings(np.asarray(pool_ids[i:i + BATCH], np.int64)) for i in range(0, len(pool_ids), BATCH)]
     return normalize(np.concatenate(chunks))
+
+
+def prefetch(index, pool_ids: np.ndarray) -> None:
+    """Tell an index that supports it (FaissIndex.prefetch) which stored vectors come next, in batches."""
+    if hasattr(index, "prefetch") and len(pool_ids):
+        index.prefetch(np.asarray(pool_ids, np.int64))
 
 
 def load_eval_set(eval_embeddings: str, eval_split: str, query_embeddings: str | None,
@@ -89,6 +96,7 @@ def leakage_matches(index, pool_ids: np.ndarray, ev: EvalSet, threshold: float) 
         return empty_removed()
     flat = faiss.IndexFlatIP(ev.vectors.shape[1])
     flat.add(ev.vectors)
+    prefetch(index, pool_ids)
     found = []
     for i in range(0, len(pool_ids), BATCH):
         ids = np.asarray(pool_ids[i:i + BATCH], np.int64)

@@ -18,7 +18,7 @@ a setting).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +44,7 @@ class CurateContext:
     scores: pd.DataFrame | None = None  # teacher scores by pool_id (pred, prob): pipeline.formats.read_scores
     classes: list[str] | None = None  # the teacher's class names (removed.parquet names the predicted class)
     groups: pd.Series | None = None  # query_id -> class key when a class's slots are shared (curate.class_groups)
+    memo: dict = field(default_factory=dict)  # what a rule keeps from one rank window to the next
 
 
 @dataclass
@@ -121,17 +122,28 @@ def min_score(cands: pd.DataFrame, ctx: CurateContext) -> RuleResult:
 
 @register("leakage", phase="candidates", count="leakage_removed")
 def leakage(cands: pd.DataFrame, ctx: CurateContext) -> RuleResult:
-    """Pool images whose cosine to a target eval image exceeds --leakage-threshold (the leakage guard)."""
+    """Pool images whose cosine to a target eval image exceeds --leakage-threshold (the leakage guard). Each pool
+    image is checked once, in the first rank window that holds it (memo: the images checked and found)."""
     ev, threshold = ctx.eval_set, ctx.cfg.leakage_threshold
-    if not ev.enabled:
+    memo = ctx.memo.setdefault("leakage", {"checked": np.zeros(0, np.int64), "leaked": np.zeros(0, np.int64)})
+    if not ev.enabled and not memo.get("warned"):
         log.warning("leakage guard is OFF: %s", ev.reason)
-    pool_ids = np.unique(cands["pool_id"].to_numpy())
-    leaked = leakage_matches(ctx.index, pool_ids, ev, threshold)
-    if len(pool_ids) and len(leaked) > len(pool_ids) // 2:
+        memo["warned"] = True
+    pool_ids = np.unique(cands["pool_id"].to_numpy(np.int64))
+    new = pool_ids[~np.isin(pool_ids, memo["checked"], assume_unique=True)]
+    leaked = leakage_matches(ctx.index, new, ev, threshold)
+    memo["checked"] = np.union1d(memo["checked"], new)
+    memo["leaked"] = np.union1d(memo["leaked"], leaked["pool_id"].to_numpy(np.int64))
+    return RuleResult(cands[~cands["pool_id"].isin(memo["leaked"])], leaked)
+
+
+def leakage_report(ctx: CurateContext) -> None:
+    """After every window: say so when the guard removed most candidate images (a threshold too low?)."""
+    memo = ctx.memo.get("leakage")
+    if memo is not None and len(memo["checked"]) and len(memo["leaked"]) > len(memo["checked"]) // 2:
         log.warning("the leakage guard removed %d of %d candidate pool images (cosine > %g to an eval image): "
-                    "a threshold too low for this embedding model? see %s", len(leaked), len(pool_ids),
-                    threshold, ctx.removed_path)
-    return RuleResult(without(cands, leaked), leaked)
+                    "a threshold too low for this embedding model? see %s", len(memo["leaked"]),
+                    len(memo["checked"]), ctx.cfg.leakage_threshold, ctx.removed_path)
 
 
 @register("near_dup", phase="selected", count="near_dup_removed", label="near-dup",
