@@ -25,7 +25,8 @@ class EvaluateConfig:
     batch_size: int = option(256, "images per forward pass")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
-    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)")
+    threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
+                              "processes keep busy)")
     out: str = option("", "output report JSON (accuracy, per-class accuracy, confusion matrix)")
 
 
@@ -91,8 +92,9 @@ class TrainConfig:
     crop_scale: float = option(0.6, "crop: smallest area fraction of a random resized crop")
     device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
-    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use); images are decoded once "
-                              "and augmented in batches, so training needs no DataLoader workers")
+    threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
+                              "processes keep busy); images are decoded once and augmented in batches, so training "
+                              "needs no DataLoader workers")
     seed: int = option(0, "seed of initialisation, shuffling, augmentation and the few-shot draw")
     draw_seed: int = option(-1, "seed of the few-shot draw of labelled target images (-1 = --seed); fix it to keep "
                                 "the teacher's labelled images across training seeds")
@@ -169,6 +171,7 @@ class ScoreConfig:
     batch_size: int = option(256, "images per teacher forward pass")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
-    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)")
+    threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
+                              "processes keep busy)")
     out: str = option("", "output folder: scores.parquet (pool_id, pred, prob, logits), scores.json, and the "
                           "candidates' images as shards (kept for a resumed run)")
