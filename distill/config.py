@@ -44,7 +44,8 @@ class ExportConfig:
     classes: str = option("", "classes.txt (one name per line); default: found beside the source")
     split: str = option("", "check only on samples whose split field is this ('' = every sample)")
     tolerance: float = option(0.1, "largest accepted accuracy difference, in points, between exported and PyTorch")
-    teacher: str = option("", "teacher checkpoint (rakt adapt) whose size and latency are measured alongside")
+    teacher: str = option("", "teacher checkpoint (rakt adapt) measured alongside: parameters and multiply-adds at its "
+                              "input size, size and latency in the student's runtimes")
     runs: int = option(50, "latency: timed batch-1 forward passes per model (the median is reported)")
     latency_threads: int = option(1, "intra-op threads of the latency runs (1 = one core; -1 = every core this "
                                      "process may use)")
