@@ -218,7 +218,8 @@ FIRST_WINDOW = 0.2  # seconds of load a stage looks at when it sets its threads
 def threads_for(cores: int, allowed: int, busy: float) -> int:
     """Auto intra-op threads: one per core this process may use, less the cores other processes keep busy. An
     OpenMP team that shares a core with another busy process waits at every barrier for its descheduled thread
-    (on the 2-core CPU, one busy neighbour took distill from ~6 to 0.6 steps/s at 2 threads; docs/benchmarks.md)."""
+    (on the 2-core CPU beside one busy process, a distill-like loop ran 0.14 steps/s at 2 threads and 1.23 at 1;
+    docs/benchmarks.md, bench/shared_cores.py)."""
     free = int(allowed - busy + (1 - FREE_SHARE))
     return max(1, min(cores, free))
 
