@@ -37,7 +37,7 @@ ONNX_FILE, TORCHSCRIPT_FILE, META_FILE, REPORT_FILE = ("student.onnx", "student.
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INSTALL_HINT = 'pip install "rakt[export]" (or: pip install onnx onnxscript onnxruntime)'
-TEACHER_LOGIT_TOLERANCE = 1e-3  # largest logit difference between the teacher's written forms and PyTorch, silently
+TEACHER_LOGIT_TOLERANCE = 1e-3  # a larger logit difference of the teacher's written forms from PyTorch is logged
 
 
 class ExportCheckError(InputError):
