@@ -25,7 +25,8 @@ class EvaluateConfig:
     batch_size: int = option(256, "images per forward pass")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
-    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)")
+    threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
+                              "processes keep busy)")
     out: str = option("", "output report JSON (accuracy, per-class accuracy, confusion matrix)")
 
 
@@ -43,7 +44,8 @@ class ExportConfig:
     classes: str = option("", "classes.txt (one name per line); default: found beside the source")
     split: str = option("", "check only on samples whose split field is this ('' = every sample)")
     tolerance: float = option(0.1, "largest accepted accuracy difference, in points, between exported and PyTorch")
-    teacher: str = option("", "teacher checkpoint (rakt adapt) whose size and latency are measured alongside")
+    teacher: str = option("", "teacher checkpoint (rakt adapt) measured alongside: parameters and multiply-adds at its "
+                              "input size, size and latency in the student's runtimes")
     runs: int = option(50, "latency: timed batch-1 forward passes per model (the median is reported)")
     latency_threads: int = option(1, "intra-op threads of the latency runs (1 = one core; -1 = every core this "
                                      "process may use)")
@@ -91,8 +93,9 @@ class TrainConfig:
     crop_scale: float = option(0.6, "crop: smallest area fraction of a random resized crop")
     device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
-    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use); images are decoded once "
-                              "and augmented in batches, so training needs no DataLoader workers")
+    threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
+                              "processes keep busy); images are decoded once and augmented in batches, so training "
+                              "needs no DataLoader workers")
     seed: int = option(0, "seed of initialisation, shuffling, augmentation and the few-shot draw")
     draw_seed: int = option(-1, "seed of the few-shot draw of labelled target images (-1 = --seed); fix it to keep "
                                 "the teacher's labelled images across training seeds")
@@ -169,6 +172,7 @@ class ScoreConfig:
     batch_size: int = option(256, "images per teacher forward pass")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
-    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)")
+    threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
+                              "processes keep busy)")
     out: str = option("", "output folder: scores.parquet (pool_id, pred, prob, logits), scores.json, and the "
                           "candidates' images as shards (kept for a resumed run)")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from distill.config import EvaluateConfig
 from pipeline.config import to_dict
-from pipeline.device import autocast, autocast_dtype, channels_last, resolve_device, set_threads
+from pipeline.device import adapt_threads, autocast, autocast_dtype, channels_last, resolve_device, set_threads
 from pipeline.progress import Progress
 from pipeline.io import InputError, prefetched, timed, write_json
 from pipeline.sources import Source, open_source
@@ -62,6 +62,7 @@ def evaluate_model(model: torch.nn.Module, data: Batches | tuple[torch.Tensor, t
                                             minlength=num_classes ** 2).view(num_classes, num_classes)
                 if progress is not None:
                     progress.update(len(labels))
+                adapt_threads()
     finally:
         model.train(was_training)
     return metrics_from_confusion(confusion.numpy())

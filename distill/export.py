@@ -4,21 +4,17 @@ It writes into cfg.out `student.onnx` (torch's dynamo exporter, batch dimension 
 `student.torchscript.pt` (torch.jit.trace), both taking float32 RGB images [B, 3, S, S] in [0, 1] with the
 normalization inside; `student.json` says S, mean/std, the class names and the timm name. It then checks the
 exported files against the PyTorch student: accuracy on labelled target test images (read and scored as
-`rakt evaluate` does) within cfg.tolerance points, ONNX run by onnxruntime and TorchScript by torch.jit; and
-times each (and the teacher, given one) at batch 1 on the CPU, median of cfg.runs passes, into `export.json`.
+`rakt evaluate` does) within cfg.tolerance points, ONNX run by onnxruntime and TorchScript by torch.jit. Into
+`export.json` go the student's and (given one) the teacher's parameters and multiply-adds at their own input sizes,
+and their sizes and batch-1 CPU latencies in the same runtimes with the same threads (distill/runtimes.py).
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import importlib.util
-import io
 import logging
-import statistics
-import time
-import warnings
+import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,19 +22,22 @@ from torch import nn
 
 from distill.config import ExportConfig
 from distill.evaluate import evaluate_model, labelled_batches, metrics_from_confusion
+from distill.runtimes import (WRITERS, TeacherNetwork, export_onnx, export_torchscript, load_runtime,
+                              max_logit_difference, model_cost, runtime_figures)
 from distill.students import StudentModel, load_student, resize_input
 from pipeline.config import to_dict
 from pipeline.device import device_name, set_threads
-from pipeline.io import InputError, atomic_path, prefetched, timed, write_json
+from pipeline.io import InputError, prefetched, timed, write_json
 from pipeline.sources import open_source
 
 log = logging.getLogger("rakt")
 
 ONNX_FILE, TORCHSCRIPT_FILE, META_FILE, REPORT_FILE = ("student.onnx", "student.torchscript.pt", "student.json",
                                                        "export.json")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INSTALL_HINT = 'pip install "rakt[export]" (or: pip install onnx onnxscript onnxruntime)'
-WARMUP = 5
+TEACHER_LOGIT_TOLERANCE = 1e-3  # a larger logit difference of the teacher's written forms from PyTorch is logged
 
 
 class ExportCheckError(InputError):
@@ -63,73 +62,6 @@ def formats_for(fmt: str) -> list[str]:
         raise InputError(f"rakt export: ONNX export needs {', '.join(missing)}, not installed; {INSTALL_HINT}, or "
                          f"export TorchScript alone with --format torchscript")
     return wanted
-
-
-def export_onnx(model: StudentModel, path: Path) -> None:
-    """ONNX through torch's dynamo exporter (torch.export), the batch dimension dynamic."""
-    example = torch.rand(1, 3, model.image_size, model.image_size)
-    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]  # their INFO lines per rewrite pass
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.WARNING)
-    try:
-        with atomic_path(path) as tmp, contextlib.redirect_stdout(io.StringIO()):  # it prints its progress too
-            torch.onnx.export(model, (example,), str(tmp), dynamo=True, input_names=["images"],
-                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                              external_data=False, verbose=False)
-    finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
-
-
-
-def export_torchscript(model: StudentModel, path: Path) -> None:
-    """TorchScript by tracing at the student's input size."""
-    example = torch.rand(1, 3, model.image_size, model.image_size)
-    with warnings.catch_warnings():  # torch 2.9+ marks torch.jit deprecated; the resize branch is fixed by design
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        with torch.no_grad():
-            traced = torch.jit.trace(model, example, check_trace=False)
-        with atomic_path(path) as tmp:
-            torch.jit.save(traced, str(tmp))
-
-
-def load_torchscript(path: Path) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(path), map_location="cpu").eval()
-
-
-class OnnxModel(nn.Module):
-    """An onnxruntime CPU session as a module: [0, 1] image batches -> logits, for evaluate_model."""
-
-    def __init__(self, path: Path, threads: int) -> None:
-        super().__init__()
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would slow torch
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        return torch.from_numpy(self.session.run(None, {self.input: arr})[0])
-
-
-def median_latency_ms(model: Callable[[torch.Tensor], torch.Tensor], size: int, runs: int) -> float:
-    """Median wall time in ms of `runs` batch-1 forward passes (after a few untimed ones)."""
-    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.no_grad():
-        for i in range(WARMUP + runs):
-            start = time.perf_counter()
-            model(x)
-            if i >= WARMUP:
-                times.append(1000 * (time.perf_counter() - start))
-    return round(statistics.median(times), 3)
 
 
 def _check_accuracy(cfg: ExportConfig, model: StudentModel, exported: dict[str, nn.Module]) -> dict:
@@ -166,15 +98,30 @@ def _check_accuracy(cfg: ExportConfig, model: StudentModel, exported: dict[str, 
     return check
 
 
-def _teacher_figures(path: str, runs: int) -> dict:
-    """Size (fp32 parameters and buffers) and batch-1 CPU latency of the adapted teacher, run as PyTorch."""
-    from distill.teacher.checkpoint import load_teacher
+def _teacher_figures(cfg: ExportConfig, formats: list[str], out: Path, threads: int) -> dict:
+    """The adapted teacher through the student's runtimes, at its own input size, with `threads` threads: its
+    parameters and multiply-adds, and each runtime's size and batch-1 latency (its ONNX and TorchScript files are
+    written to a temporary folder and deleted: the deliverable is the student)."""
+    from distill.teacher.checkpoint import load_teacher, read_teacher_meta
 
-    teacher = load_teacher(path, device="cpu", precision="fp32")
-    size = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()])
-    return {"checkpoint": path, "input_size": teacher.input_size, "parameters": sum(p.numel() for p in
-                                                                                    teacher.parameters()),
-            "size_mb": round(size / 2 ** 20, 2), "latency_ms": median_latency_ms(teacher, teacher.input_size, runs)}
+    network = TeacherNetwork(load_teacher(cfg.teacher, device="cpu", precision="fp32"))
+    with tempfile.TemporaryDirectory(dir=out, prefix=".teacher-") as folder:
+        loaded = {}
+        for fmt in formats:
+            path = Path(folder) / f"teacher{SUFFIXES[fmt]}"
+            WRITERS[fmt](network, path)
+            loaded[fmt] = (load_runtime(fmt, path, threads), path)
+        differences = {fmt: max_logit_difference(network, module) for fmt, (module, _) in loaded.items()}
+        runtimes = runtime_figures(network, loaded, cfg.runs)
+    for runtime in runtimes.values():
+        runtime.pop("file", None)  # deleted with the folder
+    meta = read_teacher_meta(cfg.teacher)
+    figures = {"name": (meta.get("encoder") or {}).get("model", ""), "mode": meta.get("mode"),
+               "checkpoint": cfg.teacher, **model_cost(network, network.image_size), "runtimes": runtimes, "max_abs_logit_diff": differences}
+    if any(d > TEACHER_LOGIT_TOLERANCE for d in differences.values()):
+        log.warning("export: the teacher's written forms differ from PyTorch by more than %s in a logit: %s",
+                    TEACHER_LOGIT_TOLERANCE, differences)
+    return figures
 
 
 def _meta(model: StudentModel, classes: list[str] | None, files: dict[str, str]) -> dict:
@@ -189,7 +136,8 @@ def _meta(model: StudentModel, classes: list[str] | None, files: dict[str, str])
 
 
 def run(cfg: ExportConfig) -> dict:
-    """`rakt export`: write the student as ONNX/TorchScript into cfg.out, check accuracy, time it; export.json."""
+    """`rakt export`: write the student as ONNX/TorchScript into cfg.out, check accuracy, time it and the teacher in
+    the same runtimes; export.json."""
     if not cfg.checkpoint:
         raise InputError("rakt export: a student checkpoint is required (--checkpoint, from rakt finetune)")
     if not cfg.out:
@@ -206,34 +154,29 @@ def run(cfg: ExportConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
-    exported: dict[str, nn.Module] = {}
+    writers = {"onnx": export_onnx, "torchscript": export_torchscript}  # looked up here, so a test can swap one
     with timed("export"):
-        if "onnx" in formats:
-            export_onnx(model, out / ONNX_FILE)
-            exported["onnx"] = OnnxModel(out / ONNX_FILE, threads)
-        if "torchscript" in formats:
-            export_torchscript(model, out / TORCHSCRIPT_FILE)
-            exported["torchscript"] = load_torchscript(out / TORCHSCRIPT_FILE)
-        check = _check_accuracy(cfg, model, exported)
-        lat_threads = set_threads(cfg.latency_threads)  # torch's; onnxruntime gets a session with as many
-        if "onnx" in exported:
-            exported["onnx"] = OnnxModel(out / ONNX_FILE, lat_threads)
-        student = {"pytorch": {"size_mb": round(Path(cfg.checkpoint).stat().st_size / 2 ** 20, 2),
-                               "latency_ms": median_latency_ms(model, model.image_size, cfg.runs)}}
-        for name, m in exported.items():
-            student[name] = {"file": files[name], "size_mb": round((out / files[name]).stat().st_size / 2 ** 20, 2),
-                             "latency_ms": median_latency_ms(m, model.image_size, cfg.runs)}
-        teacher = _teacher_figures(cfg.teacher, cfg.runs) if cfg.teacher else None
-        set_threads(threads)
-    write_json(out / META_FILE, _meta(model, check["classes"], {k: files[k] for k in exported}))
+        for fmt in formats:
+            writers[fmt](model, out / files[fmt])
+        check = _check_accuracy(cfg, model, {fmt: load_runtime(fmt, out / files[fmt], threads) for fmt in formats})
+        lat_threads = set_threads(cfg.latency_threads)  # torch's; onnxruntime gets sessions with as many
+        loaded = {fmt: (load_runtime(fmt, out / files[fmt], lat_threads), out / files[fmt]) for fmt in formats}
+        student = {"name": model.arch, **model_cost(model, model.image_size),
+                   "runtimes": runtime_figures(model, loaded, cfg.runs)}
+        teacher = _teacher_figures(cfg, formats, out, lat_threads) if cfg.teacher else None
+    write_json(out / META_FILE, _meta(model, check["classes"], {k: files[k] for k in formats}))
     report = {"arch": model.arch, "checkpoint": cfg.checkpoint, "checkpoint_meta": meta, "formats": formats,
-              "parameters": sum(p.numel() for p in model.parameters()), "device": device_name(torch.device("cpu")),
+              "parameters": student["parameters"], "device": device_name(torch.device("cpu")),
               "threads": lat_threads, "latency": f"batch 1, median of {cfg.runs} runs, fp32, {lat_threads} "
                                                   f"thread{'s' if lat_threads > 1 else ''}", "student": student,
               "teacher": teacher, "check": check, "config": to_dict(cfg)}
     write_json(out / REPORT_FILE, report)
-    summary = "; ".join(f"{k} {v['size_mb']} MB {v['latency_ms']} ms" for k, v in student.items())
-    log.info("export: %s on %s (%s); accuracy %s", summary, report["device"], report["latency"],
+    for role, fig in (("student", student), ("teacher", teacher)):
+        if fig:
+            log.info("export: %s %s at %d px, %.2fM parameters, %.3f G multiply-adds; %s", role, fig["name"],
+                     fig["input_size"], fig["parameters"] / 1e6, fig["multiply_adds"] / 1e9,
+                     "; ".join(f"{k} {v['size_mb']} MB {v['latency_ms']} ms" for k, v in fig["runtimes"].items()))
+    log.info("export: on %s (%s); accuracy %s", report["device"], report["latency"],
              ", ".join(f"{k} {100 * v:.2f}%" for k, v in check["accuracy"].items()))
     if not check["ok"]:
         raise ExportCheckError(f"rakt export: exported accuracy differs from PyTorch's by more than {cfg.tolerance} "

@@ -33,7 +33,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from distill.students import StudentModel, save_student
-from pipeline.device import autocast, autocast_dtype, channels_last, dtype_name, resolve_device
+from pipeline.device import adapt_threads, autocast, autocast_dtype, channels_last, dtype_name, resolve_device
 from pipeline.io import InputError, atomic_path
 from pipeline.progress import Progress
 
@@ -274,6 +274,7 @@ class Trainer:
                 bar.update(1, loss=last["loss"], img_s=round(images_seen / max(elapsed, 1e-9), 1))
                 if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
                     self.save_checkpoint()
+                adapt_threads()
             self.epoch += 1
             self.done_in_epoch = 0
         bar.close()

@@ -26,6 +26,7 @@ from distill.bank import ImageBank, content_hash
 from distill.data import ViewSpec
 from distill.losses import teacher_outputs
 from distill.views import draw_views, generator, render, stable_seed
+from pipeline.device import adapt_threads
 from pipeline.io import atomic_path, file_hash, json_hash
 from pipeline.progress import Progress
 
@@ -96,6 +97,7 @@ def _view_outputs(teacher, bank: ImageBank, theta: torch.Tensor | None, device: 
         if features:
             feats.append(got["features"].float().cpu().numpy())
         progress.update(len(rows))
+        adapt_threads()
     return np.concatenate(logits), (np.concatenate(feats) if features else None)
 
 

@@ -63,7 +63,8 @@ class EncoderConfig:
     batch_size: int = option(256, "images per forward pass")
     workers: int = option(-1, "DataLoader worker processes for decoding (0 = in process; -1 = auto: none on a CPU "
                               "device with <= 4 cores, whose cores the model's threads use, up to 8 for a GPU)")
-    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)")
+    threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
+                              "processes keep busy)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
 

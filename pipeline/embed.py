@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError, EmbedConfig, config_hash
-from pipeline.device import loader_workers, set_threads
+from pipeline.device import adapt_threads, loader_workers, set_threads
 from pipeline.encoders import ImageEncoder, encoder_model_id, load_image_encoder
 from pipeline.engines import EngineOptions, get_engine, raise_if_failed
 from pipeline.formats import EMBEDDINGS_JSON, embedding_table, write_embedding_part
@@ -242,6 +242,7 @@ def embed_partition(encoder: ImageEncoder, source: Source, partition: Partition,
             rows += item["rows"]
             if progress is not None:
                 progress.update(len(item["rows"]))
+            adapt_threads()
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), np.float32)
     write_embedding_part(out / f"part-{partition.name}.parquet", _table(rows, matrix, source.locator_columns, dtype))
     stats = {"partition": partition.name, "count": len(rows), "source_hash": digest, "skipped": dict(sorted(skipped.items())),

@@ -134,8 +134,62 @@ def test_workers_and_threads_auto_and_explicit(monkeypatch):
     before = torch.get_num_threads()
     try:
         assert dev.set_threads(1) == 1 and torch.get_num_threads() == 1
-        assert dev.set_threads(-1) == 32
+        assert 1 <= dev.set_threads(-1) == torch.get_num_threads() <= len(dev.allowed_cpus())
     finally:
+        torch.set_num_threads(before)
+
+
+def test_cgroup_cpu_quota_is_read_from_v2_and_v1_files(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    assert dev.cgroup_cpu_limit(str(v2)) is None  # no cgroup files: no quota
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert dev.cgroup_cpu_limit(str(v2)) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert dev.cgroup_cpu_limit(str(v2)) is None
+    v1 = tmp_path / "v1" / "cpu,cpuacct"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert dev.cgroup_cpu_limit(str(v1.parent)) == 2.0
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert dev.cgroup_cpu_limit(str(v1.parent)) is None
+    assert 1 <= dev.cpu_cores() <= len(dev.allowed_cpus())
+
+
+def test_auto_threads_leave_out_the_cores_other_processes_keep_busy():
+    assert dev.threads_for(2, 2, 0.0) == 2 and dev.threads_for(2, 2, 0.3) == 2
+    assert dev.threads_for(2, 2, 0.67) == 1  # one busy neighbour, sharing a core with a spinning team
+    assert dev.threads_for(2, 2, 3.0) == 1  # never fewer than one
+    assert dev.threads_for(8, 8, 2.5) == 5
+    assert dev.threads_for(2, 64, 50.0) == 2  # a 2-CPU quota on a busy 64-core host: the host has room
+
+
+BUSY_LOOP = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(dev.allowed_cpus()) < 2, reason="needs 2 cores")
+def test_threads_follow_a_busy_neighbour_and_an_explicit_count_stays():
+    """A busy process pinned to one of this process's cores is seen (its own CPU time is not counted), auto threads
+    drop below the core count at the next look, and an explicit --threads is never changed."""
+    cores, before = len(dev.allowed_cpus()), torch.get_num_threads()
+    dev.set_threads(-1)
+    neighbour = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(min(dev.allowed_cpus()))])
+    try:
+        time.sleep(0.5)
+        start = dev.cpu_sample()
+        spin = time.monotonic() + 1.0
+        while time.monotonic() < spin:  # this process busy too: not counted as another's load
+            pass
+        assert dev.busy_elsewhere(start, dev.cpu_sample()) > 0.7
+        threads = dev.adapt_threads(every=0.5)
+        assert threads == torch.get_num_threads() <= cores - 1
+        assert dev.set_threads(cores) == cores
+        time.sleep(0.6)
+        assert dev.adapt_threads(every=0.5) == cores == torch.get_num_threads()
+    finally:
+        neighbour.kill()
+        neighbour.wait()
         torch.set_num_threads(before)
 
 

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -158,3 +163,27 @@ def test_prefetched_keeps_order_raises_in_place_and_lets_go_early():
     assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
     stream.close()
     assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_rakt_evaluate_leaves_a_busy_neighbours_core_alone(tmp_path, caplog):
+    """With a busy process pinned to one of its cores, `rakt evaluate` (auto threads) runs fewer intra-op threads
+    than it has cores: an OpenMP team sharing that core would wait at every barrier for its descheduled thread."""
+    shard, _ = _shard(tmp_path)
+    ckpt = tmp_path / "student.pt"
+    save_student(ckpt, create_student("resnet10t", 2, small_input=True), {"mode": "task"})
+    cores = len(os.sched_getaffinity(0))
+    busy = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+    neighbour = subprocess.Popen([sys.executable, "-c", busy, str(min(os.sched_getaffinity(0)))])
+    try:
+        time.sleep(0.5)
+        with caplog.at_level(logging.INFO, logger="rakt"):
+            assert main(["evaluate", str(shard), "--checkpoint", str(ckpt), "--device", "cpu",
+                         "--out", str(tmp_path / "eval.json")]) == 0
+        used = torch.get_num_threads()
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    chosen = [int(m.split()[1]) for m in (r.getMessage() for r in caplog.records) if m.startswith("threads: ")]
+    assert used <= cores - 1
+    assert chosen == [used], caplog.text

@@ -81,9 +81,10 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
     (tmp_path / "run" / "results.json").unlink()
     assert cli.main(["report", str(tmp_path / "run")]) == 0  # refreshes results.json, writes the report
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "retrieved / task" in report and "| student | onnx |" in report and "| teacher | pytorch |" in report
+    assert "retrieved / task" in report and "| ONNX (onnxruntime): CPU ms per image (batch 1) |" in report
     exported = json.loads((tmp_path / "run/arms/retrieved-task-s0/export/export.json").read_text())
-    assert exported["check"]["ok"] and exported["teacher"]["latency_ms"] > 0
+    assert exported["check"]["ok"] and set(exported["teacher"]["runtimes"]) == set(exported["student"]["runtimes"])
+    assert exported["teacher"]["runtimes"]["onnx"]["latency_ms"] > 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["arms"] == results["arms"]
 
     changed = execute(config(world, tiny_clip, tmp_path / "run", **{"distill.epochs": 2}))

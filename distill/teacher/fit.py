@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from distill.teacher.data import holdout_split
 from distill.teacher.model import AdaptedTeacher
 from distill.trainer import adamw
+from pipeline.device import adapt_threads
 from pipeline.progress import Progress
 
 log = logging.getLogger("rakt")
@@ -132,6 +133,7 @@ def fit_images(teacher: AdaptedTeacher, images: torch.Tensor, labels: torch.Tens
             sched.step()
             total_loss += loss.item() * len(idx)
             bar.update(len(idx), loss=loss.item())
+            adapt_threads()
         losses.append(total_loss / len(labels))
         log.info("%s epoch %d/%d: loss %.4f", teacher.mode, epoch + 1, epochs, losses[-1])
     bar.close()
@@ -148,4 +150,5 @@ def image_logits(teacher: AdaptedTeacher, images: torch.Tensor, batch_size: int)
         for i in range(0, len(images), batch_size):
             out.append(teacher(images[i:i + batch_size].float().div(255).to(device)).float().cpu())
             bar.update(len(out[-1]))
+            adapt_threads()
     return torch.cat(out) if out else torch.zeros(0, teacher.head.out_features)

@@ -67,6 +67,7 @@ class AdaptedTeacher(nn.Module):
         self.backbone_trainable = trains_backbone
         self.backbone.requires_grad_(self.backbone_trainable)
         self.autocast_dtype: torch.dtype | None = None  # the backbone's autocast (--precision), set by build_teacher
+        self.memory_format = torch.channels_last  # of the backbone's input (and weights, pipeline.encoders)
         self.train(False)
 
     @property
@@ -95,7 +96,11 @@ class AdaptedTeacher(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalized backbone embedding of [0, 1] images."""
-        inputs = self.normalize(x).contiguous(memory_format=torch.channels_last)
+        return self.embed(self.normalize(x))
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """L2-normalized backbone embedding of the backbone's input (what `normalize` gives)."""
+        inputs = inputs.contiguous(memory_format=self.memory_format)
         with autocast(inputs.device, self.autocast_dtype):
             out = self.backbone.encode_image(inputs) if self.encode == "encode_image" else self.backbone(inputs)
         return F.normalize(out.float(), dim=-1)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from pipeline.io import atomic_path
 import pipeline.report.plots as plots
-from pipeline.report.results import deployment_rows
+from pipeline.report.deliverable import comparison_rows, verdict
 from pipeline.report.gather import KEY_SETTINGS, UNKNOWN, flatten, gather, pool_shares, summary_rows
 from pipeline.rundir import NO_KD
 from pipeline.stages import kd_modes
@@ -188,19 +188,20 @@ def _results(doc: _Doc, ctx: dict, rows: list[dict]) -> None:
 
 
 def _deliverable(doc: _Doc, ctx: dict) -> None:
-    """The exported student (`rakt export`) beside the teacher: size, batch-1 CPU latency, the accuracy check."""
+    """The exported student (`rakt export`) beside the teacher, like for like; the accuracy check."""
     ex = ctx.get("export")
     if not ex:
         return
     doc.add("h2", "The student as a deliverable")
-    acc, diff = ex.get("accuracy") or {}, ex.get("difference_points") or {}
-    teacher_acc = (ctx["results"].get("teacher") or {}).get("accuracy")
-    doc.add("table", ["model", "format", "size MB", "CPU latency ms (batch 1)", "test accuracy"],
-            [(model, fmt, f"{size:.1f}", f"{ms:.2f}", _pct(teacher_acc if model == "teacher" else acc.get(fmt)))
-             for model, fmt, size, ms in deployment_rows(ex)])
-    verdict = "passed" if ex.get("check_ok") else "FAILED"
-    doc.add("p", f"{ex.get('arch')} of arm {ex.get('arm')}, exported by `rakt export`; latency {ex.get('latency')} "
-                 f"on {ex.get('device')}. Accuracy check ({verdict}, tolerance {ex.get('tolerance_points')} points): "
+    diff = ex.get("difference_points") or {}
+    doc.add("table", ["", "teacher", "student", "student / teacher"],
+            comparison_rows(ex, (ctx["results"].get("teacher") or {}).get("accuracy")))
+    doc.add("p", verdict(ex) or "The teacher was not measured beside the student (rakt export without --teacher).")
+    verdict_word = "passed" if ex.get("check_ok") else "FAILED"
+    doc.add("p", f"{ex.get('arch')} of arm {ex.get('arm')}, exported by `rakt export`; both models timed in the same "
+                 f"runtimes, {ex.get('latency')}, on {ex.get('device')}; parameters and multiply-adds (torch's "
+                 f"FlopCounterMode) of one image at each model's own input size. Accuracy check of the exported "
+                 f"student ({verdict_word}, tolerance {ex.get('tolerance_points')} points): "
                  + (", ".join(f"{k} differs from PyTorch by {v:.2f} points" for k, v in diff.items()) or "no export"))
 
 

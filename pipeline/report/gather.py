@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.formats import EMBEDDINGS_JSON, INDEX_JSON, MANIFEST_JSON, MANIFEST_PARQUET, REMOVED_PARQUET
-from pipeline.report.results import export_figures, summarize
+from pipeline.report.deliverable import export_figures
+from pipeline.report.results import summarize
 from pipeline.rundir import SET_ORDER, TRANSFER_SETS, Arm, method_order
 
 log = logging.getLogger("rakt.report")
@@ -122,7 +123,7 @@ def gather(run: Path) -> dict:
                                     "removed": pq.read_table(removed).to_pandas() if removed.exists() else None,
                                     "shards": _json(run / sdir / "materialize.json")}
     ctx["index"] = _json(run / "index" / INDEX_JSON) or {}
-    ctx["export"] = res.get("export") or export_figures(run)
+    ctx["export"] = export_figures(run) or res.get("export")
     return ctx
 
 

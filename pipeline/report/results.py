@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import atomic_path, read_json, write_json
+from pipeline.report.deliverable import comparison_rows, export_figures
 from pipeline.rundir import SET_ORDER, arm_runs, record_path
 
 ORDER = {name: i for i, name in enumerate(SET_ORDER)}
@@ -44,19 +45,6 @@ def collect(run_dir: str | Path, cfg: dict) -> dict:
     out["summary"] = summarize(out["arms"])
     out["export"] = export_figures(run_dir)
     return out
-
-
-def export_figures(run_dir: Path) -> dict | None:
-    """The exported student (`rakt export`, arms/ARM/export/export.json): sizes, CPU latencies, accuracy check."""
-    found = sorted(Path(run_dir).glob("arms/*/export/export.json"))
-    if not found:
-        return None
-    rep = read_json(found[0], "export report")
-    check = rep.get("check") or {}
-    return {"arm": found[0].parent.parent.name, "arch": rep.get("arch"), "device": rep.get("device"),
-            "latency": rep.get("latency"), "student": rep.get("student") or {}, "teacher": rep.get("teacher"),
-            "accuracy": check.get("accuracy") or {}, "difference_points": check.get("difference_points") or {},
-            "tolerance_points": check.get("tolerance_points"), "check_ok": check.get("ok")}
 
 
 def summarize(arms: list[dict]) -> list[dict]:
@@ -99,19 +87,9 @@ def results_text(results: dict) -> str:
     for r in results.get("summary", []):
         acc = f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}%" if r["seeds"] > 1 else f"{100 * r['mean']:.1f}%"
         lines.append(f"{r['transfer_set']:<13} {r['method']:<12} {r['seeds']:>5} {acc:>16} {r['seconds_mean']:>8.0f}")
-    deploy = deployment_rows(results.get("export"))
+    deploy = comparison_rows(results.get("export"), t.get("accuracy"))
     if deploy:
-        lines.append(f"\n{'model':<8} {'format':<12} {'size MB':>8} {'CPU ms (batch 1)':>17}")
-    for model, fmt, size, ms in deploy:
-        lines.append(f"{model:<8} {fmt:<12} {size:>8.1f} {ms:>17.2f}")
+        lines.append(f"\n{'deliverable':<45} {'teacher':>30} {'student':>12} {'student/teacher':>15}")
+    for what, teacher, student, ratio in deploy:
+        lines.append(f"{what:<45} {teacher:>30} {student:>12} {ratio:>15}")
     return "\n".join(lines)
-
-
-def deployment_rows(export: dict | None) -> list[tuple[str, str, float, float]]:
-    """(model, format, size MB, batch-1 CPU latency ms) of the teacher and of the exported student's formats."""
-    if not export:
-        return []
-    teacher = export.get("teacher") or {}
-    rows = [("teacher", "pytorch", teacher["size_mb"], teacher["latency_ms"])] if teacher else []
-    return rows + [("student", fmt, fig["size_mb"], fig["latency_ms"])
-                   for fmt, fig in (export.get("student") or {}).items()]
