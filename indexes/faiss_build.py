@@ -132,8 +132,15 @@ def build_faiss_index(vectors: VectorRows | np.ndarray, metadata: pa.Table | Non
         if work.ntotal != n:
             raise IndexSpecError(f"the add step returned an index of {work.ntotal} vectors for {n}")
     t2 = time.perf_counter()
+    recall, by_nprobe = 1.0, {}
+    if choice.kind != "flat":
+        probes = {1, 4, 16, 64, 256, nprobe} & set(range(1, choice.nlist + 1)) if choice.nlist else set()
+        for probe in sorted(probes | {nprobe}):
+            set_nprobe(work, probe)
+            by_nprobe[probe] = round(recall_at(work.search(queries, exact.k)[1], exact.ids), 4)
+        recall = by_nprobe[nprobe]
+        log.info("recall@10 by nprobe: %s", ", ".join(f"{p}: {r:.3f}" for p, r in by_nprobe.items()))
     set_nprobe(work, nprobe)
-    recall = recall_at(work.search(queries, exact.k)[1], exact.ids) if choice.kind != "flat" else 1.0
     log.info("recall@10 = %.3f (%s)", recall, f"nprobe {nprobe}, {len(queries)} sampled pool vectors as queries vs "
              "exact search" if choice.kind != "flat" else "exact search")
     if device == "gpu" and add_step is None:
@@ -149,6 +156,7 @@ def build_faiss_index(vectors: VectorRows | np.ndarray, metadata: pa.Table | Non
         **(extra_info or {}),
         "kind": choice.kind, "factory": choice.factory, "model": model, "dim": d, "metric": metric, "count": n,
         "parts": [INDEX_PART], "nprobe": nprobe, "recall_at_10": round(recall, 4), "memory_bytes": disk,
+        "recall_at_10_by_nprobe": by_nprobe,
         "ivf_lists": "ondisk" if on_disk else "ram", "built_with": f"faiss {faiss.__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "normalized": normalize and not unit, "device": device, "train_size": choice.train_size, "seed": seed,

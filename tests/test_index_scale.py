@@ -82,6 +82,9 @@ def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys, monkeypatch)
     assert pd.read_parquet(tmp_path / "moved" / "metadata").equals(pd.read_parquet(tmp_path / "ram" / "metadata"))
     info = {n: json.loads((tmp_path / p / "index.json").read_text()) for n, p in (("ram", "ram"), ("disk", "moved"))}
     assert info["ram"]["recall_at_10"] == info["disk"]["recall_at_10"] > 0.5
+    by_nprobe = info["ram"]["recall_at_10_by_nprobe"]  # the lists to visit, chosen from measured recall
+    assert set(by_nprobe) == {"1", "4", "8", "16", "64"} and by_nprobe["8"] == info["ram"]["recall_at_10"]
+    assert by_nprobe["1"] < by_nprobe["64"]
     ids = np.array([0, 19_999, 777, 0])  # stored vectors, looked up without a direct map too
     np.testing.assert_allclose(disk.embeddings(ids), ram.embeddings(ids), atol=1e-6)
     np.testing.assert_allclose(reconstruct_by_scan(ivf_of(disk), ids), ram.embeddings(ids), atol=1e-6)
