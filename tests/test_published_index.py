@@ -174,7 +174,8 @@ def test_retrieve_refuses_unknown_model_unless_forced(world, copy, tmp_path, cap
     assert "'unknown'" in err and "rakt.json" in err and f"?model={MODEL}" in err
     assert not (tmp_path / "refused").exists()
     assert main([*args, "--force", "--out", str(tmp_path / "forced")]) == 0
-    cand = pd.read_parquet(tmp_path / "forced" / "candidates.parquet")
+    cand = pd.read_parquet(tmp_path / "forced" / "candidates.parquet")  # rows by query, then rank
+    cand = cand.assign(q=cand["query_id"].str[1:].astype(int)).sort_values(["q", "rank"], kind="mergesort")
     _, ref_ids = world["reference"].search(queries, 5)
     np.testing.assert_array_equal(cand["pool_id"].to_numpy().reshape(12, 5), ref_ids)
     (copy / "rakt.json").write_text(json.dumps({"model": MODEL}))  # declared: no --force needed
@@ -183,3 +184,28 @@ def test_retrieve_refuses_unknown_model_unless_forced(world, copy, tmp_path, cap
     capsys.readouterr()
     assert main(["index", "info", str(copy)]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "published"
+
+
+def test_merged_on_disk_index_opens_where_it_lies(tmp_path):
+    """clip-retrieval's merged layout (populated.index + merged_index.ivfdata, made by faiss's merge_ondisk, whose
+    lists file path is recorded inside the index) opens from wherever the folder was moved to."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    x = clustered(N, D, seed=0)
+    trained = trained_ivfpq(x)
+    built = tmp_path / "built"
+    write_published(built, x, trained)
+    merged = faiss.clone_index(trained)
+    merge_ondisk(merged, [str(built / "image.index" / f"knn.index{j:02d}") for j in range(3)],
+                 str(built / "merged_index.ivfdata"), shift_ids=True)
+    faiss.write_index(merged, str(built / "populated.index"))
+    expected = merged.search(x[::100], 5)[1]
+    del merged
+    shutil.rmtree(built / "image.index")
+    moved = tmp_path / "moved"
+    shutil.move(built, moved)  # the recorded path of the lists file now points nowhere
+    index = FaissIndex.open(moved, model=MODEL)
+    assert index.size == N and index.info()["ivf_lists"] == "ondisk" and index.mapped
+    scores, ids = index.search(x[::100], 5)
+    np.testing.assert_array_equal(ids, expected)
+    assert index.metadata(ids[:2, 0])["url"].to_pylist() == [f"https://img.example/{i}.jpg" for i in ids[:2, 0]]
