@@ -25,6 +25,7 @@ ID_BYTES = 8  # FAISS stores an int64 id beside every code in an inverted list
 LIST_GROWTH = 1.5  # inverted lists grow by doubling while vectors are added: up to 2x, ~1.4x measured
 BASE_BYTES = 400 * 2**20  # the process with numpy, pyarrow and faiss loaded: outside --memory-budget
 RECALL_QUERIES = 1000  # pool vectors sampled as queries for the recall@10 check
+KMEANS_CHUNK_ROWS = 16_384  # training-sample rows k-means holds at a time (indexes/faiss_train.py)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -129,8 +130,12 @@ def build_memory(choice: IndexChoice, n: int, d: int, batch_rows: int, on_disk: 
     phase (the index in RAM, a batch in its three forms: as read, float32, normalized; a part being merged).
     The process itself (BASE_BYTES) comes on top."""
     quantizer = choice.nlist * d * 4 * (2 if choice.nlist >= HNSW_MIN_LISTS else 1)  # + HNSW links
-    train = {"training sample": (choice.train_size + RECALL_QUERIES) * d * 4,
-             "k-means work": choice.nlist * d * 4 * 2 + choice.train_size * 16}
+    if choice.nlist and choice.factory.startswith("IVF"):  # k-means out of core (indexes/faiss_train.py)
+        train = {"k-means chunk": KMEANS_CHUNK_ROWS * d * 4 * 3,
+                 "k-means work": choice.nlist * d * 4 * 3 + choice.train_size * 12}
+    else:
+        train = {"training sample": (choice.train_size + RECALL_QUERIES) * d * 4,
+                 "k-means work": choice.nlist * d * 4 * 2 + choice.train_size * 16}
     codes = choice.memory_bytes if choice.memory_bytes is not None else n * d * 4
     code_bytes = (codes - choice.nlist * d * 4) if choice.nlist else codes
     add = {"index in RAM": 0 if on_disk else int(code_bytes * LIST_GROWTH),
@@ -150,7 +155,7 @@ def check_budget(choice: IndexChoice, memory_budget: str | int, on_disk: bool) -
                  human(BASE_BYTES))
         return
     fixes = ["raise --memory-budget"]
-    if choice.train_size > 100_000:
+    if "training sample" in choice.memory and choice.train_size > 100_000:
         fixes.append("lower --train-size")
     if not on_disk and choice.nlist:
         fixes.append("keep the lists on disk (--on-disk)")

@@ -20,12 +20,12 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature p
 import faiss  # noqa: E402
 from faiss.contrib.clustering import DatasetAssign, kmeans  # noqa: E402
 
-from indexes.faiss_choice import HNSW_MIN_LISTS  # noqa: E402
+from indexes.faiss_choice import HNSW_MIN_LISTS, KMEANS_CHUNK_ROWS  # noqa: E402
 from indexes.helpers import l2_normalize  # noqa: E402
 
 log = logging.getLogger("rakt.indexes")
 
-CHUNK_ROWS = 16_384  # sample rows in memory at a time during k-means
+CHUNK_ROWS = KMEANS_CHUNK_ROWS  # sample rows in memory at a time during k-means
 ENCODER_SAMPLE = 16_384  # vectors the encoder (PQ) trains on: faiss keeps 64 x 256 of them (prepare_ivfpq)
 
 
