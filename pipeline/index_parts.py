@@ -215,7 +215,7 @@ def add_part(job: AddWorkerBuilder, progress: Progress, task: AddTask) -> None:
         exact.add(vectors)
         progress.update(len(vectors))
 
-    blob = fill_copy(job.empty, batches(), job.normalize, each=added)
+    blob = fill_copy(job.empty, batches(), job.normalize, each=added, first_id=task.first)
     count = sum(m.num_rows for m in metas)
     if count != task.rows:
         raise InputError(f"{task}: read {count} vectors, not {task.rows}; the embedding set changed during the build")
