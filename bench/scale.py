@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="the pool set's dtype")
     parser.add_argument("--queries", type=int, default=10_000, help="query vectors (10 labels)")
     parser.add_argument("--k", type=int, default=1000, help="neighbours per query")
-    parser.add_argument("--budget", type=int, default=200_000, help="curate's transfer-set size")
+    parser.add_argument("--budget", type=int, default=100_000, help="curate's transfer-set size (10 per query)")
     parser.add_argument("--engine", default="local", choices=("local", "ray"))
     parser.add_argument("--work", default="/tmp/rakt-scale", help="where the sets and outputs go (deleted after)")
     parser.add_argument("--keep", action="store_true", help="keep the files of each size")

@@ -16,6 +16,7 @@ from pipeline.curate.select import UNLABELLED, class_groups, select_filtered, su
 from pipeline.curate.windows import CandidateWindows, Spill
 from pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, LOCATOR_COLUMNS, MANIFEST_JSON, MANIFEST_PARQUET,
                               REMOVED_PARQUET, REMOVED_SCHEMA, read_scores)
+from pipeline.progress import Progress
 from pipeline.io import InputError, file_hash, json_hash, read_json, timed, write_json, write_parquet
 from pipeline.prompts import TEXT_QUERY_PREFIX
 
@@ -202,7 +203,9 @@ def filter_candidates(cands: CandidateWindows, ctx: CurateContext, counts: dict,
     counts["candidates"] = 0
     for rule in registered("candidates"):
         counts[rule.count] = 0
+    bar = Progress(cands.rows, "curate: candidate rules", unit="row")
     for window in cands:
+        bar.update(len(window))
         window = window[window["pool_id"] >= 0]
         counts["candidates"] += len(window)
         for rule in active:
@@ -213,6 +216,7 @@ def filter_candidates(cands: CandidateWindows, ctx: CurateContext, counts: dict,
             counts[rule.count] += len(fresh) if res.count is None else int(res.count)
             removed[rule.name].append(fresh)
         spill.write(window)
+    bar.close()
     spill.close()
     leakage_report(ctx)
     return [pd.concat(removed[rule.name]).sort_values("pool_id", kind="mergesort").reset_index(drop=True)
