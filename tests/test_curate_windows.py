@@ -62,3 +62,17 @@ def test_windows_select_as_one_window(world_cands, tmp_path, monkeypatch, name):
     removed = [pq.read_table(tmp_path / d / "removed.parquet").to_pandas() for d in ("whole", "small")]
     pd.testing.assert_frame_equal(removed[1], removed[0])
     assert not list((tmp_path / "small").glob(".candidates-kept*"))  # the spill is gone
+
+
+def test_near_duplicates_of_a_large_selection_found_in_an_ivf(world_cands, tmp_path, monkeypatch):
+    """Above EXACT_NEAR_DUP selected images the near-duplicate search runs in an IVF over them: same drops here."""
+    import pipeline.curate.filters as filters
+
+    cands, _ = world_cands
+    kw = dict(budget=9 + 150, near_dup=0.99)
+    exact, exact_meta = curate(cands, tmp_path / "exact", **kw)
+    monkeypatch.setattr(filters, "EXACT_NEAR_DUP", 10)
+    assert isinstance(filters.range_index(np.eye(4, 32, dtype=np.float32).repeat(50, 0)), filters.faiss.IndexIVFFlat)
+    ivf, ivf_meta = curate(cands, tmp_path / "ivf", **kw)
+    assert exact_meta["counts"]["near_dup_removed"] == ivf_meta["counts"]["near_dup_removed"] > 0
+    pd.testing.assert_frame_equal(ivf, exact)
