@@ -116,8 +116,9 @@ _HELD: dict[str, int] = {}  # lock files this process holds -> depth (a stage in
 
 
 def lock_file(path: str | Path) -> Path:
-    """The lock file of an output `path` (a directory or a file): a hidden `.NAME.lock` beside it."""
-    path = Path(path).absolute()
+    """The lock file of an output `path` (a directory or a file): a hidden `.NAME.lock` beside it, keyed by the real
+    path (symlinks resolved), so that a symlink to an output cannot take a second lock on it."""
+    path = Path(path).resolve()
     return path.with_name(f".{path.name}.lock")
 
 
