@@ -14,6 +14,7 @@ antialiasing, then center-cropped).
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import io
 import json
@@ -201,8 +202,7 @@ def _decode(source: Source, size: int, split: str, labelled_only: bool, where: P
             if store is None:
                 side = array.shape[0]
                 shape = (max(bound, 1), 3, side, side)
-                store = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-                         if tmp is not None else np.empty(shape, np.uint8))
+                store = _memmap(tmp, shape) if tmp is not None else np.empty(shape, np.uint8)
             if len(keys) >= len(store):  # more samples than the tar headers promised: keep them in memory
                 store, tmp = np.concatenate([np.asarray(store), np.empty_like(store)]), _drop(tmp)
             store[len(keys)] = array.transpose(2, 0, 1)
@@ -232,6 +232,23 @@ def _decode(source: Source, size: int, split: str, labelled_only: bool, where: P
     with atomic_path(where / "bank.json") as out:
         Path(out).write_text(json.dumps(meta))
     return _load(where)
+
+
+def _memmap(path: Path, shape: tuple) -> np.ndarray:
+    """A uint8 .npy memory map with its disk space reserved up front: a full disk is an OSError naming the file
+    here, never a SIGBUS on a later write into the map."""
+    store = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        try:
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                return store  # a filesystem that cannot reserve space: writes find out
+            del store
+            path.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path.parent / "images.npy")) from e
+    return store
 
 
 def _drop(path: Path | None) -> None:

@@ -17,13 +17,18 @@ import numpy as np
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it to `path` only if the block succeeds."""
+    """Yield a temp path beside `path`; rename it to `path` only if the block succeeds. An OSError while writing
+    (a full disk, a read-only folder) names `path`, not the temp file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (None, str(tmp), tmp) and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

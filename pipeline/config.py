@@ -44,9 +44,14 @@ class RegisteredNames(Collection[str]):
         return len(self._names())
 
 
-def option(default: Any, help: str, positional: bool = False, choices: Collection[str] | None = None):
-    """A config field with its CLI help text."""
-    meta = {"help": help, "positional": positional, "choices": choices}
+INT_MAX = 2**63 - 1  # every int setting fits a signed 64-bit integer (numpy, pandas, torch)
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and FAISS take 32-bit seeds
+
+
+def option(default: Any, help: str, positional: bool = False, choices: Collection[str] | None = None,
+           minimum: int = 0, maximum: int = INT_MAX):
+    """A config field with its CLI help text; an int field's value must lie in [minimum, maximum]."""
+    meta = {"help": help, "positional": positional, "choices": choices, "range": (minimum, maximum)}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -62,8 +67,9 @@ class EncoderConfig:
     image_size: int = option(0, "encoder input resolution in px (0 = the model's own); part of the embedding-model id")
     batch_size: int = option(256, "images per forward pass")
     workers: int = option(-1, "DataLoader worker processes for decoding (0 = in process; -1 = auto: none on a CPU "
-                              "device with <= 4 cores, whose cores the model's threads use, up to 8 for a GPU)")
-    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)")
+                              "device with <= 4 cores, whose cores the model's threads use, up to 8 for a GPU)",
+                     minimum=-1)
+    threads: int = option(-1, "torch intra-op threads (-1 = every core this process may use)", minimum=-1)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
 
@@ -85,7 +91,7 @@ class EmbedConfig(EngineConfig, EncoderConfig):
     out: str = option("", "output embedding set directory")
     split: str = option("", "split name for every row (default: the sample's own 'split' field, else 'train')")
     per_class: int = option(0, "keep N images per class (few-shot draw with --seed); 0 keeps all")
-    seed: int = option(0, "seed of the per-class draw")
+    seed: int = option(0, "seed of the per-class draw", maximum=SEED_MAX)
     partition_size: int = option(10000, "images per partition for folder/manifest sources (a shard is one partition)")
     classes: str = option("", "classes.txt (one name per line) naming label indices; default: found beside the source")
 
@@ -102,7 +108,7 @@ class IndexBuildConfig(EngineConfig, EncoderConfig):
     partition_size: int = option(10000, "images per partition when embedding a folder/manifest pool")
     train_size: int = option(100000, "vectors sampled to train IVF/PQ quantizers")
     nprobe: int = option(16, "IVF lists visited per query (stored as the index default)")
-    seed: int = option(0, "seed for the training sample")
+    seed: int = option(0, "seed for the training sample", maximum=SEED_MAX)
 
 
 @dataclass
@@ -173,7 +179,7 @@ class SampleConfig:
     like: str = option("", "a transfer-manifest directory whose row count sets n (same-size baselines)")
     exclude: list[str] = option([], "embedding sets (or manifests) whose image ids are never drawn, e.g. the "
                                     "labelled target images")
-    seed: int = option(0, "seed of the draw")
+    seed: int = option(0, "seed of the draw", maximum=SEED_MAX)
 
 
 @dataclass
@@ -213,7 +219,7 @@ class LabelledConfig:
     source: list[str] = option([], "labelled target images (folder, manifest or shards, as for `rakt embed`)",
                                positional=True)
     per_class: int = option(0, "few-shot draw of N images per class (0 = all)")
-    seed: int = option(0, "seed of the few-shot draw")
+    seed: int = option(0, "seed of the few-shot draw", maximum=SEED_MAX)
     out: str = option("", "output folder: labelled-000000.tar and classes.txt")
 
 
@@ -232,7 +238,8 @@ class CarveConfig:
                                                "integer orig_label is an index into them); [] = the sorted values")
     train_per_class: int = option(10, "labelled training images per class (the target train shard)")
     test_per_class: int = option(100, "test images per class (the target test shard)")
-    seed: int = option(0, "seed of the per-class draw (test first, then train, from one seeded order)")
+    seed: int = option(0, "seed of the per-class draw (test first, then train, from one seeded order)",
+                       maximum=SEED_MAX)
     out: str = option("", "output folder: train/, test/ (shards + classes.txt), pool/ (the pool without them), "
                           "carve.json")
 
@@ -292,17 +299,22 @@ def _number(kind: type, name: str, value: Any, where: str) -> int | float:
     if kind is int:
         if isinstance(number, float) and not number.is_integer():
             raise wrong
+        if abs(number) > INT_MAX:
+            raise ConfigError(f"{where}: '{name}' must be between {-INT_MAX - 1} and {INT_MAX}, got {value!r}")
         return int(number)
     return float(number)
 
 
 def validate(cfg: Any, where: str = "config") -> None:
-    """Check choices and required outputs."""
+    """Check choices, the range of every int setting and required outputs."""
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
         if choices is not None and value not in choices:
             raise ConfigError(f"{where}: '{f.name}' must be one of {', '.join(choices)}, got {value!r}")
+        low, high = f.metadata.get("range", (0, INT_MAX))
+        if isinstance(value, int) and not isinstance(value, bool) and not low <= value <= high:
+            raise ConfigError(f"{where}: '{f.name}' must be between {low} and {high}, got {value}")
     if hasattr(cfg, "out") and not cfg.out:
         raise ConfigError(f"{where}: 'out' is required (where to write the result)")
 

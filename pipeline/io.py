@@ -79,6 +79,21 @@ def write_json(path: str | Path, obj: dict) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def save_torch(obj: object, path: str | Path) -> None:
+    """torch.save through a file rakt opened, atomically: a full disk is an OSError naming `path` (torch's own
+    writer reports it as "unexpected pos ...")."""
+    import torch
+
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:  # torch's zip writer, closing after our write failed, hides that OSError
+        cause = e.__context__
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
+        raise
+
+
 def read_json(path: str | Path, what: str = "file") -> dict:
     path = Path(path)
     if not path.exists():

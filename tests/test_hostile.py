@@ -1,0 +1,134 @@
+"""Hostile or clumsy use through the CLI (issue 27): a full disk, a read-only run directory and out-of-range settings
+end as `rakt: error: ...` naming the file or key (exit 2), never as a traceback. Full and read-only filesystems are
+real: a tiny tmpfs or a read-only bind mount in a user + mount namespace (conftest.run_rakt)."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import image_array, jpeg_bytes, run_rakt, write_shard
+from pipeline import cli
+from test_run import config, world  # noqa: F401  (the tiny run world: target and pool shards)
+
+TEACHER_CLASSES = ["ant", "bee", "cat"]
+
+
+def assert_rakt_error(proc, *texts: str) -> None:
+    """Exit 2, a one-line `rakt: error:` naming `texts`, and no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("rakt: error: "))
+    for text in texts:
+        assert text in error, (text, error)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A labelled pool shard (40 images, 4 classes) with classes.txt, and a transfer manifest over it."""
+    from test_materialize import write_manifest
+
+    root = tmp_path_factory.mktemp("hostile")
+    shard = root / "pool" / "pool-000000.tar"
+    write_shard(shard, [{"__key__": f"pool_{i:06d}", "jpg": jpeg_bytes(image_array(i, size=64)), "cls": i % 4,
+                         "json": {"split": "train"}} for i in range(40)])
+    (root / "pool" / "classes.txt").write_text("a\nb\nc\nd\n")
+    write_manifest(root / "manifest", [{"pool_id": i, "shard": str(shard), "key": f"pool_{i:06d}"}
+                                       for i in range(40)])
+    (root / "manifest" / "manifest.json").write_text(json.dumps({"counts": {}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_clip, tmp_path_factory) -> Path:
+    """A linear teacher over the tiny open_clip config (3 classes)."""
+    from distill.teacher.checkpoint import save_teacher
+    from distill.teacher.modes import build_teacher
+    from pipeline.config import EncoderConfig
+
+    torch.manual_seed(0)
+    model = build_teacher(EncoderConfig(model=tiny_clip, pretrained="", device="cpu"), len(TEACHER_CLASSES),
+                          "linear", logit_scale=10.0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_teacher(path, model, {"encoder": {"model": tiny_clip, "pretrained": "", "image_size": 0},
+                               "model_id": model.model_id, "mode": "linear", "classes": TEACHER_CLASSES})
+    return path
+
+
+DISTILL = ["--student", "resnet10t", "--small-input", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+           "--device", "cpu", "--threads", "1"]
+
+
+@pytest.mark.parametrize("stage", ["materialize", "labelled", "distill"])
+def test_a_full_disk_is_a_rakt_error_naming_the_file(stage, shards, teacher, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    args = {"materialize": ["materialize", shards / "manifest", "--pool-root", shards / "pool", "--out", full / "shards"],
+            "labelled": ["labelled", shards / "pool" / "pool-000000.tar", "--out", full / "labelled"],
+            "distill": ["distill", shards / "pool" / "pool-000000.tar", "--teacher", teacher, *DISTILL,
+                        "--out", full / "distill"]}[stage]
+    proc = run_rakt(args, tmpfs=(full, 16))
+    assert_rakt_error(proc, str(full), "No space left on device", "free space")
+
+
+def test_a_full_disk_under_the_decoded_copy_is_a_rakt_error_not_a_crash(shards, teacher, tmp_path):
+    """distill decodes the transfer images once beside their shards (a memory map): on a full disk the space is
+    reserved first, so the error names images.npy instead of the process dying of SIGBUS."""
+    full = tmp_path / "full"
+    full.mkdir()
+    shard = shards / "pool" / "pool-000000.tar"
+    copy = f"cp {shlex.quote(str(shard))} {shlex.quote(str(full))}/"
+    proc = run_rakt(["distill", full / shard.name, "--teacher", teacher, *DISTILL, "--out", tmp_path / "out"],
+                    tmpfs=(full, shard.stat().st_size // 1024 + 24), before=copy)
+    assert_rakt_error(proc, "images.npy", "No space left on device")
+
+
+def test_run_on_a_full_disk_and_on_a_read_only_run_directory(world, tiny_clip, tmp_path):  # noqa: F811
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(world, tiny_clip, tmp_path / "unused")))
+    full = tmp_path / "full"
+    full.mkdir()
+    proc = run_rakt(["run", cfg_path, "--run-dir", full / "run", "--only", "labelled"], tmpfs=(full, 8))
+    assert_rakt_error(proc, str(full / "run"), "No space left on device")
+
+    run_dir = tmp_path / "run"
+    assert cli.main(["run", str(cfg_path), "--run-dir", str(run_dir), "--only", "labelled"]) == 0
+    proc = run_rakt(["run", cfg_path, "--run-dir", run_dir, "--only", "labelled"], read_only=tmp_path)
+    assert_rakt_error(proc, str(tmp_path), "Read-only file system", "writable")
+    proc = run_rakt(["report", run_dir], read_only=run_dir)
+    assert_rakt_error(proc, str(run_dir), "Read-only file system", "writable")
+
+
+@pytest.mark.parametrize("args,texts", [
+    (["run", "--set", "distill=3"], ["'distill' is a section", "--set distill.KEY=VALUE"]),
+    (["run", "--set", "teacher=[1]"], ["'teacher' is a section"]),
+    (["run", "--set", "experiment.arms=3"], ["'experiment.arms' must be a list"]),
+    (["run", "--set", "target={per_class: 3}"], ["'target.train' is missing"]),
+    (["run", "--set", "data=[1]"], ["'data' must be a string"]),
+    (["run", "--set", "curate.budget=1e23"], ["'budget' must be between", "1e23"]),
+    (["run", "--set", "experiment.seeds=[-1]"], ["'seed' must be between 0 and 4294967295, got -1"]),
+    (["sample", "pool.tar", "--n", "3", "--seed", "-1", "--out", "x"], ["'seed' must be between 0", "got -1"]),
+    (["embed", "x", "--seed", str(2**40), "--out", "x"], ["'seed' must be between 0 and 4294967295"]),
+    (["retrieve", "x", "--k", "-5", "--out", "x"], ["'k' must be between 0"]),
+    (["distill", "x", "--epochs", "-1", "--out", "x"], ["'epochs' must be between 0"]),
+])
+def test_settings_out_of_shape_or_range_are_refused_before_any_work(args, texts, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if args[0] == "run":
+        args = [*args, "--run-dir", str(tmp_path / "run"), "--only", "labelled"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rakt: error: ") and all(t in err for t in texts), err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_budget_beyond_any_integer_in_a_stage_config_file(tmp_path, capsys):
+    (tmp_path / "curate.yaml").write_text("budget: 1e23\n")
+    assert cli.main(["curate", str(tmp_path), "--config", str(tmp_path / "curate.yaml"), "--out",
+                     str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "curate.yaml: 'budget' must be between" in err and "1e23" in err
