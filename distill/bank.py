@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.images import DECODE_ERRORS, decode_rgb, skip_cause
 from pipeline.io import InputError, atomic_path, json_hash
 from pipeline.progress import Progress
 from pipeline.sources import Source, count_hint, open_source
@@ -159,8 +159,7 @@ def _decoded_dir(source: Source, size: int, split: str, labelled_only: bool) -> 
 
 def _to_array(data: bytes, size: int, side: int | None) -> np.ndarray:
     """Encoded bytes -> uint8 [side, side, 3]; side None = the image's own (only for squares no larger than size)."""
-    with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB")
+    rgb = decode_rgb(data)
     w, h = rgb.size
     if side is None:
         side = w if (w == h and w <= size) else size
@@ -194,10 +193,10 @@ def _decode(source: Source, size: int, split: str, labelled_only: bool, where: P
                 continue
             try:
                 array = _to_array(sample.image, size, side)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                stats["undecodable_image"] += 1
-                log.warning("%s (%s): undecodable image (%s); skipped", sample.id,
-                            sample.locator.get("shard") or sample.locator.get("path"), e)
+            except DECODE_ERRORS as e:
+                stats[skip_cause(e)] += 1
+                log.warning("%s (%s): image skipped: %s (%s)", sample.id,
+                            sample.locator.get("shard") or sample.locator.get("path"), skip_cause(e), e)
                 continue
             if store is None:
                 side = array.shape[0]

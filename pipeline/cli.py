@@ -7,7 +7,7 @@ import errno
 import json
 import sys
 
-from pipeline.config import ConfigError, RegisteredNames, from_dict, load_yaml
+from pipeline.config import ConfigError, RegisteredNames, dump_yaml, from_dict, load_yaml
 from indexes.base import IndexSpecError
 from pipeline.io import InputError, setup_logging
 from pipeline.stages import STAGES, run_stage
@@ -102,8 +102,7 @@ def _run_commands(args: argparse.Namespace) -> int:
         return 0
     cfg = run.load_run_config(args.config, args.overrides, args.run_dir)
     if args.show_config:
-        import yaml
-        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        print(dump_yaml(cfg), end="")
         return 0
     out = run.execute(cfg, only=args.only)
     from pipeline.report.results import results_text

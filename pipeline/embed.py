@@ -10,7 +10,6 @@ every engine calls `embed_partition`, so the files do not depend on where a part
 from __future__ import annotations
 
 import collections
-import io
 import logging
 import os
 import time
@@ -23,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError, EmbedConfig, config_hash
@@ -31,6 +29,7 @@ from pipeline.device import loader_workers, set_threads
 from pipeline.encoders import ImageEncoder, encoder_model_id, load_image_encoder
 from pipeline.engines import EngineOptions, get_engine, raise_if_failed
 from pipeline.formats import EMBEDDINGS_JSON, embedding_table
+from pipeline.images import DECODE_ERRORS, decode_rgb, skip_cause
 from pipeline.io import InputError, json_hash, read_json, timed, write_json, write_parquet
 from pipeline.pixels import PixelPipeline
 from pipeline.progress import Progress
@@ -329,13 +328,12 @@ class PartitionImages(IterableDataset):
         rows, images = [], []
         for sample in samples:
             try:
-                with Image.open(io.BytesIO(sample.image)) as img:
-                    rgb = img.convert("RGB")
-                    image = rgb if self.pixels is None else np.asarray(rgb, dtype=np.uint8)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                skipped["undecodable_image"] += 1
+                rgb = decode_rgb(sample.image)
+                image = rgb if self.pixels is None else np.asarray(rgb, dtype=np.uint8)
+            except DECODE_ERRORS as e:
+                skipped[skip_cause(e)] += 1
                 where = sample.locator.get("path") or sample.locator.get("shard")
-                log.warning("%s (%s): undecodable image (%s); skipped", sample.id, where, e)
+                log.warning("%s (%s): image skipped: %s (%s)", sample.id, where, skip_cause(e), e)
                 continue
             images.append(image)
             rows.append((sample.id, sample.label, self.split or sample.split or "train", sample.locator))

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -79,6 +80,29 @@ def write_json(path: str | Path, obj: dict) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def special_file(path: str | Path) -> str | None:
+    """What `path` is when it is a FIFO, a device or a socket ("a FIFO", ...): opening or reading it may block or
+    never end. None for anything else (a regular file; a directory or nothing, which fail at once when opened).
+    Decided by stat, which never blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), None)
+
+
+def regular_file(path: str | Path, what: str = "file") -> Path:
+    """`path` when it is a regular file (symlinks followed); else an InputError naming it and what it is."""
+    kind = special_file(path) or ("a directory" if os.path.isdir(path) else None)
+    if kind is not None:
+        raise InputError(f"{path}: the {what} is {kind}, not a regular file; pass a regular file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: {what} not found")
+    return Path(path)
+
+
 def save_torch(obj: object, path: str | Path) -> None:
     """torch.save through a file rakt opened, atomically: a full disk is an OSError naming `path` (torch's own
     writer reports it as "unexpected pos ...")."""
@@ -95,9 +119,7 @@ def save_torch(obj: object, path: str | Path) -> None:
 
 
 def read_json(path: str | Path, what: str = "file") -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: {what} not found")
+    path = regular_file(path, what)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -111,6 +133,7 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
 
 def read_parquet(path: str | Path, fix: str, columns: list[str] | None = None) -> pa.Table:
     """A parquet file as a table; a damaged (e.g. truncated) file is an InputError naming it and `fix`."""
+    regular_file(path, "parquet file")
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
@@ -119,6 +142,7 @@ def read_parquet(path: str | Path, fix: str, columns: list[str] | None = None) -
 
 def parquet_rows(path: str | Path, fix: str) -> int:
     """Rows of a parquet file, from its footer; a damaged file is an InputError naming it and `fix`."""
+    regular_file(path, "parquet file")
     try:
         return pq.read_metadata(path).num_rows
     except (pa.ArrowInvalid, OSError) as e:
@@ -171,6 +195,7 @@ def output_lock(path: str | Path, what: str = "output") -> Iterator[None]:
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    regular_file(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

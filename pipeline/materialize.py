@@ -144,8 +144,9 @@ def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver, roots: P
         path, error = pool_file(resolver(shard), roots, "missing_shard", "unreadable_shard")
         found, error = read_pool_shard(path, set(group["key"])) if path else ({}, error)
         for row in group.itertuples():
-            if found.get(row.key) is not None and image_ext(found[row.key][1]) is None:
-                miss("not_an_image", row, f"{shard}:{row.key}")
+            bad = image_ext(found[row.key][1])[1] if found.get(row.key) is not None else ""
+            if bad:
+                miss(bad, row, f"{shard}:{row.key}")
             elif found.get(row.key) is not None:
                 images[row.Index] = found[row.key]
             elif row.key in found:
@@ -159,9 +160,9 @@ def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver, roots: P
         except OSError as e:
             data, error = None, "unreadable_file"
             log.debug("%s: %s", row.path, e)
-        ext = image_ext(data) if data else None
+        ext, bad = image_ext(data) if data else (None, "")
         if data is None or not data or ext is None:
-            miss(error if data is None else "empty_file" if not data else "not_an_image", row, row.path)
+            miss(error if data is None else "empty_file" if not data else bad, row, row.path)
         else:
             images[row.Index] = (ext, data)
     for row in rows[rows["locator"].isna()].itertuples():

@@ -9,6 +9,8 @@ from typing import Callable, Iterator
 
 from webdataset import tariterators
 
+from pipeline.io import special_file
+
 log = logging.getLogger("rakt")
 
 
@@ -26,6 +28,11 @@ def shard_records(shard: str, stats: collections.Counter,
         errors.append(exn)
         return False
 
+    kind = special_file(shard)
+    if kind is not None:  # a FIFO named like a shard would block the reader
+        stats["not_a_regular_file"] += 1
+        log.warning("%s: %s, not a regular file; skipped", shard, kind)
+        return
     complete = has_end_marker(shard)
     held, reference, count = None, None, 0
     with (gzip.open if shard.endswith((".gz", ".tgz")) else open)(shard, "rb") as stream:

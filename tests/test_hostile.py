@@ -4,9 +4,11 @@ real: a tiny tmpfs or a read-only bind mount in a user + mount namespace (confte
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -132,3 +134,87 @@ def test_a_budget_beyond_any_integer_in_a_stage_config_file(tmp_path, capsys):
                      str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "curate.yaml: 'budget' must be between" in err and "1e23" in err
+
+
+# --- inputs that explode work or memory, or hang a reader (issue 27, item 3) ------------------------------------
+
+def alias_bomb(levels: int, width: int = 9) -> str:
+    """A YAML value whose last anchor stands for width**levels leaves (a "billion laughs"), all inside one key."""
+    anchors = [f"&a0 [{', '.join(['x'] * width)}]"]
+    anchors += [f"&a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+    return f"[{', '.join(anchors)}]"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(world, tiny_clip, tmp_path, capsys):  # noqa: F811
+    """9 levels of 9 aliases (387 million leaves) in a run config, a stage config or a --set value: refused
+    while parsing, naming the file and the alias."""
+    cfg = config(world, tiny_clip, tmp_path / "run")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(yaml.safe_dump(cfg).replace("name: CIFAR-10", f"name: {alias_bomb(9)}"))
+    assert alias_bomb(9) in bomb.read_text()
+    assert cli.main(["run", str(bomb), "--only", "labelled"]) == 2
+    err = capsys.readouterr().err
+    assert f"rakt: error: {bomb}: not valid YAML: found the alias *a0" in err and "no YAML aliases" in err
+    stage = tmp_path / "curate.yaml"
+    stage.write_text(f"budget: 10\nnear_dup: {alias_bomb(9)}\n")
+    assert cli.main(["curate", str(tmp_path), "--config", str(stage), "--out", str(tmp_path / "m")]) == 2
+    assert "found the alias *a0" in capsys.readouterr().err
+    assert cli.main(["run", "--set", "target.name=[&a [x, x, x], *a, *a]", "--run-dir", str(tmp_path / "run"),
+                     "--only", "labelled"]) == 2
+    assert "found the alias *a" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_readers_decide_on_file_type_and_declared_size_before_reading(tmp_path, tiny_clip):
+    """An image folder with a FIFO named like an image and two strips (1 x 2,000 and 3,000 x 1 px): embed skips
+    all three, counted by cause, and embeds the rest; nothing blocks on the FIFO. A FIFO as --config or --classes
+    is an error naming it."""
+    root = tmp_path / "imgs"
+    for k, cls in enumerate(("ant", "bee")):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            (root / cls / f"{i}.jpg").write_bytes(jpeg_bytes(image_array(10 * k + i, size=40)))
+    (root / "ant" / "strip.png").write_bytes(png_bytes(1, 2000))
+    (root / "bee" / "wide.png").write_bytes(png_bytes(3000, 1))
+    os.mkfifo(root / "bee" / "pipe.jpg")
+    flags = ["--model", tiny_clip, "--pretrained", "", "--workers", "0", "--batch-size", "4"]
+    proc = run_rakt(["embed", root, *flags, "--out", tmp_path / "emb"], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["count"] == 6 and summary["skipped"] == {"extreme_aspect_ratio": 2, "not_a_regular_file": 1}
+    assert "pipe.jpg: a FIFO, not a regular file; skipped" in proc.stderr
+
+    os.mkfifo(tmp_path / "stage.yaml")
+    os.mkfifo(tmp_path / "classes.txt")
+    for extra, name in ((["--config", tmp_path / "stage.yaml"], "stage.yaml"),
+                        (["--classes", tmp_path / "classes.txt"], "classes.txt")):
+        proc = run_rakt(["embed", root, *flags, *extra, "--out", tmp_path / "other"], timeout=180)
+        assert_rakt_error(proc, str(tmp_path / name), "a FIFO")
+
+
+def test_materialize_and_distill_skip_an_image_of_extreme_shape(shards, teacher, tmp_path):
+    from pipeline.materialize import run as materialize
+    from pipeline.config import MaterializeConfig
+    from test_materialize import write_manifest
+
+    pool = tmp_path / "pool" / "pool-000000.tar"
+    write_shard(pool, [{"__key__": f"p{i}", "jpg": jpeg_bytes(image_array(i, size=40))} for i in range(5)]
+                + [{"__key__": "strip", "png": png_bytes(1, 2000)}])
+    keys = [f"p{i}" for i in range(5)] + ["strip"]
+    write_manifest(tmp_path / "manifest", [{"pool_id": i, "shard": str(pool), "key": k} for i, k in enumerate(keys)])
+    summary = materialize(MaterializeConfig(manifest=str(tmp_path / "manifest"), out=str(tmp_path / "shards"),
+                                            pool_root=str(tmp_path / "pool")))
+    assert summary["samples"] == 5 and summary["missing_by_cause"] == {"extreme_aspect_ratio": 1}
+    assert cli.main(["distill", str(pool), "--teacher", str(teacher), *DISTILL, "--out", str(tmp_path / "d")]) == 0
+    read_errors = json.loads((tmp_path / "d" / "summary.json").read_text())["read_errors"]
+    assert read_errors == {"extreme_aspect_ratio": 1}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.formats import EMBEDDINGS_JSON, embedding_matrix, read_embedding_set
+from pipeline.images import DECODE_ERRORS, decode_rgb, skip_cause
 from pipeline.io import InputError
 from pipeline.sources import open_source
 
@@ -51,11 +51,10 @@ def load_images(specs: list[str], *, classes_file: str = "", per_class: int = 0,
                 log.warning("%s: no label (.cls); skipped", sample.id)
                 continue
             try:
-                with Image.open(io.BytesIO(sample.image)) as img:
-                    arrays.append(np.asarray(img.convert("RGB")))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                stats["undecodable_image"] += 1
-                log.warning("%s: undecodable image (%s); skipped", sample.id, e)
+                arrays.append(np.asarray(decode_rgb(sample.image)))
+            except DECODE_ERRORS as e:
+                stats[skip_cause(e)] += 1
+                log.warning("%s: image skipped: %s (%s)", sample.id, skip_cause(e), e)
                 continue
             labels.append(sample.label)
             ids.append(sample.id)

@@ -9,9 +9,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from pipeline.config import ConfigError, load_yaml
+from pipeline.config import ConfigError, load_yaml, parse_yaml
 from pipeline.io import InputError
 from pipeline.rundir import arm_runs
 
@@ -39,10 +38,10 @@ def load_run_config(path: str | None, overrides: list[str] = (), run_dir: str = 
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY.SUB=VALUE, e.g. --set distill.epochs=3")
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())}); quote "
-                              f"the whole KEY=VALUE and close every bracket, e.g. --set 'curate={{budget: 36}}'") from None
+            parsed = parse_yaml(value, f"--set {item!r}: the value")
+        except ConfigError as e:
+            raise ConfigError(f"{e}; quote the whole KEY=VALUE and close every bracket, e.g. "
+                              f"--set 'curate={{budget: 36}}'") from None
         _set_key(base, key.strip().split("."), parsed)
     if run_dir:
         base["run_dir"] = run_dir
