@@ -18,7 +18,7 @@ from distill.config import EvaluateConfig
 from pipeline.config import to_dict
 from pipeline.device import autocast, autocast_dtype, channels_last, resolve_device, set_threads
 from pipeline.progress import Progress
-from pipeline.images import DECODE_ERRORS, decode_rgb, skip_cause
+from pipeline.images import DECODE_ERRORS, decode_image, skip_cause
 from pipeline.io import InputError, prefetched, timed, write_json
 from pipeline.sources import Source, open_source
 
@@ -85,7 +85,7 @@ def decode_rgb(data: bytes, size: int) -> torch.Tensor:
 def decode_uint8(data: bytes, size: int) -> torch.Tensor:
     """Encoded image bytes -> uint8 [3, S, S]: a square no larger than `size` as it is (the student upsamples it
     itself, as in training), anything else resized to size x size (size 0 keeps every image as is)."""
-    rgb = decode_rgb(data)
+    rgb = decode_image(data)
     w, h = rgb.size
     if size and not (w == h and w <= size):
         rgb = rgb.resize((size, size), Image.BILINEAR)

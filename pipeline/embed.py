@@ -29,7 +29,7 @@ from pipeline.device import loader_workers, set_threads
 from pipeline.encoders import ImageEncoder, encoder_model_id, load_image_encoder
 from pipeline.engines import EngineOptions, get_engine, raise_if_failed
 from pipeline.formats import EMBEDDINGS_JSON, embedding_table
-from pipeline.images import DECODE_ERRORS, decode_rgb, skip_cause
+from pipeline.images import DECODE_ERRORS, decode_image, skip_cause
 from pipeline.io import InputError, json_hash, read_json, timed, write_json, write_parquet
 from pipeline.pixels import PixelPipeline
 from pipeline.progress import Progress
@@ -328,7 +328,7 @@ class PartitionImages(IterableDataset):
         rows, images = [], []
         for sample in samples:
             try:
-                rgb = decode_rgb(sample.image)
+                rgb = decode_image(sample.image)
                 image = rgb if self.pixels is None else np.asarray(rgb, dtype=np.uint8)
             except DECODE_ERRORS as e:
                 skipped[skip_cause(e)] += 1

@@ -45,7 +45,7 @@ def check_size(width: int, height: int) -> None:
                                                    f"the other")
 
 
-def decode_rgb(data: bytes) -> Image.Image:
+def decode_image(data: bytes) -> Image.Image:
     """Encoded bytes -> a decoded RGB image, after the checks of `open_image`."""
     with open_image(data) as img:
         return img.convert("RGB")

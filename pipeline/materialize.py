@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from webdataset import TarWriter
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
 from pipeline.config import ConfigError, MaterializeConfig, config_hash, to_dict
 from pipeline.progress import Progress
 from pipeline.formats import IMAGE_EXTS, MANIFEST_PARQUET, read_manifest
 from pipeline.io import InputError, atomic_path, file_hash, read_json, timed, write_json
 from pipeline.pool_roots import PoolResolver, PoolRoots, declared_roots, image_ext, pool_file
+from pipeline.shard_records import group_samples
 
 log = logging.getLogger("rakt.materialize")
 
@@ -144,7 +145,8 @@ def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver, roots: P
         path, error = pool_file(resolver(shard), roots, "missing_shard", "unreadable_shard")
         found, error = read_pool_shard(path, set(group["key"])) if path else ({}, error)
         for row in group.itertuples():
-            bad = image_ext(found[row.key][1])[1] if found.get(row.key) is not None else ""
+            got = found.get(row.key)
+            bad = got if isinstance(got, str) else image_ext(got[1])[1] if got is not None else ""
             if bad:
                 miss(bad, row, f"{shard}:{row.key}")
             elif found.get(row.key) is not None:
@@ -179,16 +181,21 @@ def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver, roots: P
 
 def read_pool_shard(path: Path, keys: set[str]) -> tuple[dict, str | None]:
     """Stream one pool shard once with webdataset's tar reader; {key: (ext, bytes)} for the wanted keys, and the
-    cause that stopped it early (missing_shard / unreadable_shard), if any. A key without an image maps to None."""
+    cause that stopped it early (missing_shard / unreadable_shard), if any. A key without an image maps to None,
+    a sample skipped for a duplicate member name or key to that cause."""
     if not path.exists():
         return {}, "missing_shard"
     def wanted(fname: str) -> bool:
         return base_plus_ext(fname)[0] in keys
 
     found: dict = {}
+
+    def skip(cause: str, key: str) -> None:
+        found.setdefault(key, cause)  # a repeated key keeps its first, valid sample
+
     try:
         files = tar_file_expander(url_opener([{"url": str(path)}]), select_files=wanted)
-        for sample in group_by_keys(files):
+        for sample in group_samples(files, skip):
             ext = next((e for e in IMAGE_EXTS if e in sample), None)
             found[sample["__key__"]] = None if ext is None else ("jpg" if ext == "jpeg" else ext, sample[ext])
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:

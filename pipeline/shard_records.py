@@ -5,7 +5,7 @@ import collections
 import gzip
 import logging
 import os
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from webdataset import tariterators
 
@@ -33,12 +33,16 @@ def shard_records(shard: str, stats: collections.Counter,
         stats["not_a_regular_file"] += 1
         log.warning("%s: %s, not a regular file; skipped", shard, kind)
         return
+    def skip(cause: str, key: str) -> None:
+        stats[cause] += 1
+        log.warning("%s: sample %s skipped: %s", shard, key, cause.replace("_", " "))
+
     complete = has_end_marker(shard)
     held, reference, count = None, None, 0
     with (gzip.open if shard.endswith((".gz", ".tgz")) else open)(shard, "rb") as stream:
         files = tariterators.tar_file_expander([{"url": shard, "stream": stream}], handler=stop,
                                                select_files=select_files)
-        for record in tariterators.group_by_keys(files, handler=stop):
+        for record in group_samples(files, skip):
             if held is not None:
                 yield held
                 count += 1
@@ -54,6 +58,38 @@ def shard_records(shard: str, stats: collections.Counter,
         stats["truncated_shard"] += 1
         log.warning("%s: truncated or corrupt shard (%s); kept the %d samples before the break",
                     shard, why.split(" @ ")[0] or type(errors[0]).__name__, count)
+
+
+def group_samples(files: Iterable[dict], skip: Callable[[str, str], None]) -> Iterator[dict]:
+    """Tar members -> samples, as webdataset groups them (consecutive members sharing a key, suffixes lowercased),
+    where one bad sample costs that sample only: a member name given twice drops its sample
+    (skip("duplicate_member", key)), a key seen again after other samples drops the repeat ("duplicate_key");
+    webdataset stops the whole shard at the first duplicate."""
+    current, bad, seen = None, "", set()
+    for member in files:
+        if not member:  # webdataset's end-of-shard marker
+            continue
+        key, suffix = tariterators.base_plus_ext(member["fname"])
+        if key is None:
+            continue
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield from _finished(current, bad, skip)
+            current, bad = {"__key__": key, "__url__": member.get("__url__")}, "duplicate_key" if key in seen else ""
+            seen.add(key)
+        suffix = suffix.lower()
+        if suffix in current:
+            bad = bad or "duplicate_member"
+        current[suffix] = member["data"]
+    if current is not None:
+        yield from _finished(current, bad, skip)
+
+
+def _finished(sample: dict, bad: str, skip: Callable[[str, str], None]) -> Iterator[dict]:
+    if bad:
+        skip(bad, sample["__key__"])
+    else:
+        yield sample
 
 
 def has_end_marker(shard: str) -> bool:

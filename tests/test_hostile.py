@@ -218,3 +218,63 @@ def test_materialize_and_distill_skip_an_image_of_extreme_shape(shards, teacher,
     assert cli.main(["distill", str(pool), "--teacher", str(teacher), *DISTILL, "--out", str(tmp_path / "d")]) == 0
     read_errors = json.loads((tmp_path / "d" / "summary.json").read_text())["read_errors"]
     assert read_errors == {"extreme_aspect_ratio": 1}
+
+
+# --- one bad item costs one item, and never shapes the rest (issue 27, item 4) --------------------------------
+
+def tar_with_duplicates(path: Path, n: int = 20) -> Path:
+    """A shard of n labelled samples where sample 4 holds its .jpg twice and sample 9's key comes again at the end
+    (tarfile writes both; webdataset stops the shard at the first)."""
+    import io
+    import tarfile
+
+    def add(tar, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            add(tar, f"s{i:03d}.jpg", jpeg_bytes(image_array(i, size=32)))
+            if i == 4:
+                add(tar, f"s{i:03d}.jpg", jpeg_bytes(image_array(100 + i, size=32)))
+            add(tar, f"s{i:03d}.cls", str(i % 2).encode())
+        add(tar, "s009.jpg", jpeg_bytes(image_array(99, size=32)))
+    (path.parent / "classes.txt").write_text("a\nb\n")
+    return path
+
+
+def test_a_duplicate_member_name_or_key_costs_that_sample_only(tmp_path, capsys):
+    """labelled (via the shard reader) and materialize keep the 18 good samples around a duplicated member name
+    and a repeated key, each counted; before, the shard ended at the duplicate (truncated_shard)."""
+    from test_materialize import write_manifest
+
+    shard = tar_with_duplicates(tmp_path / "pool" / "dup.tar")
+    assert cli.main(["labelled", str(shard), "--out", str(tmp_path / "labelled")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped"] == {"duplicate_key": 1, "duplicate_member": 1}
+    assert summary["images"] == 19 and summary["per_class"] == {"a": 9, "b": 10}
+    rows = [{"pool_id": i, "shard": str(shard), "key": f"s{i:03d}"} for i in range(20)]
+    write_manifest(tmp_path / "manifest", rows)
+    assert cli.main(["materialize", str(tmp_path / "manifest"), "--pool-root", str(tmp_path / "pool"),
+                     "--out", str(tmp_path / "shards")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 19 and summary["missing_by_cause"] == {"duplicate_member": 1}
+
+
+def test_one_odd_image_never_sets_the_size_of_the_decoded_set(teacher, tmp_path, caplog):
+    """A transfer shard whose first image is 1x1 and the rest 24x24: distill decodes them at 24 px (the side of
+    most), the 1x1 resized to it with a warning; before, the first image set the side of all (1 px). The teacher's
+    labelled images follow the same rule."""
+    from distill.teacher.data import load_images
+
+    samples = [{"__key__": "first", "png": png_bytes(1, 1), "cls": 0}]
+    samples += [{"__key__": f"k{i:03d}", "jpg": jpeg_bytes(image_array(i, size=24)), "cls": i % 3} for i in range(15)]
+    shard = write_shard(tmp_path / "transfer" / "shard-00000.tar", samples)
+    assert cli.main(["distill", str(shard), "--teacher", str(teacher), *DISTILL, "--out", str(tmp_path / "d")]) == 0
+    banks = [json.loads(p.read_text()) for p in (tmp_path / "transfer" / "decoded").glob("*/bank.json")]
+    assert [(b["side"], b["count"]) for b in banks] == [(24, 16)]
+    assert "1 of 16 images were not 24x24" in caplog.text
+    labelled = load_images([str(shard)], size=32)
+    assert tuple(labelled.x.shape) == (16, 3, 24, 24)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.formats import IMAGE_EXTS
-from pipeline.images import DECODE_ERRORS, decode_rgb
+from pipeline.images import DECODE_ERRORS, decode_image
 from pipeline.io import atomic_path
 
 log = logging.getLogger("rakt.report")
@@ -167,7 +167,7 @@ def pick_samples(shards_dir: Path, per_class: int = 8) -> dict:
             with tarfile.open(shard) as tar:
                 for key in keys:
                     data = tar.extractfile(members[(shard, key)]).read()
-                    images[(shard, key)] = decode_rgb(data)
+                    images[(shard, key)] = decode_image(data)
         except (tarfile.TarError, *DECODE_ERRORS) as e:
             log.warning("%s: unreadable images (%s); left out of the sample grid", shard, e)
     out = {label: [images[p] for p in picks if p in images] for label, picks in chosen.items()}
