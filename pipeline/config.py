@@ -207,6 +207,13 @@ class DownloadConfig(EngineConfig):
     processes: int = option(0, "download processes (0 = one per CPU core)")
     threads: int = option(32, "download threads per process")
     timeout: int = option(10, "seconds before a connection or read gives up")
+    deadline: int = option(60, "seconds one request (each redirect hop) may take in all -- connect, headers, body: "
+                               "a server that trickles bytes is cut off there; 0 = no limit")
+    max_size_mb: int = option(32, "largest response body in MiB: a larger one is refused (declared) or cut off; "
+                                  "0 = no limit")
+    any_host: bool = option(False, "let the proxy connect to hosts that are not in the manifest (e.g. an HTTPS "
+                                   "redirect to another host); by default only the manifest's hosts and the "
+                                   "targets of plain-HTTP redirects are contacted")
     retries: int = option(0, "extra attempts per failed URL")
     shard_size: int = option(10000, "samples (manifest rows) per output shard")
     max_image_area: int = option(89_478_485, "refuse images with more pixels than this, before decoding them "
