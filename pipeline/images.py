@@ -2,7 +2,8 @@
 decoded. Refused: more pixels than PIL's own bomb limit (`Image.MAX_IMAGE_PIXELS`; PIL holds at most 4 bytes per
 pixel, whatever the file's depth, so this bounds the bytes too) and a longer side more than `MAX_ASPECT` times the
 shorter one: resizing the shorter side to the model's size multiplies the longer one, so a 667-byte 1 x 200,000
-PNG would need gigabytes at 96 px. A refused or broken image is one counted skip (`skip_cause`), never the run.
+PNG would need gigabytes at 96 px. Readers leave an image file or tar member over `MAX_FILE_BYTES` unread. A
+refused or broken image is one counted skip (`skip_cause`), never the run.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Iterator
 from PIL import Image
 
 MAX_ASPECT = 20  # longest / shortest side; panoramas and banners stay under it
+MAX_FILE_BYTES = 256 << 20  # an encoded image larger than this (declared file or tar member size) is not read
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 

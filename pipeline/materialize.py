@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from webdataset import TarWriter
-from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext
 
 from pipeline.config import ConfigError, MaterializeConfig, config_hash, to_dict
 from pipeline.progress import Progress
 from pipeline.formats import IMAGE_EXTS, MANIFEST_PARQUET, read_manifest
+from pipeline.images import MAX_FILE_BYTES
 from pipeline.io import InputError, atomic_path, file_hash, read_json, timed, write_json
 from pipeline.pool_roots import PoolResolver, PoolRoots, declared_roots, image_ext, pool_file
-from pipeline.shard_records import group_samples
+from pipeline.shard_records import group_samples, tar_members
 
 log = logging.getLogger("rakt.materialize")
 
@@ -157,6 +158,8 @@ def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver, roots: P
                 miss(error or "missing_key", row, f"{shard}:{row.key}")
     for row in rows[rows["locator"] == "path"].itertuples():
         path, error = pool_file(resolver(row.path), roots, "missing_file", "unreadable_file")
+        if path is not None and path.stat().st_size > MAX_FILE_BYTES:  # declared size: never read
+            path, error = None, "file_too_large"
         try:
             data = path.read_bytes() if path else None
         except OSError as e:
@@ -194,10 +197,10 @@ def read_pool_shard(path: Path, keys: set[str]) -> tuple[dict, str | None]:
         found.setdefault(key, cause)  # a repeated key keeps its first, valid sample
 
     try:
-        files = tar_file_expander(url_opener([{"url": str(path)}]), select_files=wanted)
-        for sample in group_samples(files, skip):
-            ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            found[sample["__key__"]] = None if ext is None else ("jpg" if ext == "jpeg" else ext, sample[ext])
+        with open(path, "rb") as stream:
+            for sample in group_samples(tar_members(stream, wanted), skip):
+                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                found[sample["__key__"]] = None if ext is None else ("jpg" if ext == "jpeg" else ext, sample[ext])
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
         log.warning("%s: unreadable pool shard (%s); %d of %d wanted images read before it", path, e, len(found),
                     len(keys))

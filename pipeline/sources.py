@@ -24,6 +24,7 @@ from typing import Iterator
 import pandas as pd
 
 from pipeline.formats import IMAGE_EXTS, classes_beside, is_image_name, read_classes  # noqa: F401  (re-exported)
+from pipeline.images import MAX_FILE_BYTES
 from pipeline.io import InputError, special_file
 from pipeline.shard_records import shard_records
 from pipeline.source_specs import ACCEPTED, detect_source
@@ -96,6 +97,10 @@ class Source:
             log.warning("%s: %s, not a regular file; skipped", path, kind)
             return None
         try:
+            if os.stat(path).st_size > MAX_FILE_BYTES:  # declared size: never read
+                stats["file_too_large"] += 1
+                log.warning("%s: larger than %d MiB; skipped", path, MAX_FILE_BYTES >> 20)
+                return None
             data = Path(path).read_bytes()
         except OSError as e:
             stats["unreadable_file"] += 1

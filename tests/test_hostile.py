@@ -278,3 +278,37 @@ def test_one_odd_image_never_sets_the_size_of_the_decoded_set(teacher, tmp_path,
     assert "1 of 16 images were not 24x24" in caplog.text
     labelled = load_images([str(shard)], size=32)
     assert tuple(labelled.x.shape) == (16, 3, 24, 24)
+
+
+def test_an_image_over_the_size_cap_is_skipped_unread(tmp_path, monkeypatch, capsys):
+    """A tar member or image file whose declared size is over pipeline.images.MAX_FILE_BYTES (256 MiB; lowered to
+    64 KiB here, so that the test writes no such file) is skipped on its header alone, one sample counted."""
+    from test_materialize import write_manifest
+
+    for module in ("pipeline.shard_records.MAX_MEMBER_BYTES", "pipeline.sources.MAX_FILE_BYTES",
+                   "pipeline.materialize.MAX_FILE_BYTES"):
+        monkeypatch.setattr(module, 64 << 10)
+    big = png_bytes(300, 300)  # ~270 KB of noise
+    assert len(big) > 64 << 10
+    shard = write_shard(tmp_path / "pool" / "pool.tar", [
+        {"__key__": f"s{i}", "jpg": jpeg_bytes(image_array(i, size=32)), "cls": i % 2} for i in range(3)]
+        + [{"__key__": "big", "png": big, "cls": 0}, {"__key__": "s9", "jpg": jpeg_bytes(image_array(9)), "cls": 1}])
+    (tmp_path / "pool" / "classes.txt").write_text("a\nb\n")
+    (tmp_path / "pool" / "big.png").write_bytes(big)
+    assert cli.main(["labelled", str(shard), "--out", str(tmp_path / "labelled")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 4 and summary["skipped"] == {"member_too_large": 1}
+    write_manifest(tmp_path / "manifest", [{"pool_id": 0, "shard": str(shard), "key": "big"},
+                                           {"pool_id": 1, "shard": str(shard), "key": "s1"},
+                                           {"pool_id": 2, "path": str(tmp_path / "pool" / "big.png")}])
+    assert cli.main(["materialize", str(tmp_path / "manifest"), "--pool-root", str(tmp_path / "pool"),
+                     "--out", str(tmp_path / "shards")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 1 and summary["missing_by_cause"] == {"file_too_large": 1, "member_too_large": 1}
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        (tmp_path / "imgs" / cls / "small.jpg").write_bytes(jpeg_bytes(image_array(1)))
+    (tmp_path / "imgs" / "b" / "big.png").write_bytes(big)
+    assert cli.main(["labelled", str(tmp_path / "imgs"), "--out", str(tmp_path / "from-folder")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 2 and summary["skipped"] == {"file_too_large": 1}
