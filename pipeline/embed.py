@@ -45,7 +45,7 @@ MAX_RETRIES = 1
 def run(cfg: EmbedConfig) -> dict:
     """Embed every image of `cfg.source` into the embedding set at `cfg.out`; returns a summary."""
     start = time.perf_counter()
-    _check(cfg)
+    check(cfg)
     engine = get_engine(cfg.engine, engine_options(cfg))  # an unknown or unavailable engine fails here
     out = Path(cfg.out)
     source = open_source(cfg.source, classes_file=cfg.classes, per_class=cfg.per_class, seed=cfg.seed,
@@ -91,7 +91,8 @@ def engine_options(cfg: EmbedConfig) -> EngineOptions:
     return EngineOptions(address=cfg.ray_address, num_cpus=max(1, cfg.workers), use_gpu=cfg.device != "cpu")
 
 
-def _check(cfg: EmbedConfig) -> None:
+def check(cfg: EmbedConfig) -> None:
+    """The settings' own checks (also run by `rakt run` before its first step)."""
     if not cfg.source:
         raise ConfigError("rakt embed: give at least one source (image folder, manifest or shards)")
     if cfg.batch_size < 1 or cfg.workers < -1 or cfg.per_class < 0:

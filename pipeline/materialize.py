@@ -39,10 +39,15 @@ def stats_name(j: int) -> str:
     return f"shard-{j:05d}_stats.json"
 
 
-def run(cfg: MaterializeConfig) -> dict:
-    """Write `{out}/shard-XXXXX.tar` (+ `_stats.json` resume markers) and `{out}/materialize.json`."""
+def check(cfg: MaterializeConfig) -> None:
+    """The settings' own checks (also run by `rakt run` before its first step)."""
     if cfg.shard_size < 1:
         raise ConfigError(f"rakt materialize: 'shard_size' must be >= 1, got {cfg.shard_size}")
+
+
+def run(cfg: MaterializeConfig) -> dict:
+    """Write `{out}/shard-XXXXX.tar` (+ `_stats.json` resume markers) and `{out}/materialize.json`."""
+    check(cfg)
     mpath = Path(cfg.manifest) / MANIFEST_PARQUET
     out = Path(cfg.out)
     with timed("materialize"):

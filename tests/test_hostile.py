@@ -113,12 +113,16 @@ def test_run_on_a_full_disk_and_on_a_read_only_run_directory(world, tiny_clip, t
     (["run", "--set", "data=[1]"], ["'data' must be a string"]),
     (["run", "--set", "curate.budget=1e23"], ["'budget' must be between", "1e23"]),
     (["run", "--set", "experiment.seeds=[-1]"], ["'seed' must be between 0 and 4294967295, got -1"]),
+    (["run", "--set", "distill.lr=0"], ["step 'arms/retrieved-task-s0/distill'", "'lr' must be > 0, got 0.0"]),
+    (["run", "--set", "retrieve.max_k=10"], ["step 'candidates'", "--max-k >= --k"]),
     (["sample", "pool.tar", "--n", "3", "--seed", "-1", "--out", "x"], ["'seed' must be between 0", "got -1"]),
     (["embed", "x", "--seed", str(2**40), "--out", "x"], ["'seed' must be between 0 and 4294967295"]),
     (["retrieve", "x", "--k", "-5", "--out", "x"], ["'k' must be between 0"]),
     (["distill", "x", "--epochs", "-1", "--out", "x"], ["'epochs' must be between 0"]),
 ])
 def test_settings_out_of_shape_or_range_are_refused_before_any_work(args, texts, tmp_path, capsys, monkeypatch):
+    """Each refused while the config is built -- for `rakt run`, every step's settings before the first step
+    (here even with --only labelled) -- so nothing is written and no work is lost."""
     monkeypatch.chdir(tmp_path)
     if args[0] == "run":
         args = [*args, "--run-dir", str(tmp_path / "run"), "--only", "labelled"]

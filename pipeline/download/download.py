@@ -54,7 +54,7 @@ DISTRIBUTORS = {"local": "multiprocessing", "ray": "ray"}
 
 def run(cfg: DownloadConfig) -> dict:
     """Download the manifest's URLs into `{out}` and write `{out}/download_report.json`; returns its summary."""
-    check_settings(cfg)
+    check(cfg)
     mpath = Path(cfg.manifest) / MANIFEST_PARQUET
     out = Path(cfg.out)
     with timed("download"):
@@ -100,7 +100,7 @@ def run(cfg: DownloadConfig) -> dict:
     return {"out": str(out), **{k: report[k] for k in keys}, "shards": n_shards}
 
 
-def check_settings(cfg: DownloadConfig) -> None:
+def check(cfg: DownloadConfig) -> None:
     """Reject values img2dataset would fail on late, or that would make it do nothing."""
     where = "rakt download"
     for name in ("shard_size", "threads", "image_size", "timeout"):
