@@ -3,20 +3,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import sys
 
 from pipeline.config import ConfigError, RegisteredNames, dump_yaml, from_dict, load_yaml
 from indexes.base import IndexSpecError
-from pipeline.io import InputError, setup_logging
+from pipeline.io import MACHINE_ERRORS, InputError, setup_logging
 from pipeline.stages import STAGES, run_stage
-
-
-FULL = "free space there (or write elsewhere) and run the same command again: finished work is kept"
-LOCKED = "make it writable or write elsewhere (--out, --run-dir), then run the same command again"
-ENVIRONMENT_ERRORS = {errno.ENOSPC: FULL, errno.EDQUOT: FULL, errno.EFBIG: FULL, errno.EROFS: LOCKED,
-                      errno.EACCES: LOCKED, errno.EPERM: LOCKED}  # OSErrors of the machine, not of rakt
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -143,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rakt: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno not in ENVIRONMENT_ERRORS:
+        if e.errno not in MACHINE_ERRORS:
             raise
         where = e.filename or getattr(args, "out", None) or getattr(args, "run_dir", None) or "the output"
-        print(f"rakt: error: {where}: {e.strerror}; {ENVIRONMENT_ERRORS[e.errno]}", file=sys.stderr)
+        print(f"rakt: error: {where}: {e.strerror}; {MACHINE_ERRORS[e.errno]}", file=sys.stderr)
         return 2
 
 

@@ -5,6 +5,7 @@ The data contracts (embedding set, candidates, manifest, ...) live in pipeline/f
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -27,6 +28,13 @@ log = logging.getLogger("rakt")
 
 class InputError(ValueError):
     """Input rakt cannot use; the message names the file/row and what to do."""
+
+
+_FULL = "free space there (or write elsewhere) and run the same command again: finished work is kept"
+_LOCKED = "make it writable or write elsewhere (--out, --run-dir), then run the same command again"
+# OSErrors of the machine, not of rakt or its input (errno -> what to do): `rakt: error:`, never retried
+MACHINE_ERRORS = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL, errno.EFBIG: _FULL, errno.EROFS: _LOCKED,
+                  errno.EACCES: _LOCKED, errno.EPERM: _LOCKED}
 
 
 def kit_dir() -> Path:

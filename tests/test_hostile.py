@@ -65,14 +65,17 @@ DISTILL = ["--student", "resnet10t", "--small-input", "--image-size", "32", "--e
            "--device", "cpu", "--threads", "1"]
 
 
-@pytest.mark.parametrize("stage", ["materialize", "labelled", "distill"])
-def test_a_full_disk_is_a_rakt_error_naming_the_file(stage, shards, teacher, tmp_path):
+@pytest.mark.parametrize("stage", ["materialize", "labelled", "distill", "embed", "index"])
+def test_a_full_disk_is_a_rakt_error_naming_the_file(stage, shards, teacher, tiny_clip, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
+    model = ["--model", tiny_clip, "--pretrained", "", "--workers", "0"]
     args = {"materialize": ["materialize", shards / "manifest", "--pool-root", shards / "pool", "--out", full / "shards"],
             "labelled": ["labelled", shards / "pool" / "pool-000000.tar", "--out", full / "labelled"],
             "distill": ["distill", shards / "pool" / "pool-000000.tar", "--teacher", teacher, *DISTILL,
-                        "--out", full / "distill"]}[stage]
+                        "--out", full / "distill"],
+            "embed": ["embed", shards / "pool" / "pool-000000.tar", *model, "--out", full / "emb"],
+            "index": ["index", "build", shards / "pool" / "pool-000000.tar", *model, "--out", full / "index"]}[stage]
     proc = run_rakt(args, tmpfs=(full, 16))
     assert_rakt_error(proc, str(full), "No space left on device", "free space")
 
@@ -316,3 +319,22 @@ def test_an_image_over_the_size_cap_is_skipped_unread(tmp_path, monkeypatch, cap
     assert cli.main(["labelled", str(tmp_path / "imgs"), "--out", str(tmp_path / "from-folder")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 2 and summary["skipped"] == {"file_too_large": 1}
+
+
+def test_a_full_disk_under_a_library_writer_is_a_rakt_error(tmp_path):
+    """FAISS writes the index file itself (a RuntimeError, not an OSError, when the disk is full): the error
+    still names the file and the cause."""
+    from pipeline.formats import embedding_table
+    from pipeline.io import write_json, write_parquet
+
+    n, dim = 8000, 64
+    vectors = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    emb = tmp_path / "emb"
+    write_parquet(emb / "part-00000.parquet", embedding_table([f"p{i}" for i in range(n)], [None] * n,
+                                                             ["train"] * n, vectors))
+    write_json(emb / "embeddings.json", {"model": "test", "dim": dim, "count": n, "normalized": True})
+    full = tmp_path / "full"
+    full.mkdir()
+    proc = run_rakt(["index", "build", emb, "--kind", "flat", "--out", full / "index"], tmpfs=(full, 1024))
+    assert_rakt_error(proc, str(full / "index" / "index-000.faiss"), "No space left on device")
