@@ -7,33 +7,37 @@ when read, so a set larger than RAM still works) and `bank.json` (keys, labels, 
 done marker). Every later run on the same shards reuses it; `ident` hashes the shard files (path, size, mtime,
 inode and change time -- a shard rewritten in place gets a new ctime even when its size and mtime are put back)
 and the side. `content` hashes the decoded images, keys and labels: what the teacher cache is keyed by.
-The side S is the images' own side when they are all squares of one side no larger than the training size (32-px
-CIFAR-like images for a 64-px student stay 32 px), else the training size (shorter side resized with
-antialiasing, then center-cropped).
+The side S is decided before decoding, from the images' declared sizes (headers only): the side of the squares
+no larger than the training size that make up more than half of the images (32-px CIFAR-like images for a 64-px
+student stay 32 px), else the training size. Every image of another size is resized to S (shorter side resized
+with antialiasing, then center-cropped) and counted in the log: one odd image never sets the size of the rest.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import hashlib
-import io
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.images import DECODE_ERRORS, decode_image, open_image, skip_cause
 from pipeline.io import InputError, atomic_path, json_hash
 from pipeline.progress import Progress
-from pipeline.sources import Source, count_hint, open_source
+from pipeline.sources import Sample, Source, count_hint, open_source
 
 log = logging.getLogger("rakt")
 
 DECODED_DIR = "decoded"
-FORMAT = "rakt-bank/1"
+FORMAT = "rakt-bank/2"  # 2: the side from the majority of the images, not from the first
 
 
 @dataclass
@@ -156,19 +160,35 @@ def _decoded_dir(source: Source, size: int, split: str, labelled_only: bool) -> 
     return Path(first).parent / DECODED_DIR / ident
 
 
-def _to_array(data: bytes, size: int, side: int | None) -> np.ndarray:
-    """Encoded bytes -> uint8 [side, side, 3]; side None = the image's own (only for squares no larger than size)."""
-    with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB")
+def majority_shape(shapes: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The (width, height) that more than half of `shapes` have, else None."""
+    if not shapes:
+        return None
+    shape, n = collections.Counter(shapes).most_common(1)[0]
+    return shape if 2 * n > len(shapes) else None
+
+
+def fit(rgb: Image.Image, width: int, height: int) -> Image.Image:
+    """`rgb` resized to cover width x height (bicubic, antialiased) and center-cropped to it; as is when it fits."""
     w, h = rgb.size
-    if side is None:
-        side = w if (w == h and w <= size) else size
-    if (w, h) != (side, side):
-        scale = side / min(w, h)
-        rgb = rgb.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BICUBIC)
-        left, top = (rgb.size[0] - side) // 2, (rgb.size[1] - side) // 2
-        rgb = rgb.crop((left, top, left + side, top + side))
-    return np.asarray(rgb, dtype=np.uint8)
+    if (w, h) == (width, height):
+        return rgb
+    scale = max(width / w, height / h)
+    rgb = rgb.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BICUBIC)
+    left, top = (rgb.size[0] - width) // 2, (rgb.size[1] - height) // 2
+    return rgb.crop((left, top, left + width, top + height))
+
+
+def _bank_side(source: Source, size: int, keep: Callable[[Sample], bool]) -> int:
+    """The decoded side (module docstring), from the declared sizes of the images `keep` accepts."""
+    shapes = []
+    for partition in source.partitions:
+        for sample in source.read(partition, collections.Counter()):
+            if keep(sample):
+                with contextlib.suppress(*DECODE_ERRORS), open_image(sample.image) as img:
+                    shapes.append(img.size)
+    common = majority_shape(shapes)
+    return common[0] if common is not None and common[0] == common[1] <= size else size
 
 
 def _decode(source: Source, size: int, split: str, labelled_only: bool, where: Path | None) -> ImageBank:
@@ -177,7 +197,11 @@ def _decode(source: Source, size: int, split: str, labelled_only: bool, where: P
     keys: list[str] = []
     labels: list[int] = []
     store: np.ndarray | None = None
-    side: int | None = None
+
+    def keep(sample: Sample) -> bool:
+        return not (labelled_only and sample.label is None) and not (split and (sample.split or "train") != split)
+
+    side, resized = _bank_side(source, size, keep), 0
     tmp = None
     if where is not None:
         where.mkdir(parents=True, exist_ok=True)
@@ -192,17 +216,17 @@ def _decode(source: Source, size: int, split: str, labelled_only: bool, where: P
                 stats["other_split"] += 1
                 continue
             try:
-                array = _to_array(sample.image, size, side)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                stats["undecodable_image"] += 1
-                log.warning("%s (%s): undecodable image (%s); skipped", sample.id,
-                            sample.locator.get("shard") or sample.locator.get("path"), e)
+                rgb = decode_image(sample.image)
+                resized += rgb.size != (side, side)
+                array = np.asarray(fit(rgb, side, side), dtype=np.uint8)
+            except DECODE_ERRORS as e:
+                stats[skip_cause(e)] += 1
+                log.warning("%s (%s): image skipped: %s (%s)", sample.id,
+                            sample.locator.get("shard") or sample.locator.get("path"), skip_cause(e), e)
                 continue
             if store is None:
-                side = array.shape[0]
                 shape = (max(bound, 1), 3, side, side)
-                store = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-                         if tmp is not None else np.empty(shape, np.uint8))
+                store = _memmap(tmp, shape) if tmp is not None else np.empty(shape, np.uint8)
             if len(keys) >= len(store):  # more samples than the tar headers promised: keep them in memory
                 store, tmp = np.concatenate([np.asarray(store), np.empty_like(store)]), _drop(tmp)
             store[len(keys)] = array.transpose(2, 0, 1)
@@ -212,6 +236,9 @@ def _decode(source: Source, size: int, split: str, labelled_only: bool, where: P
     progress.close()
     if stats:
         log.info("decode: skipped %s", dict(stats))
+    if resized:
+        log.warning("decode: %d of %d images were not %dx%d (the side of most): resized and center-cropped to it",
+                    resized, len(keys), side, side)
     n = len(keys)
     ident = bank_ident(source, size)
     if tmp is None or not n:
@@ -232,6 +259,23 @@ def _decode(source: Source, size: int, split: str, labelled_only: bool, where: P
     with atomic_path(where / "bank.json") as out:
         Path(out).write_text(json.dumps(meta))
     return _load(where)
+
+
+def _memmap(path: Path, shape: tuple) -> np.ndarray:
+    """A uint8 .npy memory map with its disk space reserved up front: a full disk is an OSError naming the file
+    here, never a SIGBUS on a later write into the map."""
+    store = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        try:
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                return store  # a filesystem that cannot reserve space: writes find out
+            del store
+            path.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path.parent / "images.npy")) from e
+    return store
 
 
 def _drop(path: Path | None) -> None:

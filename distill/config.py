@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distill.kd_modes import KD_MODES, modes_help
-from pipeline.config import PRECISION_HELP, PRECISIONS, EncoderConfig, RegisteredNames, option
+from pipeline.config import PRECISION_HELP, PRECISIONS, SEED_MAX, EncoderConfig, RegisteredNames, option
 
 AUGMENTS = ("none", "shift", "crop")
 MIXES = ("none", "mixup", "cutmix", "both")  # distill/mixing.py
@@ -26,7 +26,7 @@ class EvaluateConfig:
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
     threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
-                              "processes keep busy)")
+                              "processes keep busy)", minimum=-1)
     out: str = option("", "output report JSON (accuracy, per-class accuracy, confusion matrix)")
 
 
@@ -48,9 +48,10 @@ class ExportConfig:
                               "input size, size and latency in the student's runtimes")
     runs: int = option(50, "latency: timed batch-1 forward passes per model (the median is reported)")
     latency_threads: int = option(1, "intra-op threads of the latency runs (1 = one core; -1 = every core this "
-                                     "process may use)")
+                                     "process may use)", minimum=-1)
     batch_size: int = option(64, "images per forward pass of the accuracy check")
-    threads: int = option(-1, "torch / onnxruntime intra-op threads of the accuracy check (-1 = every core)")
+    threads: int = option(-1, "torch / onnxruntime intra-op threads of the accuracy check (-1 = every core)",
+                          minimum=-1)
     out: str = option("", "output folder: student.onnx, student.torchscript.pt, student.json, export.json")
 
 
@@ -66,7 +67,7 @@ class AdaptConfig(EncoderConfig):
     eval_split: str = option("", "rows/samples of this split in --eval ('' = all)")
     split: str = option("", "train rows/samples of this split ('' = all)")
     per_class: int = option(0, "few-shot: keep N training images per class (draw with --seed); 0 keeps all")
-    seed: int = option(0, "seed of the few-shot draw, the holdout split and training")
+    seed: int = option(0, "seed of the few-shot draw, the holdout split and training", maximum=SEED_MAX)
     classes: str = option("", "classes.txt (one name per line); default: recorded with the source / embedding set")
     templates: str = option("default", "zeroshot prompt templates: 'default' or a file, one template with '{}' a line")
     epochs: int = option(10, "reprogram/finetune: passes over the training images")
@@ -95,10 +96,10 @@ class TrainConfig:
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
     threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
                               "processes keep busy); images are decoded once and augmented in batches, so training "
-                              "needs no DataLoader workers")
-    seed: int = option(0, "seed of initialisation, shuffling, augmentation and the few-shot draw")
+                              "needs no DataLoader workers", minimum=-1)
+    seed: int = option(0, "seed of initialisation, shuffling, augmentation and the few-shot draw", maximum=SEED_MAX)
     draw_seed: int = option(-1, "seed of the few-shot draw of labelled target images (-1 = --seed); fix it to keep "
-                                "the teacher's labelled images across training seeds")
+                                "the teacher's labelled images across training seeds", minimum=-1, maximum=SEED_MAX)
     checkpoint_every: int = option(100, "write OUT/checkpoint.pt every N steps (and at the end)")
     resume: bool = option(True, "continue from OUT/checkpoint.pt when it exists")
     compile: bool = option(False, "torch.compile the training module")
@@ -132,7 +133,8 @@ class DistillConfig(TrainConfig):
                                        "teacher's outputs on the whole image; the student gets fresh views each epoch)",
                                choices=("same", "clean"))
     cache_views: int = option(4, "augmented views per image in the teacher cache (teacher-view same)")
-    cache_seed: int = option(-1, "seed of the cached views (-1 = --seed); fix it to share one cache across seeds")
+    cache_seed: int = option(-1, "seed of the cached views (-1 = --seed); fix it to share one cache across seeds",
+                             minimum=-1, maximum=SEED_MAX)
     mix: str = option("none", "mix transfer batches (function matching): mixup | cutmix | both (either, 1/2 each per "
                               "batch) | none; the online teacher sees the same mixed image, a cached one gives the "
                               "mixture of its class distributions (an approximation)", choices=MIXES)
@@ -155,7 +157,7 @@ class FinetuneConfig(TrainConfig):
 class InitConfig:
     """A randomly initialised student for the labelled-only arm; the class count comes from an embedding set."""
     student: str = option("resnet18", "timm model name of the student")
-    seed: int = option(0, "seed of the initialisation")
+    seed: int = option(0, "seed of the initialisation", maximum=SEED_MAX)
     small_input: bool = option(False, "CIFAR-style 32-px stem (timm ResNets)")
     image_size: int = option(0, "the student's input resolution in px (0 = the model's own)")
     embeddings: str = option("", "embedding set whose recorded classes the student predicts")
@@ -173,6 +175,6 @@ class ScoreConfig:
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
     threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
-                              "processes keep busy)")
+                              "processes keep busy)", minimum=-1)
     out: str = option("", "output folder: scores.parquet (pool_id, pred, prob, logits), scores.json, and the "
                           "candidates' images as shards (kept for a resumed run)")

@@ -33,9 +33,8 @@ def _target_classes(cfg: DistillConfig, target: ImageBank | None) -> list[str] |
     return target.classes if target is not None else None
 
 
-@owns_process_group
-def run(cfg: DistillConfig) -> dict:
-    """Distill the adapted teacher into a timm student on the transfer shards; writes {out}/student.pt."""
+def check(cfg: DistillConfig) -> None:
+    """The settings' own checks (also run by `rakt run` before its first step)."""
     check_config(cfg)
     if cfg.cache_teacher and cfg.cache_views < 1:
         raise ConfigError("rakt distill: --cache-views must be at least 1")
@@ -49,6 +48,12 @@ def run(cfg: DistillConfig) -> dict:
         raise ConfigError("rakt distill: --teacher (a checkpoint from `rakt adapt`) is required")
     if not cfg.transfer:
         raise ConfigError("rakt distill: give the transfer-set shards (files, brace patterns or a folder)")
+
+
+@owns_process_group
+def run(cfg: DistillConfig) -> dict:
+    """Distill the adapted teacher into a timm student on the transfer shards; writes {out}/student.pt."""
+    check(cfg)
     set_threads(cfg.threads)
     teacher_classes = list(read_teacher_meta(cfg.teacher).get("classes") or [])
     rank, world = init_distributed(cfg.device)

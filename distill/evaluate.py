@@ -7,7 +7,6 @@ them with PIL (RGB, resized to the student's input size), and writes the report 
 from __future__ import annotations
 
 import collections
-import io
 import logging
 from typing import Iterable, Iterator
 
@@ -19,6 +18,7 @@ from distill.config import EvaluateConfig
 from pipeline.config import to_dict
 from pipeline.device import adapt_threads, autocast, autocast_dtype, channels_last, resolve_device, set_threads
 from pipeline.progress import Progress
+from pipeline.images import DECODE_ERRORS, decode_image, skip_cause
 from pipeline.io import InputError, prefetched, timed, write_json
 from pipeline.sources import Source, open_source
 
@@ -86,8 +86,7 @@ def decode_rgb(data: bytes, size: int) -> torch.Tensor:
 def decode_uint8(data: bytes, size: int) -> torch.Tensor:
     """Encoded image bytes -> uint8 [3, S, S]: a square no larger than `size` as it is (the student upsamples it
     itself, as in training), anything else resized to size x size (size 0 keeps every image as is)."""
-    with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB")
+    rgb = decode_image(data)
     w, h = rgb.size
     if size and not (w == h and w <= size):
         rgb = rgb.resize((size, size), Image.BILINEAR)
@@ -110,9 +109,9 @@ def labelled_batches(source: Source, split: str, size: int, batch_size: int,
                 continue
             try:
                 images.append(decode_uint8(sample.image, size))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                skipped["undecodable"] += 1
-                log.warning("%s: cannot decode image (%s); skipped", sample.locator, e)
+            except DECODE_ERRORS as e:
+                skipped[skip_cause(e)] += 1
+                log.warning("%s: image skipped: %s (%s)", sample.locator, skip_cause(e), e)
                 continue
             labels.append(sample.label)
             if len(images) == batch_size:

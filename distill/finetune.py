@@ -16,12 +16,17 @@ from pipeline.io import InputError, timed, write_json
 
 
 @owns_process_group
-def run(cfg: FinetuneConfig) -> dict:
-    """Finetune a distilled student with cross-entropy on the labelled target images; writes {out}/student.pt."""
+def check(cfg: FinetuneConfig) -> None:
+    """The settings' own checks (also run by `rakt run` before its first step)."""
     check_config(cfg)
     if not cfg.student or not cfg.target:
         raise ConfigError("rakt finetune: --student (a student checkpoint from `rakt distill`) and --target "
                           "(labelled target images) are required")
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Finetune a distilled student with cross-entropy on the labelled target images; writes {out}/student.pt."""
+    check(cfg)
     set_threads(cfg.threads)
     rank, world = init_distributed(cfg.device)
     seed_everything(cfg.seed)

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.io import atomic_path
-from pipeline.io import InputError
+from pipeline.io import InputError, save_torch
 
 log = logging.getLogger("rakt")
 
@@ -169,8 +168,7 @@ def save_student(path: str | Path, model: StudentModel, meta: dict | None = None
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     blob = {"arch": model.arch, "num_classes": model.num_classes, "small_input": model.small_input,
             "image_size": model.image_size, "state_dict": state, "meta": dict(meta or {})}
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    save_torch(blob, path)
 
 
 def load_student(path: str | Path, *, arch: str = "") -> tuple[StudentModel, dict]:

@@ -34,7 +34,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from distill.students import StudentModel, save_student
 from pipeline.device import adapt_threads, autocast, autocast_dtype, channels_last, dtype_name, resolve_device
-from pipeline.io import InputError, atomic_path
+from pipeline.io import InputError, save_torch
 from pipeline.progress import Progress
 
 log = logging.getLogger("rakt")
@@ -208,8 +208,7 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema is not None else None, "step": self.step,
                 "epoch": self.epoch, "done_in_epoch": self.done_in_epoch, "rng": rng_state(),
                 "meta": dict(self.s.meta or {})}
-        with atomic_path(self.ckpt) as tmp:
-            torch.save(blob, tmp)
+        save_torch(blob, self.ckpt)
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:

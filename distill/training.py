@@ -87,10 +87,13 @@ def make_prepare(size: int, teacher=None, temperature: float = 1.0) -> Prepare:
 
 
 def check_config(cfg) -> None:
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.warmup < 0 or cfg.ema < 0 or cfg.ema >= 1 \
-            or not 0 < cfg.crop_scale <= 1:
-        raise ConfigError("epochs >= 1, batch_size >= 1, lr > 0, warmup >= 0, 0 <= ema < 1 and 0 < crop_scale <= 1 "
-                          "needed")
+    """The training settings distill and finetune share; the error names every one out of its range."""
+    rules = {"epochs": (cfg.epochs >= 1, ">= 1"), "batch_size": (cfg.batch_size >= 1, ">= 1"),
+             "lr": (cfg.lr > 0, "> 0"), "warmup": (cfg.warmup >= 0, ">= 0"), "ema": (0 <= cfg.ema < 1, "in [0, 1)"),
+             "crop_scale": (0 < cfg.crop_scale <= 1, "in (0, 1]")}
+    bad = [f"'{name}' must be {rule}, got {getattr(cfg, name)}" for name, (ok, rule) in rules.items() if not ok]
+    if bad:
+        raise ConfigError("; ".join(bad))
 
 
 def labelled_bank(specs: list[str], size: int, *, classes_file: str, per_class: int, seed: int,

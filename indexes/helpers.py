@@ -6,6 +6,7 @@ packages use one definition.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,13 +18,23 @@ import numpy as np
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it to `path` only if the block succeeds."""
+    """Yield a temp path beside `path`; rename it to `path` only if the block succeeds. An OSError while writing
+    (a full disk, a read-only folder) names `path`, not the temp file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (None, str(tmp), tmp) and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except RuntimeError as e:  # a library's own writer (faiss, TorchScript) reports a failed write so
+        cause = unwritable(path.parent)
+        if cause is not None:
+            raise OSError(cause, os.strerror(cause), str(path)) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -43,6 +54,19 @@ def c_stdout_to_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def unwritable(folder: Path) -> int | None:
+    """Why nothing can be written in `folder` now, as an errno (EROFS, ENOSPC, EACCES), or None."""
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if fs.f_bavail * fs.f_frsize < (1 << 20):
+        return errno.ENOSPC
+    return None if os.access(folder, os.W_OK) else errno.EACCES
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -6,9 +6,9 @@ import dataclasses
 import json
 import sys
 
-from pipeline.config import ConfigError, RegisteredNames, from_dict, load_yaml
+from pipeline.config import ConfigError, RegisteredNames, dump_yaml, from_dict, load_yaml
 from indexes.base import IndexSpecError
-from pipeline.io import InputError, setup_logging
+from pipeline.io import MACHINE_ERRORS, InputError, setup_logging
 from pipeline.stages import STAGES, run_stage
 
 
@@ -95,8 +95,7 @@ def _run_commands(args: argparse.Namespace) -> int:
         return 0
     cfg = run.load_run_config(args.config, args.overrides, args.run_dir)
     if args.show_config:
-        import yaml
-        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        print(dump_yaml(cfg), end="")
         return 0
     out = run.execute(cfg, only=args.only)
     from pipeline.report.results import results_text
@@ -135,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (ConfigError, InputError, IndexSpecError) as e:
         print(f"rakt: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in MACHINE_ERRORS:
+            raise
+        where = e.filename or getattr(args, "out", None) or getattr(args, "run_dir", None) or "the output"
+        print(f"rakt: error: {where}: {e.strerror}; {MACHINE_ERRORS[e.errno]}", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,8 @@ from typing import Any, Collection, Iterator
 
 import yaml
 
+from pipeline.io import special_file
+
 
 class ConfigError(ValueError):
     """A config or CLI value that rakt cannot use; the message says what to change."""
@@ -44,9 +46,14 @@ class RegisteredNames(Collection[str]):
         return len(self._names())
 
 
-def option(default: Any, help: str, positional: bool = False, choices: Collection[str] | None = None):
-    """A config field with its CLI help text."""
-    meta = {"help": help, "positional": positional, "choices": choices}
+INT_MAX = 2**63 - 1  # every int setting fits a signed 64-bit integer (numpy, pandas, torch)
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and FAISS take 32-bit seeds
+
+
+def option(default: Any, help: str, positional: bool = False, choices: Collection[str] | None = None,
+           minimum: int = 0, maximum: int = INT_MAX):
+    """A config field with its CLI help text; an int field's value must lie in [minimum, maximum]."""
+    meta = {"help": help, "positional": positional, "choices": choices, "range": (minimum, maximum)}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -62,9 +69,10 @@ class EncoderConfig:
     image_size: int = option(0, "encoder input resolution in px (0 = the model's own); part of the embedding-model id")
     batch_size: int = option(256, "images per forward pass")
     workers: int = option(-1, "DataLoader worker processes for decoding (0 = in process; -1 = auto: none on a CPU "
-                              "device with <= 4 cores, whose cores the model's threads use, up to 8 for a GPU)")
+                              "device with <= 4 cores, whose cores the model's threads use, up to 8 for a GPU)",
+                     minimum=-1)
     threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
-                              "processes keep busy)")
+                              "processes keep busy)", minimum=-1)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
 
@@ -96,7 +104,7 @@ class EmbedConfig(EmbeddingStoreConfig, EngineConfig, EncoderConfig):
     out: str = option("", "output embedding set directory")
     split: str = option("", "split name for every row (default: the sample's own 'split' field, else 'train')")
     per_class: int = option(0, "keep N images per class (few-shot draw with --seed); 0 keeps all")
-    seed: int = option(0, "seed of the per-class draw")
+    seed: int = option(0, "seed of the per-class draw", maximum=SEED_MAX)
     partition_size: int = option(10000, "images per partition for folder/manifest sources (a shard is one partition)")
     classes: str = option("", "classes.txt (one name per line) naming label indices; default: found beside the source")
 
@@ -117,9 +125,9 @@ class IndexBuildConfig(EmbeddingStoreConfig, EngineConfig, EncoderConfig):
     train_size: int = option(0, "vectors sampled to train IVF/PQ quantizers (0 = auto: 39 per IVF list, the lists "
                                 "~4 sqrt(N))")
     nprobe: int = option(16, "IVF lists visited per query (stored as the index default)")
-    seed: int = option(0, "seed for the training sample")
+    seed: int = option(0, "seed for the training sample", maximum=SEED_MAX)
     task_rows: int = option(0, "vectors per add task of a build in parts (--on-disk, --engine ray): the unit a killed "
-                               "build resumes by (0 = auto: >= 1M, and >= 10x the empty index's size)")
+                               "build resumes by (0 = auto: >= 1M, and >= 10x the empty index's size)", minimum=0)
 
 
 @dataclass
@@ -190,7 +198,7 @@ class SampleConfig:
     like: str = option("", "a transfer-manifest directory whose row count sets n (same-size baselines)")
     exclude: list[str] = option([], "embedding sets (or manifests) whose image ids are never drawn, e.g. the "
                                     "labelled target images")
-    seed: int = option(0, "seed of the draw")
+    seed: int = option(0, "seed of the draw", maximum=SEED_MAX)
 
 
 @dataclass
@@ -216,6 +224,13 @@ class DownloadConfig(EngineConfig):
     processes: int = option(0, "download processes (0 = one per CPU core)")
     threads: int = option(32, "download threads per process")
     timeout: int = option(10, "seconds before a connection or read gives up")
+    deadline: int = option(60, "seconds one request (each redirect hop) may take in all -- connect, headers, body: "
+                               "a server that trickles bytes is cut off there; 0 = no limit")
+    max_size_mb: int = option(32, "largest response body in MiB: a larger one is refused (declared) or cut off; "
+                                  "0 = no limit")
+    any_host: bool = option(False, "let the proxy connect to hosts that are not in the manifest (e.g. an HTTPS "
+                                   "redirect to another host); by default only the manifest's hosts and the "
+                                   "targets of plain-HTTP redirects are contacted")
     retries: int = option(0, "extra attempts per failed URL")
     shard_size: int = option(10000, "samples (manifest rows) per output shard")
     max_image_area: int = option(89_478_485, "refuse images with more pixels than this, before decoding them "
@@ -230,7 +245,7 @@ class LabelledConfig:
     source: list[str] = option([], "labelled target images (folder, manifest or shards, as for `rakt embed`)",
                                positional=True)
     per_class: int = option(0, "few-shot draw of N images per class (0 = all)")
-    seed: int = option(0, "seed of the few-shot draw")
+    seed: int = option(0, "seed of the few-shot draw", maximum=SEED_MAX)
     out: str = option("", "output folder: labelled-000000.tar and classes.txt")
 
 
@@ -249,7 +264,8 @@ class CarveConfig:
                                                "integer orig_label is an index into them); [] = the sorted values")
     train_per_class: int = option(10, "labelled training images per class (the target train shard)")
     test_per_class: int = option(100, "test images per class (the target test shard)")
-    seed: int = option(0, "seed of the per-class draw (test first, then train, from one seeded order)")
+    seed: int = option(0, "seed of the per-class draw (test first, then train, from one seeded order)",
+                       maximum=SEED_MAX)
     out: str = option("", "output folder: train/, test/ (shards + classes.txt), pool/ (the pool without them), "
                           "carve.json")
 
@@ -309,30 +325,75 @@ def _number(kind: type, name: str, value: Any, where: str) -> int | float:
     if kind is int:
         if isinstance(number, float) and not number.is_integer():
             raise wrong
+        if abs(number) > INT_MAX:
+            raise ConfigError(f"{where}: '{name}' must be between {-INT_MAX - 1} and {INT_MAX}, got {value!r}")
         return int(number)
     return float(number)
 
 
 def validate(cfg: Any, where: str = "config") -> None:
-    """Check choices and required outputs."""
+    """Check choices, the range of every int setting and required outputs."""
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
         if choices is not None and value not in choices:
             raise ConfigError(f"{where}: '{f.name}' must be one of {', '.join(choices)}, got {value!r}")
+        low, high = f.metadata.get("range", (0, INT_MAX))
+        if isinstance(value, int) and not isinstance(value, bool) and not low <= value <= high:
+            raise ConfigError(f"{where}: '{f.name}' must be between {low} and {high}, got {value}")
     if hasattr(cfg, "out") and not cfg.out:
         raise ConfigError(f"{where}: 'out' is required (where to write the result)")
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of settings; a larger file is refused before it is read
+
+
+class _NoAliases(yaml.SafeLoader):
+    """safe_load without YAML aliases (`*name`, merge keys `<<: *name`): a few lines of nested aliases expand
+    into billions of nodes once walked (an alias bomb), and a config never needs them."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"found the alias *{event.anchor}: rakt configs take no "
+                                              f"YAML aliases; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_yaml(obj: Any) -> str:
+    """YAML that parse_yaml reads back: a value used twice is written out twice, never as an alias."""
+    return yaml.dump(obj, Dumper=_NoAliasDumper, sort_keys=False)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """One YAML document, safely and without aliases; a malformed one is a ConfigError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_NoAliases)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
 
 
 def load_yaml(path: str | Path, section: str | None = None, what: str = "config file") -> dict:
     """Read a YAML config (a mapping); with `section`, return that stage's mapping. `what` names it in errors."""
     path = Path(path)
+    kind = special_file(path)
+    if kind is None and not path.exists():
+        raise ConfigError(f"{what} not found: {path}")
+    if kind is not None or path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: a {what} must be a regular file of at most {MAX_CONFIG_BYTES >> 20} MiB, "
+                          f"this one is {kind or f'{path.stat().st_size} bytes'}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from None
+    data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values")
     if section is not None and section in data and isinstance(data[section], dict):

@@ -10,7 +10,6 @@ every engine calls `embed_partition`, so the files do not depend on where a part
 from __future__ import annotations
 
 import collections
-import io
 import logging
 import os
 import time
@@ -23,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError, EmbedConfig, config_hash
@@ -31,6 +29,7 @@ from pipeline.device import adapt_threads, loader_workers, set_threads
 from pipeline.encoders import ImageEncoder, encoder_model_id, load_image_encoder
 from pipeline.engines import EngineOptions, get_engine, raise_if_failed
 from pipeline.formats import EMBEDDINGS_JSON, embedding_table, write_embedding_part
+from pipeline.images import DECODE_ERRORS, decode_image, skip_cause
 from pipeline.io import InputError, json_hash, read_json, timed, write_json
 from pipeline.pixels import PixelPipeline
 from pipeline.progress import Progress
@@ -47,7 +46,7 @@ MAX_RETRIES = 1
 def run(cfg: EmbedConfig) -> dict:
     """Embed every image of `cfg.source` into the embedding set at `cfg.out`; returns a summary."""
     start = time.perf_counter()
-    _check(cfg)
+    check(cfg)
     engine = get_engine(cfg.engine, engine_options(cfg))  # an unknown or unavailable engine fails here
     out = Path(cfg.out)
     source = open_source(cfg.source, classes_file=cfg.classes, per_class=cfg.per_class, seed=cfg.seed,
@@ -94,7 +93,8 @@ def engine_options(cfg: EmbedConfig) -> EngineOptions:
     return EngineOptions(address=cfg.ray_address, num_cpus=max(1, cfg.workers), use_gpu=cfg.device != "cpu")
 
 
-def _check(cfg: EmbedConfig) -> None:
+def check(cfg: EmbedConfig) -> None:
+    """The settings' own checks (also run by `rakt run` before its first step)."""
     if not cfg.source:
         raise ConfigError("rakt embed: give at least one source (image folder, manifest or shards)")
     if cfg.batch_size < 1 or cfg.workers < -1 or cfg.per_class < 0:
@@ -333,13 +333,12 @@ class PartitionImages(IterableDataset):
         rows, images = [], []
         for sample in samples:
             try:
-                with Image.open(io.BytesIO(sample.image)) as img:
-                    rgb = img.convert("RGB")
-                    image = rgb if self.pixels is None else np.asarray(rgb, dtype=np.uint8)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                skipped["undecodable_image"] += 1
+                rgb = decode_image(sample.image)
+                image = rgb if self.pixels is None else np.asarray(rgb, dtype=np.uint8)
+            except DECODE_ERRORS as e:
+                skipped[skip_cause(e)] += 1
                 where = sample.locator.get("path") or sample.locator.get("shard")
-                log.warning("%s (%s): undecodable image (%s); skipped", sample.id, where, e)
+                log.warning("%s (%s): image skipped: %s (%s)", sample.id, where, skip_cause(e), e)
                 continue
             images.append(image)
             rows.append((sample.id, sample.label, self.split or sample.split or "train", sample.locator))

@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence, TypeVar
 import numpy as np
 
 from pipeline.config import ConfigError
-from pipeline.io import InputError
+from pipeline.io import MACHINE_ERRORS, InputError
 
 log = logging.getLogger("rakt")
 
@@ -65,6 +65,12 @@ class LocalEngine:
             for task in pending:
                 try:
                     worker(task)
+                except OSError as e:
+                    if e.errno in MACHINE_ERRORS:  # a full disk fails every retry: stop, naming the file
+                        raise
+                    _log_failure(task, attempt, max_retries, f"{type(e).__name__}: {e}",
+                                 exc_info=log.isEnabledFor(logging.DEBUG))
+                    failed.append(task)
                 except Exception as e:  # recorded, retried, and returned: never dropped
                     _log_failure(task, attempt, max_retries, f"{type(e).__name__}: {e}",
                                  exc_info=log.isEnabledFor(logging.DEBUG))

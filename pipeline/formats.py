@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from indexes.layout import INDEX_JSON, METADATA_DIR  # noqa: F401  (section 2's file names, re-exported)
 from pipeline.config import EMBEDDING_DTYPES  # noqa: F401  (re-exported: the contract's dtypes)
-from pipeline.io import InputError, atomic_path, parquet_rows, read_json, read_parquet
+from pipeline.io import InputError, atomic_path, parquet_rows, read_json, read_parquet, regular_file
 
 # --- 1. embedding set ------------------------------------------------------------------------------
 
@@ -276,6 +276,7 @@ CLASSES_TXT = "classes.txt"
 def read_classes(path: Path) -> list[str]:
     """Class names, one per line (blank lines skipped): the one reader of class files. An unreadable or empty file,
     or a name given twice (labels and text queries would collide), is an InputError."""
+    regular_file(path, "classes file")
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:

@@ -5,12 +5,14 @@ The data contracts (embedding set, candidates, manifest, ...) live in pipeline/f
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -26,6 +28,13 @@ log = logging.getLogger("rakt")
 
 class InputError(ValueError):
     """Input rakt cannot use; the message names the file/row and what to do."""
+
+
+_FULL = "free space there (or write elsewhere) and run the same command again: finished work is kept"
+_LOCKED = "make it writable or write elsewhere (--out, --run-dir), then run the same command again"
+# OSErrors of the machine, not of rakt or its input (errno -> what to do): `rakt: error:`, never retried
+MACHINE_ERRORS = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL, errno.EFBIG: _FULL, errno.EROFS: _LOCKED,
+                  errno.EACCES: _LOCKED, errno.EPERM: _LOCKED}
 
 
 def kit_dir() -> Path:
@@ -79,10 +88,46 @@ def write_json(path: str | Path, obj: dict) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_json(path: str | Path, what: str = "file") -> dict:
-    path = Path(path)
-    if not path.exists():
+def special_file(path: str | Path) -> str | None:
+    """What `path` is when it is a FIFO, a device or a socket ("a FIFO", ...): opening or reading it may block or
+    never end. None for anything else (a regular file; a directory or nothing, which fail at once when opened).
+    Decided by stat, which never blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), None)
+
+
+def regular_file(path: str | Path, what: str = "file") -> Path:
+    """`path` when it is a regular file (symlinks followed); else an InputError naming it and what it is."""
+    kind = special_file(path) or ("a directory" if os.path.isdir(path) else None)
+    if kind is not None:
+        raise InputError(f"{path}: the {what} is {kind}, not a regular file; pass a regular file")
+    if not os.path.isfile(path):
         raise InputError(f"{path}: {what} not found")
+    return Path(path)
+
+
+def save_torch(obj: object, path: str | Path) -> None:
+    """torch.save through a file rakt opened, atomically: a full disk is an OSError naming `path` (torch's own
+    writer reports it as "unexpected pos ...")."""
+    import torch
+
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:  # torch's zip writer, closing after our write failed, hides that OSError
+        cause = e.__context__
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
+        raise
+
+
+def read_json(path: str | Path, what: str = "file") -> dict:
+    path = regular_file(path, what)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -96,6 +141,7 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
 
 def read_parquet(path: str | Path, fix: str, columns: list[str] | None = None) -> pa.Table:
     """A parquet file as a table; a damaged (e.g. truncated) file is an InputError naming it and `fix`."""
+    regular_file(path, "parquet file")
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
@@ -104,6 +150,7 @@ def read_parquet(path: str | Path, fix: str, columns: list[str] | None = None) -
 
 def parquet_rows(path: str | Path, fix: str) -> int:
     """Rows of a parquet file, from its footer; a damaged file is an InputError naming it and `fix`."""
+    regular_file(path, "parquet file")
     try:
         return pq.read_metadata(path).num_rows
     except (pa.ArrowInvalid, OSError) as e:
@@ -116,8 +163,9 @@ _HELD: dict[str, int] = {}  # lock files this process holds -> depth (a stage in
 
 
 def lock_file(path: str | Path) -> Path:
-    """The lock file of an output `path` (a directory or a file): a hidden `.NAME.lock` beside it."""
-    path = Path(path).absolute()
+    """The lock file of an output `path` (a directory or a file): a hidden `.NAME.lock` beside it, keyed by the real
+    path (symlinks resolved), so that a symlink to an output cannot take a second lock on it."""
+    path = Path(path).resolve()
     return path.with_name(f".{path.name}.lock")
 
 
@@ -155,6 +203,7 @@ def output_lock(path: str | Path, what: str = "output") -> Iterator[None]:
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    regular_file(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -8,17 +8,16 @@ position. Images are drawn in source order, as every stage draws them.
 from __future__ import annotations
 
 import collections
-import io
 import json
 import logging
 import re
 from pathlib import Path
 
-from PIL import Image
 from webdataset import TarWriter
 
 from pipeline.config import LabelledConfig
 from pipeline.formats import CLASSES_TXT, LABELLED_SHARD
+from pipeline.images import DECODE_ERRORS, open_image, skip_cause
 from pipeline.io import InputError, atomic_path
 from pipeline.sources import open_source
 
@@ -47,11 +46,11 @@ def run(cfg: LabelledConfig) -> dict:
                     log.warning("%s: no label (.cls); skipped", sample.id)
                     continue
                 try:
-                    with Image.open(io.BytesIO(sample.image)) as img:
+                    with open_image(sample.image) as img:
                         ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(img.format or "", "png")
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # as load_images
-                    stats["undecodable_image"] += 1
-                    log.warning("%s: undecodable image (%s); skipped", sample.id, e)
+                except DECODE_ERRORS as e:  # as load_images
+                    stats[skip_cause(e)] += 1
+                    log.warning("%s: image skipped: %s (%s)", sample.id, skip_cause(e), e)
                     continue
                 meta = {"id": sample.id, "split": sample.split, "source": sample.locator}
                 key = sample.id if KEY.fullmatch(sample.id) and sample.id not in keys else f"{count:06d}"

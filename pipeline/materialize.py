@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from webdataset import TarWriter
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext
 
 from pipeline.config import ConfigError, MaterializeConfig, config_hash, to_dict
 from pipeline.progress import Progress
 from pipeline.formats import IMAGE_EXTS, MANIFEST_PARQUET, read_manifest
+from pipeline.images import MAX_FILE_BYTES
 from pipeline.io import InputError, atomic_path, file_hash, read_json, timed, write_json
 from pipeline.pool_roots import PoolResolver, PoolRoots, declared_roots, image_ext, pool_file
+from pipeline.shard_records import group_samples, tar_members
 
 log = logging.getLogger("rakt.materialize")
 
@@ -37,10 +39,15 @@ def stats_name(j: int) -> str:
     return f"shard-{j:05d}_stats.json"
 
 
-def run(cfg: MaterializeConfig) -> dict:
-    """Write `{out}/shard-XXXXX.tar` (+ `_stats.json` resume markers) and `{out}/materialize.json`."""
+def check(cfg: MaterializeConfig) -> None:
+    """The settings' own checks (also run by `rakt run` before its first step)."""
     if cfg.shard_size < 1:
         raise ConfigError(f"rakt materialize: 'shard_size' must be >= 1, got {cfg.shard_size}")
+
+
+def run(cfg: MaterializeConfig) -> dict:
+    """Write `{out}/shard-XXXXX.tar` (+ `_stats.json` resume markers) and `{out}/materialize.json`."""
+    check(cfg)
     mpath = Path(cfg.manifest) / MANIFEST_PARQUET
     out = Path(cfg.out)
     with timed("materialize"):
@@ -144,8 +151,10 @@ def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver, roots: P
         path, error = pool_file(resolver(shard), roots, "missing_shard", "unreadable_shard")
         found, error = read_pool_shard(path, set(group["key"])) if path else ({}, error)
         for row in group.itertuples():
-            if found.get(row.key) is not None and image_ext(found[row.key][1]) is None:
-                miss("not_an_image", row, f"{shard}:{row.key}")
+            got = found.get(row.key)
+            bad = got if isinstance(got, str) else image_ext(got[1])[1] if got is not None else ""
+            if bad:
+                miss(bad, row, f"{shard}:{row.key}")
             elif found.get(row.key) is not None:
                 images[row.Index] = found[row.key]
             elif row.key in found:
@@ -154,14 +163,16 @@ def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver, roots: P
                 miss(error or "missing_key", row, f"{shard}:{row.key}")
     for row in rows[rows["locator"] == "path"].itertuples():
         path, error = pool_file(resolver(row.path), roots, "missing_file", "unreadable_file")
+        if path is not None and path.stat().st_size > MAX_FILE_BYTES:  # declared size: never read
+            path, error = None, "file_too_large"
         try:
             data = path.read_bytes() if path else None
         except OSError as e:
             data, error = None, "unreadable_file"
             log.debug("%s: %s", row.path, e)
-        ext = image_ext(data) if data else None
+        ext, bad = image_ext(data) if data else (None, "")
         if data is None or not data or ext is None:
-            miss(error if data is None else "empty_file" if not data else "not_an_image", row, row.path)
+            miss(error if data is None else "empty_file" if not data else bad, row, row.path)
         else:
             images[row.Index] = (ext, data)
     for row in rows[rows["locator"].isna()].itertuples():
@@ -178,18 +189,23 @@ def write_shard(rows: pd.DataFrame, dest: Path, resolver: PoolResolver, roots: P
 
 def read_pool_shard(path: Path, keys: set[str]) -> tuple[dict, str | None]:
     """Stream one pool shard once with webdataset's tar reader; {key: (ext, bytes)} for the wanted keys, and the
-    cause that stopped it early (missing_shard / unreadable_shard), if any. A key without an image maps to None."""
+    cause that stopped it early (missing_shard / unreadable_shard), if any. A key without an image maps to None,
+    a sample skipped for a duplicate member name or key to that cause."""
     if not path.exists():
         return {}, "missing_shard"
     def wanted(fname: str) -> bool:
         return base_plus_ext(fname)[0] in keys
 
     found: dict = {}
+
+    def skip(cause: str, key: str) -> None:
+        found.setdefault(key, cause)  # a repeated key keeps its first, valid sample
+
     try:
-        files = tar_file_expander(url_opener([{"url": str(path)}]), select_files=wanted)
-        for sample in group_by_keys(files):
-            ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            found[sample["__key__"]] = None if ext is None else ("jpg" if ext == "jpeg" else ext, sample[ext])
+        with open(path, "rb") as stream:
+            for sample in group_samples(tar_members(stream, wanted), skip):
+                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                found[sample["__key__"]] = None if ext is None else ("jpg" if ext == "jpeg" else ext, sample[ext])
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
         log.warning("%s: unreadable pool shard (%s); %d of %d wanted images read before it", path, e, len(found),
                     len(keys))

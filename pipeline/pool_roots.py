@@ -6,17 +6,16 @@ resolved with its symlinks, lies outside them is never read (docs/formats.md sec
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import stat
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from indexes.registry import spec_location
 from pipeline.formats import EMBEDDINGS_JSON, INDEX_JSON, MANIFEST_JSON, has_brace_pattern
+from pipeline.images import DECODE_ERRORS, ImageRefused, open_image
 from pipeline.io import InputError, read_json
 from pipeline.source_specs import detect_source
 
@@ -139,17 +138,21 @@ def pool_file(path: Path, roots: PoolRoots, missing: str, unreadable: str) -> tu
     return (real, None) if stat.S_ISREG(mode) else (None, "not_a_file")
 
 
-def image_ext(data: bytes) -> str | None:
-    """The extension of the image `data` holds when it decodes as one of IMAGE_EXTS' formats, else None."""
+def image_ext(data: bytes) -> tuple[str | None, str]:
+    """(the extension, "") when `data` decodes as one of IMAGE_EXTS' formats, else (None, the skip's cause):
+    not_an_image, or the refusal of pipeline.images (extreme_aspect_ratio, image_too_large, ...)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             ext = FORMAT_EXTS.get(img.format or "")
-            if ext is not None:
-                img.draft("RGB", (64, 64))  # JPEG: decoded at a reduced scale, still every block
-                img.load()
-            return ext
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-        return None
+            if ext is None:
+                return None, "not_an_image"
+            img.draft("RGB", (64, 64))  # JPEG: decoded at a reduced scale, still every block
+            img.load()
+            return ext, ""
+    except ImageRefused as e:
+        return None, e.cause
+    except DECODE_ERRORS:
+        return None, "not_an_image"
 
 
 class PoolResolver:

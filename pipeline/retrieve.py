@@ -31,11 +31,8 @@ SCHEMA = CANDIDATES_SCHEMA
 ROW_GROUP = 65_536  # candidate rows per row group; a batch's rows are sorted by rank, so a group spans few ranks
 
 
-def run(cfg: RetrieveConfig) -> dict:
-    """Search the index with every query of the embedding set; write candidates.parquet + candidates.json."""
-    from indexes.registry import absolute_spec, open_index
-
-    start = time.perf_counter()
+def check(cfg: RetrieveConfig) -> None:
+    """The settings' own checks (also run by `rakt run` before its first step)."""
     if not cfg.embeddings and cfg.query_mode != "text":
         raise ConfigError("rakt retrieve: give the target embedding set directory (from `rakt embed`), or use "
                           "--query-mode text --classes FILE --model NAME for text queries alone")
@@ -46,6 +43,14 @@ def run(cfg: RetrieveConfig) -> dict:
     if cfg.fill_per_class < 0 or (cfg.fill_per_class and cfg.max_k < cfg.k):
         raise ConfigError(f"rakt retrieve: --fill-per-class must be >= 0 and --max-k >= --k (got "
                           f"{cfg.fill_per_class} and {cfg.max_k})")
+
+
+def run(cfg: RetrieveConfig) -> dict:
+    """Search the index with every query of the embedding set; write candidates.parquet + candidates.json."""
+    from indexes.registry import absolute_spec, open_index
+
+    start = time.perf_counter()
+    check(cfg)
     emb_dir = Path(cfg.embeddings) if cfg.embeddings else None
     if cfg.query_mode == "text":  # an embedding set given here only names the classes and the model
         meta, queries = (read_json(emb_dir / EMBEDDINGS_JSON, "embedding set metadata") if emb_dir else {}), None

@@ -47,8 +47,16 @@ class Pool:
     counts: dict = field(default_factory=dict)
 
 
+def check(cfg: SampleConfig) -> None:
+    """The settings' own checks (also run by `rakt run` before its first step)."""
+    if not cfg.n and not cfg.like:
+        raise ConfigError("rakt sample: give --n (how many images to draw) or --like MANIFEST_DIR (draw as many "
+                          "as that transfer manifest holds)")
+
+
 def run(cfg: SampleConfig) -> dict:
     """Draw the sample and write `{out}/manifest.parquet`, `removed.parquet` (empty) and `manifest.json` (last)."""
+    check(cfg)
     out, chash = Path(cfg.out), config_hash(cfg)
     if (out / MANIFEST_JSON).exists():
         meta = read_json(out / MANIFEST_JSON, "manifest metadata")
@@ -93,13 +101,8 @@ def run(cfg: SampleConfig) -> dict:
 
 def wanted(cfg: SampleConfig) -> int:
     """How many to draw: --n, else the row count of --like's manifest."""
-    if cfg.n < 0:
-        raise ConfigError(f"rakt sample: 'n' must be >= 0, got {cfg.n}")
     if cfg.n:
         return cfg.n
-    if not cfg.like:
-        raise ConfigError("rakt sample: give --n (how many images to draw) or --like MANIFEST_DIR (draw as many "
-                          "as that transfer manifest holds)")
     path = Path(cfg.like) / MANIFEST_PARQUET
     if not path.exists():
         raise InputError(f"{path}: transfer manifest not found (--like); pass a `rakt curate` --out directory")

@@ -24,7 +24,8 @@ from typing import Iterator
 import pandas as pd
 
 from pipeline.formats import IMAGE_EXTS, classes_beside, is_image_name, read_classes  # noqa: F401  (re-exported)
-from pipeline.io import InputError
+from pipeline.images import MAX_FILE_BYTES
+from pipeline.io import InputError, special_file
 from pipeline.shard_records import shard_records
 from pipeline.source_specs import ACCEPTED, detect_source
 
@@ -90,7 +91,16 @@ class Source:
             stats["bad_label"] += 1
             log.warning("%s: label %r names no class; skipped", path, entry.bad_label)
             return None
+        kind = special_file(path)
+        if kind is not None:  # a FIFO or device would block the read or never end it
+            stats["not_a_regular_file"] += 1
+            log.warning("%s: %s, not a regular file; skipped", path, kind)
+            return None
         try:
+            if os.stat(path).st_size > MAX_FILE_BYTES:  # declared size: never read
+                stats["file_too_large"] += 1
+                log.warning("%s: larger than %d MiB; skipped", path, MAX_FILE_BYTES >> 20)
+                return None
             data = Path(path).read_bytes()
         except OSError as e:
             stats["unreadable_file"] += 1

@@ -1,6 +1,6 @@
 """The stage registry: every stage's name, config class, module and one-line help, read by the CLI (`rakt NAME`)
 and by `rakt run` (its steps). A stage module's `run(cfg) -> dict` takes its config and returns the summary that
-the CLI prints and `rakt run` records.
+the CLI prints and `rakt run` records; its `check(cfg)`, if any, checks the settings alone (no input read).
 
 Config classes and modules are named as strings and loaded when used, as entry points are: the packages depend
 downward only (distill uses pipeline, never the reverse), and pipeline reaches distill's stages and KD modes
@@ -30,6 +30,13 @@ class Stage:
 
     def runner(self) -> Callable[[Any], dict]:
         return importlib.import_module(self.module).run
+
+    def check(self, cfg: Any) -> None:
+        """The module's `check(cfg)`, if it has one: the checks of the settings alone, reading no input; `run`
+        calls it first, and `rakt run` for every step before the first step runs."""
+        check = getattr(importlib.import_module(self.module), "check", None)
+        if check is not None:
+            check(cfg)
 
 
 def run_stage(name: str, cfg: Any) -> dict:

@@ -1,10 +1,14 @@
 """Shared fixtures: a tiny open_clip config, generated images and WebDataset shards, the offline data kit."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import shlex
 import struct
+import subprocess
+import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -19,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 KIT = Path(os.environ.get("RAKT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -124,3 +129,34 @@ def make_shard():
 @pytest.fixture
 def to_jpeg():
     return jpeg_bytes
+
+
+@functools.lru_cache(maxsize=1)
+def have_namespaces() -> bool:
+    """True where `unshare -r -m` (a user + mount namespace) works: a tiny or read-only mount without root."""
+    try:
+        return subprocess.run(["unshare", "-r", "-m", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def run_rakt(args: list, *, tmpfs: tuple[Path, int] | None = None, read_only: Path | None = None,
+             before: str = "", timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`rakt ARGS` in a fresh process (stdout, stderr as text). With `tmpfs` (DIR, KiB) DIR is a filesystem of that
+    size (a full disk), with `read_only` DIR is seen read-only, and `before` runs first in the shell (e.g. copies
+    onto the small disk): in a user + mount namespace, so no root is needed; skipped where there is none."""
+    cmd = [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+    steps = []
+    if tmpfs is not None:
+        steps.append(f"mount -t tmpfs -o size={tmpfs[1]}k tmpfs {shlex.quote(str(tmpfs[0]))}")
+    if read_only is not None:
+        ro = shlex.quote(str(read_only))
+        steps.append(f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro}")
+    if before:
+        steps.append(before)
+    if steps:
+        if not have_namespaces():
+            pytest.skip("needs `unshare -r -m` (user and mount namespaces) for a small or read-only filesystem")
+        cmd = ["unshare", "-r", "-m", "sh", "-c", " && ".join(steps) + ' && exec "$@"', "sh", *cmd]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})

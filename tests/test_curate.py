@@ -259,7 +259,7 @@ def test_a_registered_rule_is_applied_counted_and_audited(tmp_path, monkeypatch)
         register("odd_pool_ids", phase="candidates", count="x")(odd_pool_ids)
 
 
-@pytest.mark.parametrize("flags, message", [(["--per-query-k", "-3"], "--per-query-k must be >= 0"),
+@pytest.mark.parametrize("flags, message", [(["--per-query-k", "-3"], "'per_query_k' must be between 0"),
                                             (["--near-dup", "5"], "--near-dup is a cosine in (0, 1]"),
                                             (["--leakage-threshold", "-2"], "--leakage-threshold is a cosine in [-1, 1]"),
                                             (["--budget", "0"], "--budget must be >= 1")])

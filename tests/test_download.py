@@ -13,6 +13,7 @@ import signal
 import json
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -89,6 +90,8 @@ def serve(host: str):
               "/truncated.jpg": broken[: len(broken) // 2], "/bomb.png": bomb_png()}
     hits: Counter = Counter()
     lock, stop = threading.Lock(), threading.Event()
+    held, release = threading.Event(), threading.Event()  # /hold answers once released
+    spent: dict[str, tuple[float, int]] = {}  # slow paths: (seconds until done or cut off, body bytes written)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):  # keep the test log quiet
@@ -120,22 +123,61 @@ def serve(host: str):
                     self.send(200, good["/img/0.jpg"])
                 except OSError:
                     pass
+            elif self.path.startswith("/hold"):  # a request that stays open until the test releases it
+                held.set()
+                release.wait(120)
+                self.send(200, good["/img/1.jpg"], Content_Type="image/jpeg")
+            elif self.path in ("/trickle", "/trickle-head", "/big", "/big-undeclared"):
+                self.slow()
             elif self.path == "/cut.jpg":  # the connection drops halfway through the body
                 self.send(200, broken[: len(broken) // 2], length=len(broken))
                 self.close_connection = True
             else:
                 self.send(404, b"not found")
 
+        def slow(self) -> None:
+            """/trickle: a 100-byte body, 1 byte per 0.5 s; /trickle-head: the headers so; /big: a declared 5 MiB
+            body; /big-undeclared: 5 MiB until the connection closes. Records how long and how much."""
+            start, sent, path = time.monotonic(), 0, self.path
+            big = path.startswith("/big")
+            try:
+                if path == "/trickle-head":  # the head itself never ends
+                    self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+                    for _ in range(100):
+                        if stop.wait(0.5):
+                            break
+                        self.wfile.write(b"X-Slow: 1\r\n")
+                        self.wfile.flush()
+                    return
+                self.send_response(200)
+                if path != "/big-undeclared":
+                    self.send_header("Content-Length", str(5 << 20 if big else 100))
+                self.end_headers()
+                for _ in range(80 if big else 100):
+                    if not big and stop.wait(0.5):
+                        break
+                    chunk = b"\0" * (64 << 10) if big else b"x"
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                    sent += len(chunk)
+            except OSError:
+                pass
+            finally:
+                self.close_connection = True
+                spent[path] = (time.monotonic() - start, sent)
+
     srv = Server((host, 0), Handler)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     srv.hits, srv.lock, srv.good = hits, lock, good
+    srv.held, srv.release, srv.spent = held, release, spent
     srv.port = srv.server_address[1]
     srv.base = f"http://{host}:{srv.port}"
     try:
         yield srv
     finally:
         stop.set()
+        release.set()
         srv.shutdown()
         srv.server_close()
         thread.join(timeout=10)
@@ -295,8 +337,8 @@ def test_proxy_resolves_every_request_and_connects_to_the_checked_address(server
     guard = AddressGuard(allow_networks=["127.0.0.1/32"], resolve=resolve)
     server.hits.clear()
     other_server.hits.clear()
-    with download_proxy.filtering_proxy(guard, timeout=2) as url:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": url, "https": url}))
+    with download_proxy.filtering_proxy(guard, timeout=2) as proxy:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url, "https": proxy.url}))
 
         def fetch(target: str) -> bytes | str:
             try:
@@ -356,8 +398,8 @@ def test_proxy_refuses_ipv6_forms_that_carry_private_ipv4(monkeypatch):
     connects = []
     monkeypatch.setattr(download_proxy, "open_connection", lambda *a: connects.append(a) or 1 / 0)
     guard = AddressGuard(resolve=lambda host, port: [forms[host]])
-    with download_proxy.filtering_proxy(guard, timeout=2) as url:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": url, "https": url}))
+    with download_proxy.filtering_proxy(guard, timeout=2) as proxy:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url, "https": proxy.url}))
         for host, address in forms.items():
             for scheme in ("http", "https"):
                 with pytest.raises(urllib.error.URLError) as refused:
@@ -366,17 +408,17 @@ def test_proxy_refuses_ipv6_forms_that_carry_private_ipv4(monkeypatch):
     assert connects == []
 
 
-def test_proxy_environment_is_set_for_the_run_and_restored(monkeypatch):
+def test_proxy_environment_points_every_scheme_at_the_proxy(monkeypatch):
     monkeypatch.setenv("https_proxy", "http://corp:3128")
-    monkeypatch.delenv("HTTP_PROXY", raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    with download_proxy.proxy_environment("http://127.0.0.1:5555"):
-        proxies = urllib.request.getproxies()
-        assert {k: proxies.get(k) for k in ("http", "https", "ftp")} == dict.fromkeys(
-            ("http", "https", "ftp"), "http://127.0.0.1:5555")
-        assert not urllib.request.proxy_bypass("127.0.0.1") and not urllib.request.proxy_bypass("localhost")
-    assert os.environ["https_proxy"] == "http://corp:3128" and "HTTP_PROXY" not in os.environ
-    assert os.environ["no_proxy"] == "127.0.0.1,localhost"
+    env = download_proxy.proxy_environment("http://127.0.0.1:5555")
+    for name in ("http_proxy", "https_proxy", "ftp_proxy", "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY"):
+        assert env[name] == "http://127.0.0.1:5555"
+    assert env["no_proxy"] == env["NO_PROXY"] == ""
+    monkeypatch.setattr(os, "environ", {**os.environ, **env})
+    proxies = urllib.request.getproxies()
+    assert {k: proxies.get(k) for k in ("http", "https", "ftp")} == dict.fromkeys(
+        ("http", "https", "ftp"), "http://127.0.0.1:5555")
+    assert not urllib.request.proxy_bypass("127.0.0.1") and not urllib.request.proxy_bypass("localhost")
 
 
 def test_rerun_fetches_only_the_missing_shard(downloaded, server, tmp_path):
@@ -469,7 +511,11 @@ def test_resolves_each_host_once():
     ("OpenCV(4.14.0) loadsave.cpp:79: error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS in function "
      "'validateInputImageSize'\n", "image_too_large"),
     ("image area too large", "image_too_large"),
-    ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+    ("<urlopen error [Errno 111] Connection refused>", "proxy_unreachable"),  # every request goes via the proxy
+    ("<urlopen error [Errno 24] Too many open files>", "local_error"),
+    ("HTTP Error 504: rakt proxy: deadline of 3 s passed before the response", "timeout"),
+    ("HTTP Error 502: rakt proxy: response too large (9,000,000 bytes declared, the cap is 1,048,576)", "too_large"),
+    ("HTTP Error 403: rakt proxy refused: off_manifest_host (pypi.org)", "off_manifest_host"),
     ("HTTP Error 403: rakt proxy refused: blocked_address (internal.example 10.0.0.5)", "blocked_address"),
     ("<urlopen error Tunnel connection failed: 403 rakt proxy refused: blocked_address (x 10.0.0.5)>",
      "blocked_address"),
@@ -507,17 +553,6 @@ def test_stray_json_in_out_is_refused_before_img2dataset_sees_it(tmp_path, capsy
     (tmp_path / "out" / "notes.json").write_text("{}")  # img2dataset would crash on int("notes.json")
     assert main(["download", str(manifest), "--out", str(tmp_path / "out"), *FAST]) == 2
     assert "notes.json" in capsys.readouterr().err
-
-
-def test_worker_environment_is_restored(monkeypatch):
-    from pipeline.download.download import worker_environment
-    monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS", raising=False)
-    before = signal.getsignal(signal.SIGINT)
-    with worker_environment(1234):
-        assert os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] == "1234"
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # what img2dataset does with its own handler
-    assert "OPENCV_IO_MAX_IMAGE_PIXELS" not in os.environ
-    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_ray_engine_downloads_what_the_local_engine_downloads(downloaded, server, tmp_path):

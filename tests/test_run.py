@@ -234,6 +234,28 @@ def test_one_run_per_directory_and_config_checked_before_writing(world, tiny_cli
     assert cli.main(["run", str(cfg_path), "--only", "labelled"]) == 0
 
 
+def test_a_symlink_to_the_run_directory_takes_the_same_lock(world, tiny_clip, tmp_path, capsys):
+    """The lock is keyed by the real path: while a run holds the directory through a symlink, a run on the
+    directory itself is refused (and the other way round), and nothing is cleared or rerun."""
+    run_dir, link = tmp_path / "run", tmp_path / "link"
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(world, tiny_clip, run_dir)))
+    assert cli.main(["run", str(cfg_path), "--only", "labelled"]) == 0
+    link.symlink_to(run_dir, target_is_directory=True)
+    record = (run_dir / "steps" / "labelled.json").read_bytes()
+    for held, other in ((link, run_dir), (run_dir, link)):
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(held)], cwd=ROOT, stdout=subprocess.PIPE,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            assert holder.stdout.readline() == b"held\n"
+            assert cli.main(["run", str(cfg_path), "--run-dir", str(other), "--only", "labelled"]) == 2
+            assert f"pid {holder.pid}" in capsys.readouterr().err
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+        assert (run_dir / "steps" / "labelled.json").read_bytes() == record
+
+
 def test_the_plan_always_requires_the_leakage_guard(world, tiny_clip, tmp_path):
     from pipeline.run.plan import plan
 

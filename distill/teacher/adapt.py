@@ -46,7 +46,7 @@ __all__ = ["AdaptedTeacher", "build_teacher", "evaluate_teacher", "load_teacher"
 def run(cfg: AdaptConfig) -> dict:
     """Adapt the teacher, save the checkpoint to cfg.out, evaluate on cfg.eval, write `{out}.json`."""
     start = time.perf_counter()
-    mode = _check(cfg)
+    mode = check(cfg)
     set_threads(cfg.threads)
     with timed(f"adapt ({cfg.mode})"):
         fitted = mode.fit(cfg)
@@ -70,8 +70,8 @@ def run(cfg: AdaptConfig) -> dict:
     return summary
 
 
-def _check(cfg: AdaptConfig) -> AdaptMode:
-    """The registered mode of cfg, once the config suits it."""
+def check(cfg: AdaptConfig) -> AdaptMode:
+    """The registered mode of cfg, once the config suits it (also run by `rakt run` before its first step)."""
     mode = get_mode(cfg.mode)
     if mode.check:
         mode.check(cfg)

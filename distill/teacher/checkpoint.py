@@ -12,7 +12,7 @@ from distill.teacher.model import FORMAT, AdaptedTeacher
 from distill.teacher.modes import build_teacher
 from pipeline.config import EncoderConfig
 from pipeline.encoders import encoder_model_id
-from pipeline.io import InputError, atomic_path
+from pipeline.io import InputError, save_torch
 
 log = logging.getLogger("rakt")
 
@@ -20,9 +20,7 @@ log = logging.getLogger("rakt")
 def save_teacher(path: str | Path, teacher: AdaptedTeacher, meta: dict) -> None:
     """Write meta (encoder config, mode, classes, ...) + the trainable state atomically to `path`."""
     payload = {"format": FORMAT, "meta": dict(meta), "state": teacher.trainable_state()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
     log.info("saved %s teacher (%d classes) to %s", teacher.mode, teacher.head.out_features, path)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,9 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
+from distill.bank import majority_shape
 from pipeline.formats import EMBEDDINGS_JSON, embedding_matrix, read_embedding_set
+from pipeline.images import DECODE_ERRORS, decode_image, skip_cause
 from pipeline.io import InputError
 from pipeline.sources import open_source
 
@@ -37,7 +38,8 @@ def is_embedding_set(spec: str) -> bool:
 def load_images(specs: list[str], *, classes_file: str = "", per_class: int = 0, seed: int = 0, split: str = "",
                 size: int = 224) -> Labelled:
     """Decode the labelled images of source specs (unlabelled ones are left out; `split` filters by the sample's
-    own split). Images of one common size are kept as they are, otherwise resized to `size` x `size`."""
+    own split). Images keep the size more than half of them share; the others are resized to it (to `size` x `size`
+    when no size is shared by most)."""
     source = open_source(specs, classes_file=classes_file, per_class=per_class, seed=seed)
     stats: collections.Counter = collections.Counter()
     arrays, labels, ids = [], [], []
@@ -51,19 +53,22 @@ def load_images(specs: list[str], *, classes_file: str = "", per_class: int = 0,
                 log.warning("%s: no label (.cls); skipped", sample.id)
                 continue
             try:
-                with Image.open(io.BytesIO(sample.image)) as img:
-                    arrays.append(np.asarray(img.convert("RGB")))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                stats["undecodable_image"] += 1
-                log.warning("%s: undecodable image (%s); skipped", sample.id, e)
+                arrays.append(np.asarray(decode_image(sample.image)))
+            except DECODE_ERRORS as e:
+                stats[skip_cause(e)] += 1
+                log.warning("%s: image skipped: %s (%s)", sample.id, skip_cause(e), e)
                 continue
             labels.append(sample.label)
             ids.append(sample.id)
     if not arrays:
         raise InputError(f"{', '.join(specs)}: no labelled images{f' of split {split!r}' if split else ''} "
                          f"({dict(stats) or 'no samples'})")
-    if len({a.shape for a in arrays}) > 1:
-        arrays = [np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC)) for a in arrays]
+    width, height = majority_shape([(a.shape[1], a.shape[0]) for a in arrays]) or (size, size)
+    odd = sum(a.shape[:2] != (height, width) for a in arrays)
+    if odd:  # the few images of another size are resized to the size of most; they never resize the rest
+        log.warning("%d of %d labelled images are not %dx%d: resized to it", odd, len(arrays), width, height)
+        arrays = [a if a.shape[:2] == (height, width) else
+                  np.asarray(Image.fromarray(a).resize((width, height), Image.BICUBIC)) for a in arrays]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     skipped = {k: v for k, v in sorted(stats.items()) if k != "other_split"}
     if skipped:

@@ -32,15 +32,20 @@ from pipeline.io import InputError, file_hash, read_json, timed, write_json, wri
 log = logging.getLogger("rakt")
 
 
+def check(cfg: ScoreConfig) -> None:
+    """The settings' own checks (also run by `rakt run` before its first step)."""
+    if not cfg.candidates or not cfg.teacher or not cfg.out:
+        raise ConfigError("rakt score: give the candidates directory, --teacher and --out")
+    if cfg.max_rank < 0 or cfg.batch_size < 1:
+        raise ConfigError("rakt score: --max-rank must be >= 0 and --batch-size >= 1")
+
+
 def run(cfg: ScoreConfig) -> dict:
     """Score the distinct candidates of `cfg.candidates` with the teacher; write OUT/scores.parquet + scores.json."""
     from indexes.registry import open_index
     from pipeline import materialize
 
-    if not cfg.candidates or not cfg.teacher or not cfg.out:
-        raise ConfigError("rakt score: give the candidates directory, --teacher and --out")
-    if cfg.max_rank < 0 or cfg.batch_size < 1:
-        raise ConfigError("rakt score: --max-rank must be >= 0 and --batch-size >= 1")
+    check(cfg)
     set_threads(cfg.threads)
     cand_dir, out = Path(cfg.candidates), Path(cfg.out)
     cmeta = read_json(cand_dir / CANDIDATES_JSON, "candidates metadata; run `rakt retrieve` first")

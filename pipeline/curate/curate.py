@@ -29,7 +29,7 @@ def run(cfg: CurateConfig) -> dict:
     """Select the transfer set from a candidates directory and write manifest.parquet/.json + removed.parquet."""
     from indexes.registry import open_index
 
-    check_config(cfg)
+    check(cfg)
     with timed("curate"):
         cand_dir, out = Path(cfg.candidates), Path(cfg.out)
         cmeta = read_json(cand_dir / CANDIDATES_JSON, "candidates metadata; run `rakt retrieve` first")
@@ -104,7 +104,7 @@ def run(cfg: CurateConfig) -> dict:
             **{c: v for c, v in counts.items() if c != "per_class"}}
 
 
-def check_config(cfg: CurateConfig) -> None:
+def check(cfg: CurateConfig) -> None:
     """Refuse settings outside their range (ConfigError naming the flag), before anything is read or written."""
     bad = []
     if cfg.budget < 1:

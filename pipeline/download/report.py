@@ -23,9 +23,15 @@ PROXY_REFUSAL = re.compile(r"\b403:? rakt proxy refused: ([a-z_]+)")
 # (cause, pattern over img2dataset's error message), first match wins. The messages are those of urllib
 # (HTTPError, URLError, socket timeouts, http.client.IncompleteRead), of img2dataset's resizer (OpenCV) and of
 # the proxy when it cannot connect ("HTTP Error 502: rakt proxy: cannot connect to HOST:PORT: ...").
+# A failure of urllib to reach rakt's proxy itself (every request goes through it: a refused connection is the
+# proxy's, e.g. a worker outliving a killed `rakt download`) or of the machine is no fault of the URL: a shard whose
+# stats record one is fetched again by the next run (RETRY_CAUSES).
 CAUSES: tuple[tuple[str, re.Pattern], ...] = tuple((c, re.compile(p, re.I)) for c, p in (
-    ("timeout", r"\brakt proxy: cannot connect .*timed out"),
+    ("timeout", r"\brakt proxy: cannot connect .*timed out|\brakt proxy: deadline"),
     ("connection_error", r"\brakt proxy: cannot connect"),
+    ("too_large", r"\brakt proxy: response too large"),
+    ("proxy_unreachable", r"\[Errno 111\]|Connection refused"),
+    ("local_error", r"\[Errno (12|23|24|28)\]|Too many open files|Cannot allocate memory|No space left"),
     ("redirect_loop", r"redirect error that would lead to an infinite loop"),
     ("http_404", r"^HTTP Error 404\b"),
     ("http_4xx", r"^HTTP Error 4\d\d\b"),
@@ -40,6 +46,9 @@ CAUSES: tuple[tuple[str, re.Pattern], ...] = tuple((c, re.compile(p, re.I)) for 
     ("connection_error", r"urlopen error|Connection (refused|reset|aborted)|Remote end closed|"
                          r"Name or service not known|certificate|SSL"),
 ))
+
+
+RETRY_CAUSES = ("proxy_unreachable", "local_error")
 
 
 def failure_cause(message: str) -> str:
@@ -135,6 +144,13 @@ def log_summary(report: dict, out: Path) -> None:
     if report["refused"]:
         log.warning("download: %d URLs refused by the address guard and never fetched: %s", report["refused"],
                     ", ".join(f"{c} {n}" for c, n in report["refused_by_cause"].items()))
+    local = {c: n for c, n in report["failed_by_cause"].items() if c in RETRY_CAUSES}
+    if local:
+        log.warning("download: %d URLs failed for a reason that was not theirs (%s); run the same command again "
+                    "to fetch their shards again", sum(local.values()), ", ".join(f"{c} {n}" for c, n in local.items()))
+    if report.get("cut_by_proxy", {}).get("by_cause"):
+        log.warning("download: the proxy cut off %s (--deadline, --max-size-mb); they count as failures under "
+                    "the error the downloader saw", report["cut_by_proxy"]["by_cause"])
     if report["incomplete_shards"]:
         log.warning("download: %d shard(s) not finished (%s); run the same command again to finish them",
                     len(report["incomplete_shards"]), ", ".join(report["incomplete_shards"][:5]))

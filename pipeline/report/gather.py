@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-import yaml
 
+from pipeline.config import ConfigError, load_yaml
 from pipeline.formats import EMBEDDINGS_JSON, INDEX_JSON, MANIFEST_JSON, MANIFEST_PARQUET, REMOVED_PARQUET
 from pipeline.report.deliverable import export_figures
 from pipeline.report.results import summarize
@@ -84,8 +84,8 @@ def gather(run: Path) -> dict:
     ctx = {"config": None, "results": _json(run / "results.json") or {}, "arms": [], "manifests": {}}
     if (run / "run.yaml").exists():
         try:
-            ctx["config"] = yaml.safe_load((run / "run.yaml").read_text()) or {}
-        except yaml.YAMLError as e:
+            ctx["config"] = load_yaml(run / "run.yaml", what="run config")
+        except ConfigError as e:
             log.warning("run.yaml unreadable (%s)", e)
     ctx["steps"] = [r for p in sorted((run / "steps").rglob("*.json")) if not p.name.endswith(".started.json")
                     and (r := _json(p))]

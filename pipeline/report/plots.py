@@ -2,7 +2,6 @@
 sections made only of plots (per-class accuracy, training curves)."""
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tarfile
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.formats import IMAGE_EXTS
+from pipeline.images import DECODE_ERRORS, decode_image
 from pipeline.io import atomic_path
 
 log = logging.getLogger("rakt.report")
@@ -167,8 +167,8 @@ def pick_samples(shards_dir: Path, per_class: int = 8) -> dict:
             with tarfile.open(shard) as tar:
                 for key in keys:
                     data = tar.extractfile(members[(shard, key)]).read()
-                    images[(shard, key)] = Image.open(io.BytesIO(data)).convert("RGB")
-        except (tarfile.TarError, OSError, ValueError) as e:
+                    images[(shard, key)] = decode_image(data)
+        except (tarfile.TarError, *DECODE_ERRORS) as e:
             log.warning("%s: unreadable images (%s); left out of the sample grid", shard, e)
     out = {label: [images[p] for p in picks if p in images] for label, picks in chosen.items()}
     return {label: imgs for label, imgs in out.items() if imgs}

@@ -9,13 +9,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from pipeline.config import ConfigError, load_yaml
+from pipeline.config import ConfigError, load_yaml, parse_yaml
 from pipeline.io import InputError
 from pipeline.rundir import arm_runs
 
 CONFIGS = Path(str(resources.files("pipeline") / "configs"))
+REQUIRED = {"target": ("train", "test", "per_class", "seed")}  # keys the plan reads from sections with no stage
 
 
 def default_config_path() -> Path:
@@ -38,10 +38,10 @@ def load_run_config(path: str | None, overrides: list[str] = (), run_dir: str = 
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY.SUB=VALUE, e.g. --set distill.epochs=3")
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())}); quote "
-                              f"the whole KEY=VALUE and close every bracket, e.g. --set 'curate={{budget: 36}}'") from None
+            parsed = parse_yaml(value, f"--set {item!r}: the value")
+        except ConfigError as e:
+            raise ConfigError(f"{e}; quote the whole KEY=VALUE and close every bracket, e.g. "
+                              f"--set 'curate={{budget: 36}}'") from None
         _set_key(base, key.strip().split("."), parsed)
     if run_dir:
         base["run_dir"] = run_dir
@@ -89,10 +89,35 @@ def _set_key(cfg: dict, keys: list[str], value: Any) -> None:
 
 
 def _check_keys(cfg: dict) -> None:
-    known = set(_read_yaml(default_config_path()))
+    default = _read_yaml(default_config_path())
+    known = set(default)
     unknown = sorted(set(cfg) - known)
     if unknown:
         hint = difflib.get_close_matches(unknown[0], known, n=1)
         raise ConfigError(f"run config: unknown key '{unknown[0]}'" + (f"; did you mean '{hint[0]}'?" if hint else
                                                                         f"; known keys: {', '.join(sorted(known))}"))
+    for key in default:
+        _check_shape(cfg, default, key, key)
     arm_runs(cfg)  # checks every arm name
+
+
+def _check_shape(cfg: dict, default: dict, key: str, name: str) -> None:
+    """A section (a mapping in the default) must stay a mapping (an empty one, e.g. `embed:`, reads as {}) and hold
+    its REQUIRED keys, a list a list; the stage configs check the values themselves."""
+    value, like = cfg.get(key), default[key]
+    if isinstance(like, dict):
+        if value is None and not like:
+            cfg[key] = value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"run config: '{name}' is a section of settings, got {value!r}; set one of its keys "
+                              f"(e.g. --set {name}.KEY=VALUE) or give a mapping ({name}: {{KEY: VALUE}})")
+        for sub in like:
+            if sub not in value and sub in REQUIRED.get(name, ()):
+                raise ConfigError(f"run config: '{name}.{sub}' is missing (--set {name}=... replaces the whole "
+                                  f"section); set single keys with --set {name}.KEY=VALUE")
+            if sub in value:
+                _check_shape(value, like, sub, f"{name}.{sub}")
+    elif isinstance(like, list) and not isinstance(value, (list, str)):
+        raise ConfigError(f"run config: '{name}' must be a list, e.g. {name}: {like!r}, got {value!r}")
+    elif isinstance(like, str) and "." not in name and not isinstance(value, str):
+        raise ConfigError(f"run config: '{name}' must be a string, e.g. {name}: {like!r}, got {value!r}")

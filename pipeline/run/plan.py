@@ -27,8 +27,9 @@ class Step:
     outputs: list[str] = field(default_factory=list)  # cleared when the step reruns with other settings
 
 
-def plan(cfg: dict) -> list[Step]:
-    """Every step of the run config, in order (each step's deps come before it)."""
+def plan(cfg: dict, check: bool = True) -> list[Step]:
+    """Every step of the run config, in order (each step's deps come before it); with `check`, each step's stage
+    checks its settings now (`Stage.check`), so that a bad one fails before the first step, not hours later."""
     run = Path(cfg["run_dir"])
     cfg = expand(cfg, {"data": cfg.get("data") or str(kit_dir())})
     t, enc = cfg["target"], {k: v for k, v in cfg["teacher"].items() if k in ENCODER_KEYS}
@@ -38,6 +39,11 @@ def plan(cfg: dict) -> list[Step]:
     def add(name, stage, values, deps=(), outputs=None, section=None):
         section = (cfg.get(stage) or {}) if section is None else section
         config = from_dict(STAGES[stage].config, {**section, **values}, where=f"run config, step '{name}'")
+        if check:
+            try:
+                STAGES[stage].check(config)
+            except ConfigError as e:
+                raise ConfigError(f"run config, step '{name}': {e}") from None
         steps.append(Step(name, stage, config, list(deps), outputs or [values["out"]]))
 
     pool, task = cfg["pool"], carve_task(cfg)
