@@ -7,6 +7,8 @@ files of 100,000 rows) and a matching query set, then runs
   build-disk  rakt index build SET --kind ivfpq --on-disk              (lists on disk, built in parts)
   retrieve    rakt retrieve QUERIES --index (on-disk index) --k K      (QUERIES x K candidates)
   curate      rakt curate CANDIDATES --budget B --balance class --near-dup 0.98 (+ the leakage guard)
+  dtype       the same pool as float32 too, both indexed flat (exact): recall@10 of the float16 set's neighbours
+              against the float32 set's, for the queries (run at the smallest N only)
 
 and prints wall time, peak RSS (the kernel's high-water mark of the process, as /usr/bin/time reports it: it
 counts pages of memory-mapped files too), peak anonymous RSS (sampled every 0.1 s: memory the process owns,
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.formats import embedding_table, write_embedding_part  # noqa: E402
 
-STAGES = ("build", "build-disk", "retrieve", "curate")
+STAGES = ("build", "build-disk", "retrieve", "curate", "dtype")
 PART_ROWS = 100_000
 
 
@@ -142,6 +144,10 @@ def bench_size(n: int, args: argparse.Namespace, clusters: Clusters) -> list[dic
                        "--near-dup", "0.98", "--eval-embeddings", str(work / "eval"), "--out", str(work / "manifest")],
         }
         for stage in args.stages:
+            if stage == "dtype":
+                if n == min(args.sizes_list):
+                    rows.append(dtype_recall(work, n, clusters, args))
+                continue
             if stage == "retrieve" and not (work / "disk" / "index.json").exists():
                 commands["retrieve"][4] = str(work / "ram")
             result = run_stage(commands[stage], work / f"{stage}.log")
@@ -161,6 +167,27 @@ def bench_size(n: int, args: argparse.Namespace, clusters: Clusters) -> list[dic
     return rows
 
 
+def dtype_recall(work: Path, n: int, clusters: Clusters, args: argparse.Namespace) -> dict:
+    """recall@10 of exact search over the pool stored as float16 against the same pool stored as float32."""
+    from indexes.faiss_index import FaissIndex
+    from indexes.faiss_ops import recall_at
+    from pipeline.formats import EmbeddingParts, embedding_matrix
+
+    write_set(work / "pool32", n, clusters, seed=n, dtype="float32", split="pool", labels=False)
+    for name in ("pool", "pool32"):
+        result = run_stage(["index", "build", str(work / name), "--kind", "flat", "--memory-budget", "16G",
+                            "--out", str(work / f"flat-{name}")], work / f"flat-{name}.log")
+        if result["rc"] != 0:
+            raise RuntimeError((work / f"flat-{name}.log").read_text()[-2000:])
+    queries = np.concatenate([embedding_matrix(b) for b in EmbeddingParts(work / "queries").batches(["embedding"])])
+    found = {name: FaissIndex.open(work / f"flat-{name}").search(queries, 10)[1] for name in ("pool", "pool32")}
+    recall = recall_at(found["pool"], found["pool32"])
+    sizes = {name: sum(p.stat().st_size for p in (work / name).glob("*.parquet")) for name in ("pool", "pool32")}
+    print(f"# n={n:,} dtype: recall@10 of the {args.dtype} set against float32, exact search: {recall:.4f}; "
+          f"set on disk {sizes['pool'] / 2**30:.2f} vs {sizes['pool32'] / 2**30:.2f} GiB", flush=True)
+    return {"n": n, "stage": "dtype", "recall": recall, "sizes": sizes}
+
+
 def table(rows: list[dict]) -> str:
     first = {}
     for r in rows:
@@ -168,6 +195,11 @@ def table(rows: list[dict]) -> str:
     lines = ["| stage | N | wall s | x time | peak RSS GiB | x RSS | peak anon GiB | x anon | notes |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        if r["stage"] == "dtype":
+            lines.append(f"| dtype | {r['n']:,} | | | | | | | recall@10 {r['recall']:.4f} against the float32 "
+                         f"set (exact search); {r['sizes']['pool'] / 2**30:.2f} GiB vs "
+                         f"{r['sizes']['pool32'] / 2**30:.2f} GiB on disk |")
+            continue
         f = first[r["stage"]]
         info = r["info"]
         note = (f"{info.get('factory')}, recall@10 {info.get('recall_at_10')}" if "build" in r["stage"]
@@ -206,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
           f"budget {args.budget}", flush=True)
     clusters = Clusters(args.dim)
     rows = []
-    for n in (int(v) for v in args.sizes.split(",")):
+    args.sizes_list = [int(v) for v in args.sizes.split(",")]
+    for n in args.sizes_list:
         rows += bench_size(n, args, clusters)
     print()
     print(table(rows))

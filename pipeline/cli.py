@@ -6,7 +6,8 @@ import dataclasses
 import json
 import sys
 
-from pipeline.config import ConfigError, RegisteredNames, dump_yaml, from_dict, load_yaml
+from pipeline.config import ConfigError, RegisteredNames, from_dict
+from pipeline.config_yaml import dump_yaml, load_yaml
 from indexes.base import IndexSpecError
 from pipeline.io import MACHINE_ERRORS, InputError, setup_logging
 from pipeline.stages import STAGES, run_stage

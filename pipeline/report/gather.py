@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, load_yaml
+from pipeline.config import ConfigError
+from pipeline.config_yaml import load_yaml
 from pipeline.formats import EMBEDDINGS_JSON, INDEX_JSON, MANIFEST_JSON, MANIFEST_PARQUET, REMOVED_PARQUET
 from pipeline.report.deliverable import export_figures
 from pipeline.report.results import summarize

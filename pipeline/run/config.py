@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 
-from pipeline.config import ConfigError, load_yaml, parse_yaml
+from pipeline.config import ConfigError
+from pipeline.config_yaml import load_yaml, parse_yaml
 from pipeline.io import InputError
 from pipeline.rundir import arm_runs
 

@@ -19,7 +19,8 @@ import uuid
 from pathlib import Path
 
 
-from pipeline.config import ConfigError, dump_yaml, to_dict
+from pipeline.config import ConfigError, to_dict
+from pipeline.config_yaml import dump_yaml
 from pipeline.io import atomic_path, json_hash, output_lock, read_json, write_json
 from pipeline.report import write_report
 from pipeline.report.results import write_results
