@@ -160,3 +160,25 @@ def run_rakt(args: list, *, tmpfs: tuple[Path, int] | None = None, read_only: Pa
         cmd = ["unshare", "-r", "-m", "sh", "-c", " && ".join(steps) + ' && exec "$@"', "sh", *cmd]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def kill_rakt_when(args: list, ready, timeout: float = 120) -> int:
+    """Run `rakt ARGS` in a process of its own, SIGKILL it as soon as `ready()` holds (fail the test if it ends or
+    stalls first); returns its exit status."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"rakt {' '.join(map(str, args[:2]))} ended or stalled before the moment to kill it: "
+                        f"{proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    return proc.returncode

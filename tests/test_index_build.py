@@ -2,25 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from conftest import image_array, write_folder
+from conftest import image_array, kill_rakt_when, write_folder
 from indexes.faiss_index import FaissIndex
 from pipeline.cli import main
 from pipeline.formats import embedding_matrix, embedding_table, read_embedding_set
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def pool_set(root: Path, n: int = 300, d: int = 16, model: str = "open_clip:test:random") -> tuple[Path, np.ndarray]:
@@ -111,19 +105,8 @@ def test_killed_build_resumes(tmp_path, tiny_clip):
     pool = _pool_folder(tmp_path / "pool", per_class=60)  # 120 images, 30 partitions of 4
     args = ["index", "build", str(pool), *_enc(tiny_clip), "--partition-size", "4"]
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--out", str(killed)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not list((killed / "embeddings").glob("part-*.stats.json")) if killed.exists() else True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the build ended or stalled before any partition was done: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    done = lambda: (killed / "embeddings").exists() and any((killed / "embeddings").glob("part-*.stats.json"))  # noqa: E731
+    assert kill_rakt_when([*args, "--out", killed], done) == -signal.SIGKILL
     done_before = _files(killed)
     assert 1 <= len(done_before) < 30 and not (killed / "index.json").exists()
 

@@ -3,27 +3,21 @@ lists in RAM, float16 embedding sets, a memory budget refused up front, a killed
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 
-from conftest import image_array, write_folder
+from conftest import image_array, kill_rakt_when, write_folder
 import indexes.faiss_index as faiss_index
 from indexes.faiss_index import FaissIndex
 from indexes.faiss_files import reconstruct_by_scan
 from pipeline.cli import main
 from pipeline.formats import EmbeddingParts, embedding_matrix, embedding_table, read_embedding_set
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def clustered_set(root: Path, n: int, d: int = 16, per_part: int = 5000, row_group: int = 100,
@@ -144,18 +138,9 @@ def test_killed_on_disk_build_resumes(tmp_path, capsys):
     x = clustered_set(tmp_path / "emb", n=60_000, d=32, per_part=500)
     args = ["index", "build", str(tmp_path / "emb"), "--kind", "IVF64,PQ8", "--on-disk", "--task-rows", "500"]
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--out", str(killed)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not list((killed / ".add-parts").glob("add-*.json")) if (killed / ".add-parts").exists() else True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the build ended or stalled before an add task was done: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    parts = killed / ".add-parts"
+    assert kill_rakt_when([*args, "--out", killed], lambda: parts.exists() and any(parts.glob("add-*.json"))) == \
+        -signal.SIGKILL
     assert not (killed / "index.json").exists()
     assert (killed / ".add-parts" / "trained.faiss").exists()
     assert main([*args, "--out", str(killed)]) == 0
