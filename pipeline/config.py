@@ -122,7 +122,8 @@ class IndexBuildConfig(EmbeddingStoreConfig, EngineConfig, EncoderConfig):
     nprobe: int = option(16, "IVF lists visited per query (stored as the index default)")
     seed: int = option(0, "seed for the training sample", maximum=SEED_MAX)
     task_rows: int = option(0, "vectors per add task of a build in parts (--on-disk, --engine ray): the unit a killed "
-                               "build resumes by (0 = auto: >= 1M, and >= 10x the empty index's size)", minimum=0)
+                               "build resumes by (0 = auto: 1M in process; on Ray >= 1M and >= 10x the empty index's "
+                               "size)", minimum=0)
 
 
 @dataclass

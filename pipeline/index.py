@@ -60,7 +60,8 @@ def run(cfg: IndexBuildConfig) -> dict:
     add_step, trained, parts_dir = None, None, out.resolve() / ADD_PARTS_SUBDIR
     if cfg.engine != "local" or cfg.on_disk:  # else the add step runs in process, batch by batch
         trained = open_parts_dir(parts_dir, {**hashes, "task_rows": cfg.task_rows})
-        add_step = PartitionedAdd(engine, rows, parts_dir, cfg.on_disk, cfg.metric, cfg.task_rows)
+        add_step = PartitionedAdd(engine, rows, parts_dir, cfg.on_disk, cfg.metric, cfg.task_rows,
+                                  local=cfg.engine == "local")
     bar = LazyProgress(parts.n, "index add", unit="vec")  # from the first vector added, not from the training
     with timed("index build"), bar:
         info = build_faiss_index(rows, None, out, model=str(emb_meta.get("model", "")), metric=cfg.metric,

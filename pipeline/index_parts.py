@@ -40,6 +40,7 @@ TRAINED = "trained.faiss"
 STATE_JSON = "state.json"
 MAX_RETRIES = 1
 BATCH_ROWS = 16_384
+LOCAL_TASK_ROWS = 1_000_000  # vectors per task run in process: a part's codes (~72 MB for PQ64) stay small, whatever N
 
 
 @dataclass
@@ -198,32 +199,41 @@ class AddWorkerBuilder:
 
 
 def add_part(job: AddWorkerBuilder, progress: Progress, task: AddTask) -> None:
-    """Fill a copy of the empty index with one task's rows; write the part, its metadata rows, the exact top-k of
-    the recall queries over its rows, and last its done marker (each file atomically)."""
+    """Fill a copy of the empty index with one task's rows; write the part, its metadata rows (as they stream), the
+    exact top-k of the recall queries over its rows, and last its done marker (each file atomically)."""
     from indexes.faiss_ops import ExactTopK
     from indexes.faiss_parts import fill_copy
 
-    out, metas = Path(job.out), []
+    out = Path(job.out)
     exact = ExactTopK(job.queries, 10, job.metric, start=task.first)
+    writer: pq.ParquetWriter | None = None
+    with atomic_path(out / f"meta-{task.name}.parquet") as meta_tmp:
+        count = 0
 
-    def batches():  # one batch in memory at a time
-        for vectors, meta in job.rows.batches(files=task.files):
-            metas.append(meta)
-            yield vectors
+        def batches():  # one batch in memory at a time; its metadata rows written as they come
+            nonlocal count, writer
+            for vectors, meta in job.rows.batches(files=task.files):
+                writer = writer or pq.ParquetWriter(meta_tmp, meta.schema)
+                writer.write_table(meta, row_group_size=8_192)
+                count += len(vectors)
+                yield vectors
 
-    def added(vectors: np.ndarray) -> None:
-        exact.add(vectors)
-        progress.update(len(vectors))
+        def added(vectors: np.ndarray) -> None:
+            exact.add(vectors)
+            progress.update(len(vectors))
 
-    blob = fill_copy(job.empty, batches(), job.normalize, each=added, first_id=task.first)
-    count = sum(m.num_rows for m in metas)
-    if count != task.rows:
-        raise InputError(f"{task}: read {count} vectors, not {task.rows}; the embedding set changed during the build")
+        try:
+            blob = fill_copy(job.empty, batches(), job.normalize, each=added, first_id=task.first)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            pq.write_table(job.rows.metadata.schema.empty_table(), meta_tmp)
+        if count != task.rows:
+            raise InputError(f"{task}: read {count} vectors, not {task.rows}; the embedding set changed during the "
+                             f"build")
     with atomic_path(out / f"add-{task.name}.faiss") as tmp:
         blob.tofile(tmp)
-    with atomic_path(out / f"meta-{task.name}.parquet") as tmp:
-        pq.write_table(pa.concat_tables(metas) if metas else job.rows.metadata.schema.empty_table(), tmp,
-                       row_group_size=8_192)
     with atomic_path(out / f"knn-{task.name}.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, scores=exact.scores, ids=exact.ids)
     write_json(out / f"add-{task.name}.json", {"rows": task.rows, "first": task.first})
@@ -238,7 +248,8 @@ class PartitionedAdd:
     parts_dir: Path
     on_disk: bool
     metric: str
-    task_rows: int = 0  # vectors per task (0 = rows_per_task)
+    task_rows: int = 0  # vectors per task (0 = LOCAL_TASK_ROWS in process, else rows_per_task)
+    local: bool = True  # tasks run in this process: their parts' memory is this process's
     resumed: int = 0  # tasks a killed build had finished
 
     def __call__(self, trained: faiss.Index, normalize: bool, exact: ExactTopK, out: Path) -> faiss.Index:
@@ -250,7 +261,8 @@ class PartitionedAdd:
         if not (self.parts_dir / TRAINED).exists():
             with atomic_path(self.parts_dir / TRAINED) as tmp:
                 blob.tofile(tmp)
-        tasks = add_tasks(self.rows.parts, self.task_rows or rows_per_task(len(blob), trained.sa_code_size()))
+        rows = self.task_rows or (LOCAL_TASK_ROWS if self.local else rows_per_task(len(blob), trained.sa_code_size()))
+        tasks = add_tasks(self.rows.parts, rows)
         todo = [t for t in tasks if not (self.parts_dir / f"add-{t.name}.json").exists()]
         self.resumed = len(tasks) - len(todo)
         log.info("index: adding %d vectors in %d tasks (%d done before)", self.rows.n, len(tasks),

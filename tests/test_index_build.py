@@ -62,6 +62,10 @@ def test_build_joins_extra_metadata(tmp_path, capsys):
                  "--out", str(tmp_path / "index")]) == 0
     meta = FaissIndex.open(tmp_path / "index").metadata(np.array([7, 0, 199]))
     assert meta["caption"].to_pylist() == ["a photo 7", "a photo 0", "a photo 199"]
+    assert main(["index", "build", str(emb), "--metadata", str(tmp_path / "extra.parquet"), "--kind", "IVF4,Flat",
+                 "--on-disk", "--task-rows", "100", "--out", str(tmp_path / "on-disk")]) == 0  # joined in the add tasks
+    meta = FaissIndex.open(tmp_path / "on-disk").metadata(np.array([7, 0, 199]))
+    assert meta["caption"].to_pylist() == ["a photo 7", "a photo 0", "a photo 199"]
     pq.write_table(extra.slice(0, 150), tmp_path / "short.parquet")
     capsys.readouterr()
     assert main(["index", "build", str(emb), "--metadata", str(tmp_path / "short.parquet"),
