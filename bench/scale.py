@@ -124,15 +124,24 @@ def summary(log: Path) -> dict:
 
 def bench_size(n: int, args: argparse.Namespace, clusters: Clusters) -> list[dict]:
     work = Path(args.work) / f"n{n}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    written = work / ".sets-written"  # the three sets are complete (--keep --reuse reads them again)
+    reuse = args.reuse and written.exists() and json.loads(written.read_text()) == set_key(n, args)
     rows = []
     try:
-        secs = write_set(work / "pool", n, clusters, seed=n, dtype=args.dtype, split="pool", labels=False)
-        write_set(work / "queries", args.queries, clusters, seed=1, dtype="float32", split="train", labels=True)
-        write_set(work / "eval", 1000, clusters, seed=2, dtype="float32", split="test", labels=True)
+        if reuse:
+            for old in ("ram", "disk", "candidates", "manifest"):
+                shutil.rmtree(work / old, ignore_errors=True)
+            secs, verb = 0.0, "reused"
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            secs = write_set(work / "pool", n, clusters, seed=n, dtype=args.dtype, split="pool", labels=False)
+            write_set(work / "queries", args.queries, clusters, seed=1, dtype="float32", split="train", labels=True)
+            write_set(work / "eval", 1000, clusters, seed=2, dtype="float32", split="test", labels=True)
+            written.write_text(json.dumps(set_key(n, args)))
+            verb = "wrote"
         disk = sum(p.stat().st_size for p in (work / "pool").glob("*.parquet"))
-        print(f"# n={n:,}: wrote the {args.dtype} set ({disk / 2**30:.2f} GiB) in {secs:.0f} s", flush=True)
+        print(f"# n={n:,}: {verb} the {args.dtype} set ({disk / 2**30:.2f} GiB) in {secs:.0f} s", flush=True)
         engine = ["--engine", args.engine] if args.engine != "local" else []
         commands = {
             "build": ["index", "build", str(work / "pool"), "--kind", "ivfpq", *engine, "--out", str(work / "ram")],
@@ -165,6 +174,11 @@ def bench_size(n: int, args: argparse.Namespace, clusters: Clusters) -> list[dic
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def set_key(n: int, args: argparse.Namespace) -> dict:
+    """What the written sets depend on: a kept set is reused only when all of it matches."""
+    return {"n": n, "dim": args.dim, "dtype": args.dtype, "queries": args.queries}
 
 
 def dtype_recall(work: Path, n: int, clusters: Clusters, args: argparse.Namespace) -> dict:
@@ -225,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="local", choices=("local", "ray"))
     parser.add_argument("--work", default="/tmp/rakt-scale", help="where the sets and outputs go (deleted after)")
     parser.add_argument("--keep", action="store_true", help="keep the files of each size")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --keep: read a size's sets again when an earlier --keep run wrote them")
     args = parser.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
     unknown = set(args.stages) - set(STAGES)
