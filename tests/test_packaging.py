@@ -25,5 +25,5 @@ def test_wheel_holds_every_module_and_data_file(tmp_path):
     shipped = set(zipfile.ZipFile(wheel).namelist())
     wanted = {str(p.relative_to(src)) for package in PACKAGES for p in (src / package).rglob("*")
               if p.is_file() and p.suffix in (".py", ".yaml", ".json")}
-    assert {"pipeline/run/plan.py", "distill/teacher/model.py", "pipeline/configs/default.yaml"} <= wanted
+    assert {"rakt/run/plan.py", "rakt/distill/teacher/model.py", "rakt/pipeline/configs/default.yaml"} <= wanted
     assert wanted - shipped == set()
