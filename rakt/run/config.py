@@ -7,6 +7,7 @@ import difflib
 import os
 from importlib import resources
 from pathlib import Path
+from dataclasses import fields
 from typing import Any
 
 
@@ -14,9 +15,13 @@ from rakt.pipeline.config import ConfigError
 from rakt.pipeline.config_yaml import load_yaml, parse_yaml
 from rakt.pipeline.io import InputError
 from rakt.rundir import arm_runs
+from rakt.stages import STAGES
 
 CONFIGS = Path(str(resources.files("rakt.pipeline") / "configs"))
 REQUIRED = {"target": ("train", "test", "per_class", "seed")}  # keys the plan reads from sections with no stage
+# stages whose every setting the run fills itself: no section of their own, and where their settings come from
+FILLED_BY_RUN = {"labelled": "target.per_class and target.seed", "init": "distill.student, distill.image_size, "
+                 "distill.small_input and the arm's seed"}
 
 
 def default_config_path() -> Path:
@@ -90,16 +95,37 @@ def _set_key(cfg: dict, keys: list[str], value: Any) -> None:
 
 
 def _check_keys(cfg: dict) -> None:
+    """Top-level keys: the default's shared sections and one section per stage of the registry (STAGES); a stage
+    section's keys: its config's fields. Values are the stage configs' own business, checked when the run plans."""
     default = _read_yaml(default_config_path())
-    known = set(default)
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        hint = difflib.get_close_matches(unknown[0], known, n=1)
-        raise ConfigError(f"run config: unknown key '{unknown[0]}'" + (f"; did you mean '{hint[0]}'?" if hint else
-                                                                        f"; known keys: {', '.join(sorted(known))}"))
+    known = set(default) | set(STAGES)
+    _refuse_unknown(set(cfg) - known, known, "run config: unknown key '{}'")
     for key in default:
         _check_shape(cfg, default, key, key)
+    for name, where in FILLED_BY_RUN.items():
+        if name in cfg:
+            raise ConfigError(f"run config: '{name}' has no section: `rakt run` sets every setting of `rakt {name}` "
+                              f"from {where}; set those instead")
+    for name, stage in STAGES.items():
+        section = cfg.get(name)
+        if name in FILLED_BY_RUN:
+            continue
+        if section is None and name not in default:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"run config: '{name}' is a section of settings, got {section!r}; set one of its keys "
+                              f"(e.g. --set {name}.KEY=VALUE) or give a mapping ({name}: {{KEY: VALUE}})")
+        fields_ = {f.name for f in fields(stage.config)}
+        _refuse_unknown(set(section) - fields_, fields_, f"run config: '{name}.{{}}' is not a setting of `rakt {name}`")
     arm_runs(cfg)  # checks every arm name
+
+
+def _refuse_unknown(unknown: set, known: set, message: str) -> None:
+    if unknown:
+        first = sorted(unknown)[0]
+        hint = difflib.get_close_matches(first, known, n=1)
+        raise ConfigError(message.format(first) + (f"; did you mean '{hint[0]}'?" if hint else
+                                                   f"; known keys: {', '.join(sorted(known))}"))
 
 
 def _check_shape(cfg: dict, default: dict, key: str, name: str) -> None:

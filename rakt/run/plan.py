@@ -2,19 +2,19 @@
 config built from the run config's section for that stage plus the step's run-directory paths."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from rakt.indexes.registry import index_spec, spec_location
-from rakt.pipeline.config import ConfigError, from_dict
+from rakt.pipeline.config import ConfigError, EncoderConfig, from_dict
 from rakt.pipeline.formats import CARVE_POOL, CARVE_TEST, CARVE_TRAIN
 from rakt.pipeline.io import kit_dir
 from rakt.run.config import expand
 from rakt.rundir import LABELLED, LABELLED_SHARD, TRANSFER_SETS, Arm, arm_runs
 from rakt.stages import STAGES, adapt_modes, kd_modes
 
-ENCODER_KEYS = ("model", "pretrained", "image_size", "batch_size", "workers", "device", "precision")
+ENCODER_KEYS = tuple(f.name for f in fields(EncoderConfig))  # the teacher keys that embed and index build take
 COLLECT = ("materialize", "download")  # the stages that turn a manifest into shards
 
 
@@ -52,7 +52,7 @@ def plan(cfg: dict, check: bool = True) -> list[Step]:
         t = {**t, "train": [p(f"task/{CARVE_TRAIN}")], "test": [p(f"task/{CARVE_TEST}")]}
         pool = [p(f"task/{CARVE_POOL}")]
     add("labelled", "labelled", {"source": t["train"], "per_class": t["per_class"], "seed": t["seed"],
-                                 "out": p("labelled")}, task, section={})
+                                 "out": p("labelled")}, task)
     add("target", "embed", {**enc, "source": [p(LABELLED_SHARD)], "split": "train", "out": p("target")},
         ["labelled"])
     add("eval", "embed", {**enc, "source": t["test"], "split": "test", "out": p("eval")}, task)
@@ -104,7 +104,7 @@ def plan(cfg: dict, check: bool = True) -> list[Step]:
             add(step("init"), "init", {"student": d.get("student", "resnet18"), "seed": arm.seed,
                                        "small_input": d.get("small_input", False),
                                        "image_size": d.get("image_size", 0), "embeddings": p("target"),
-                                       "out": p(f"{step('init')}/student.pt")}, ["target"], section={})
+                                       "out": p(f"{step('init')}/student.pt")}, ["target"])
             ft = {**(cfg.get("finetune") or {}), **cfg["experiment"].get("labelled", {})}
             add(step("finetune"), "finetune", {**labelled, "student": p(f"{step('init')}/student.pt"),
                                                "seed": arm.seed, "out": p(step("finetune"))},
