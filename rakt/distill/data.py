@@ -24,6 +24,7 @@ import torch
 from rakt.distill.bank import ImageBank
 from rakt.distill.mixing import MixSpec
 from rakt.distill.views import KINDS, draw_views, generator
+from rakt.pipeline.device import rank_world
 
 log = logging.getLogger("rakt")
 
@@ -42,12 +43,6 @@ class ViewSpec:
 
     def draw(self, n: int, gen: torch.Generator, side: int) -> torch.Tensor:
         return draw_views(n, self.kind, gen, scale=self.scale, side=side)
-
-
-def rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def epoch_order(n: int, seed: int, epoch: object, *, shuffle: bool = True) -> torch.Tensor:

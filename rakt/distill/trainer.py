@@ -33,7 +33,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from rakt.distill.students import StudentModel, save_student
-from rakt.pipeline.device import adapt_threads, autocast, autocast_dtype, channels_last, dtype_name, resolve_device
+from rakt.pipeline.device import (adapt_threads, autocast, autocast_dtype, channels_last, dtype_name, rank_world,
+                                   resolve_device)
 from rakt.pipeline.io import InputError, save_torch
 from rakt.pipeline.progress import Progress
 
@@ -119,12 +120,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def load_checkpoint(path: str | Path, student: StudentModel) -> dict:
     """A training checkpoint; one of another student architecture raises InputError."""
     try:  # tensors, numbers and strings only (rng_state): no pickled code runs while reading it
@@ -151,7 +146,7 @@ class Trainer:
 
     def __init__(self, task: nn.Module, settings: TrainSettings, prepare: Prepare) -> None:
         self.s, self.prepare = settings, prepare
-        self.rank, self.world = _dist()
+        self.rank, self.world = rank_world()
         self.device = resolve_device(settings.device)
         if self.device.type == "cuda" and self.device.index is None and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
+from rakt.pipeline.config import PRECISIONS  # noqa: F401  (re-exported)
 from rakt.pipeline.io import InputError
 
 log = logging.getLogger("rakt")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTO = -1  # workers / threads: choose from the core count
 
 
@@ -272,6 +272,13 @@ def adapt_threads(every: float = CHECK_SECONDS) -> int:
                  busy, len(last.ticks))
         torch.set_num_threads(threads)
     return threads
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process in torch.distributed (0, 1 outside it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def device_name(device: torch.device | None = None) -> str:

@@ -23,7 +23,8 @@ from typing import Iterator
 
 import pandas as pd
 
-from rakt.pipeline.formats import IMAGE_EXTS, classes_beside, is_image_name, read_classes  # noqa: F401  (re-exported)
+from rakt.pipeline.formats import (IMAGE_EXTS, LOCATOR_COLUMNS, classes_beside, is_image_name,  # noqa: F401
+                                   read_classes)  # (IMAGE_EXTS, is_image_name, read_classes: re-exported)
 from rakt.pipeline.images import MAX_FILE_BYTES
 from rakt.pipeline.io import InputError, special_file
 from rakt.pipeline.shard_records import shard_records
@@ -31,7 +32,7 @@ from rakt.pipeline.source_specs import ACCEPTED, detect_source
 
 log = logging.getLogger("rakt")
 
-LOCATOR_ORDER = ("shard", "key", "path", "url", "caption")
+LOCATOR_ORDER = LOCATOR_COLUMNS  # the order metadata columns locate an image in
 
 
 @dataclass

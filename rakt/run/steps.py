@@ -161,16 +161,9 @@ def _now() -> str:
 
 
 def device_name() -> str:
-    """'cuda: NVIDIA H100 ...' or 'cpu: MODEL (N cores)'."""
-    import torch
-    if torch.cuda.is_available():
-        return f"cuda: {torch.cuda.get_device_name(0)}"
-    model = ""
-    try:
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"cpu: {model or 'unknown'} ({os.cpu_count()} cores)"
+    """The machine a step ran on (rakt.pipeline.device.device_name), torch imported only now."""
+    from rakt.pipeline.device import device_name as name
+    return name()
 
 
 def status(run_dir: str | Path) -> list[dict]:
