@@ -103,7 +103,7 @@ def labelled_batches(source: Source, split: str, size: int, batch_size: int,
                 skipped["other_split"] += 1
                 continue
             if sample.label is None:
-                skipped["unlabelled"] += 1
+                skipped["no_label"] += 1
                 continue
             try:
                 images.append(decode_uint8(sample.image, size))

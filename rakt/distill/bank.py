@@ -210,7 +210,7 @@ def _decode(source: Source, size: int, split: str, labelled_only: bool, where: P
     for partition in source.partitions:
         for sample in source.read(partition, stats):
             if labelled_only and sample.label is None:
-                stats["unlabelled"] += 1
+                stats["no_label"] += 1
                 continue
             if split and (sample.split or "train") != split:
                 stats["other_split"] += 1
