@@ -97,7 +97,7 @@ def test_rakt_evaluate_writes_report(tmp_path, capsys):
     assert report["count"] == 7 and report["arch"] == "resnet10t"
     assert report["confusion"] == expected["confusion"] and report["accuracy"] == pytest.approx(expected["accuracy"])
     assert sum(map(sum, report["confusion"])) == 7 and len(report["per_class_accuracy"]) == 2
-    assert report["skipped"] == {"other_split": 3, "unlabelled": 1}
+    assert report["skipped"] == {"other_split": 3, "no_label": 1}
     assert report["checkpoint_meta"] == {"mode": "task"}
     assert json.loads(capsys.readouterr().out)["count"] == 7
     assert not list(out.parent.glob(".*tmp*"))  # written atomically, no temp file left
