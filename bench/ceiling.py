@@ -104,7 +104,7 @@ def training_ceiling(student_factory, batch: int, size: int, classes: int, devic
     import torch
 
     from rakt.distill.losses import kd_loss
-    from rakt.distill.trainer import adamw
+    from rakt.distill.train_loop import adamw
     from rakt.pipeline.device import autocast
 
     out = {}
@@ -198,13 +198,13 @@ def measure(args, root: Path) -> dict:
     import torch
 
     from rakt.distill import distill, evaluate, finetune
-    from rakt.distill.bank import open_bank
-    from rakt.distill.data import ViewSpec
+    from rakt.distill.image_bank import open_bank
+    from rakt.distill.batches import ViewSpec
     from rakt.distill.students import create_student
     from rakt.distill.teacher.checkpoint import save_teacher
     from rakt.pipeline.pixels import PixelPipeline
     from rakt.distill.teacher.modes import build_teacher
-    from rakt.distill.trainer_cache import build_cache
+    from rakt.distill.teacher_cache import build_cache
     from rakt.pipeline.config import EncoderConfig, from_dict
     from rakt.stages import STAGES
     from rakt.pipeline.device import autocast_dtype, device_name, dtype_name, resolve_device, set_threads

@@ -43,7 +43,7 @@ def child(variant: str, seconds: float, warmup: int) -> dict:
         torch.set_num_threads(threads)
     from rakt.distill.losses import kd_loss
     from rakt.distill.students import create_student
-    from rakt.distill.trainer import adamw
+    from rakt.distill.train_loop import adamw
     from rakt.pipeline.device import adapt_threads, autocast, autocast_dtype, channels_last
 
     torch.manual_seed(0)

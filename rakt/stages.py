@@ -83,8 +83,8 @@ def _embed() -> ModuleType:
 
 
 def _index() -> ModuleType:
-    from rakt.pipeline import index
-    return index
+    from rakt.pipeline import index_build
+    return index_build
 
 
 def _retrieve() -> ModuleType:

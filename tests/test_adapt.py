@@ -12,7 +12,7 @@ import torch
 
 from rakt.distill.teacher.adapt import run
 from rakt.distill.teacher.checkpoint import load_teacher, read_teacher_meta, save_teacher
-from rakt.distill.teacher.data import load_images
+from rakt.distill.teacher.inputs import load_images
 from rakt.distill.teacher.fit import fit_images
 from rakt.distill.teacher.modes import build_teacher
 from rakt.cli import main

@@ -109,7 +109,7 @@ def test_rakt_works_beside_other_pipeline_and_indexes_packages(tmp_path):
 
 # a stage that runs another stage whole, as its first step (not code shared between them): allowed, with the reason
 RUNS_A_STAGE = {
-    ("rakt.pipeline.index", "rakt.pipeline.embed"): "`rakt index build` over images embeds them first",
+    ("rakt.pipeline.index_build", "rakt.pipeline.embed"): "`rakt index build` over images embeds them first",
     ("rakt.distill.teacher.score", "rakt.pipeline.materialize"): "`rakt score` collects the candidates' images first",
 }
 

@@ -66,7 +66,7 @@ def test_windows_select_as_one_window(world_cands, tmp_path, monkeypatch, name):
 
 def test_near_duplicates_of_a_large_selection_found_in_an_ivf(world_cands, tmp_path, monkeypatch):
     """Above EXACT_NEAR_DUP selected images the near-duplicate search runs in an IVF over them: same drops here."""
-    import rakt.pipeline.curate.filters as filters
+    import rakt.pipeline.curate.similarity as filters
 
     cands, _ = world_cands
     kw = dict(budget=9 + 150, near_dup=0.99)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import image_array, jpeg_bytes, write_shard
-from rakt.distill.bank import DECODED_DIR, open_bank
-from rakt.distill.data import ViewSpec, bank_batches, endless_batches
+from rakt.distill.image_bank import DECODED_DIR, open_bank
+from rakt.distill.batches import ViewSpec, bank_batches, endless_batches
 from rakt.distill.views import draw_views, generator, render
 from rakt.pipeline import device as dev
 from rakt.pipeline.progress import Progress

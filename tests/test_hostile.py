@@ -274,7 +274,7 @@ def test_one_odd_image_never_sets_the_size_of_the_decoded_set(teacher, tmp_path,
     """A transfer shard whose first image is 1x1 and the rest 24x24: distill decodes them at 24 px (the side of
     most), the 1x1 resized to it with a warning; before, the first image set the side of all (1 px). The teacher's
     labelled images follow the same rule."""
-    from rakt.distill.teacher.data import load_images
+    from rakt.distill.teacher.inputs import load_images
 
     samples = [{"__key__": "first", "png": png_bytes(1, 1), "cls": 0}]
     samples += [{"__key__": f"k{i:03d}", "jpg": jpeg_bytes(image_array(i, size=24)), "cls": i % 3} for i in range(15)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rakt.distill.bank import bank_from_tensors
+from rakt.distill.image_bank import bank_from_tensors
 from rakt.distill.config import DistillConfig
-from rakt.distill.data import ViewSpec, bank_batches
+from rakt.distill.batches import ViewSpec, bank_batches
 from rakt.distill.distill import run as run_distill
 from rakt.distill.losses import kd_loss
 from rakt.distill.mixing import MixSpec, apply_mix, draw_mix, mix_teacher_outputs, mix_weight

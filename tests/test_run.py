@@ -19,7 +19,7 @@ import yaml
 from conftest import image_array, jpeg_bytes, write_shard
 from rakt import cli
 from rakt.pipeline.config import ConfigError
-from rakt.distill.teacher.data import load_images
+from rakt.distill.teacher.inputs import load_images
 from rakt.run import KILL_BEFORE_RECORD, execute, load_run_config, status
 
 CLASSES = ["ant", "bee", "cat", "dog"]

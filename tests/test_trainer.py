@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import image_array, jpeg_bytes, write_shard
-from rakt.distill.bank import open_bank
-from rakt.distill.data import ViewSpec, bank_batches
+from rakt.distill.image_bank import open_bank
+from rakt.distill.batches import ViewSpec, bank_batches
 from rakt.distill.distill import run as run_distill
 from rakt.distill.finetune import run as run_finetune
 from rakt.distill.students import load_student
@@ -159,8 +159,8 @@ def test_prepare_shows_the_online_teacher_the_students_mix(world):
     class distributions with the mix's weight at the student's size."""
     from rakt.distill.mixing import MixSpec, apply_mix, mix_weight
     from rakt.distill.teacher.checkpoint import load_teacher
-    from rakt.distill.trainer_cache import build_cache, teacher_input
-    from rakt.distill.training import make_prepare
+    from rakt.distill.teacher_cache import build_cache, teacher_input
+    from rakt.distill.train_setup import make_prepare
     from rakt.distill.views import render
 
     teacher = load_teacher(world["teacher"], device="cpu", classes=CLASSES)
@@ -262,7 +262,7 @@ def test_teacher_cache_equals_fresh_teacher_outputs(world, tmp_path, one_torch_t
     import numpy as np
 
     from rakt.distill.teacher.checkpoint import load_teacher
-    from rakt.distill.trainer_cache import CACHE_DIR, cache_views, teacher_input
+    from rakt.distill.teacher_cache import CACHE_DIR, cache_views, teacher_input
 
     shards = tmp_path / "shards"
     shutil.copytree(world["transfer"], shards)
@@ -323,8 +323,8 @@ def test_rewritten_shard_never_reuses_teacher_outputs(world, tmp_path, one_torch
 
     import numpy as np
 
-    from rakt.distill.bank import ImageBank
-    from rakt.distill.trainer_cache import cache_id
+    from rakt.distill.image_bank import ImageBank
+    from rakt.distill.teacher_cache import cache_id
 
     shards = tmp_path / "shards"
     shutil.copytree(world["transfer"], shards)

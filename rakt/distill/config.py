@@ -81,7 +81,7 @@ class AdaptConfig(EncoderConfig):
 
 @dataclass
 class TrainConfig:
-    """Loop settings shared by `rakt distill` and `rakt finetune` (rakt/distill/trainer.py)."""
+    """Loop settings shared by `rakt distill` and `rakt finetune` (rakt/distill/train_loop.py)."""
     epochs: int = option(10, "passes over the training data")
     batch_size: int = option(128, "images per step and process")
     lr: float = option(1e-3, "peak AdamW learning rate")

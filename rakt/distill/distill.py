@@ -1,5 +1,5 @@
 """`rakt distill`: the adapted teacher -> a timm student on the transfer set (distill.trainer's loop; under
-torchrun, one process per device: see rakt/distill/training.py)."""
+torchrun, one process per device: see rakt/distill/train_setup.py)."""
 from __future__ import annotations
 
 import logging
@@ -8,16 +8,16 @@ from typing import Iterator
 
 import torch
 
-from rakt.distill.bank import ImageBank, JoinedBank, open_bank
+from rakt.distill.image_bank import ImageBank, JoinedBank, open_bank
 from rakt.distill.config import MIXES, DistillConfig
-from rakt.distill.data import ViewSpec, bank_batches, endless_batches, steps_per_epoch
+from rakt.distill.batches import ViewSpec, bank_batches, endless_batches, steps_per_epoch
 from rakt.distill.losses import DistillTask
 from rakt.distill.mixing import MixSpec
 from rakt.distill.students import create_student
 from rakt.distill.teacher.checkpoint import load_teacher, read_teacher_meta
-from rakt.distill.trainer import Trainer, seed_everything
-from rakt.distill.trainer_cache import build_cache
-from rakt.distill.training import (check_config, draw_seed, init_distributed, labelled_bank, make_prepare,
+from rakt.distill.train_loop import Trainer, seed_everything
+from rakt.distill.teacher_cache import build_cache
+from rakt.distill.train_setup import (check_config, draw_seed, init_distributed, labelled_bank, make_prepare,
                                    owns_process_group, settings)
 from rakt.pipeline.config import ConfigError, config_hash, to_dict
 from rakt.pipeline.device import resolve_device, set_threads

@@ -5,10 +5,10 @@ import os
 from typing import Iterator
 
 from rakt.distill.config import FinetuneConfig
-from rakt.distill.data import ViewSpec, bank_batches, steps_per_epoch
+from rakt.distill.batches import ViewSpec, bank_batches, steps_per_epoch
 from rakt.distill.students import load_student
-from rakt.distill.trainer import FinetuneTask, Trainer, seed_everything
-from rakt.distill.training import (check_config, draw_seed, init_distributed, labelled_bank, make_prepare,
+from rakt.distill.train_loop import FinetuneTask, Trainer, seed_everything
+from rakt.distill.train_setup import (check_config, draw_seed, init_distributed, labelled_bank, make_prepare,
                                    owns_process_group, settings)
 from rakt.pipeline.config import ConfigError, config_hash, to_dict
 from rakt.pipeline.device import set_threads

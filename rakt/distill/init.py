@@ -5,7 +5,7 @@ from pathlib import Path
 
 from rakt.distill.config import InitConfig
 from rakt.distill.students import create_student, save_student
-from rakt.distill.trainer import seed_everything
+from rakt.distill.train_loop import seed_everything
 from rakt.pipeline.formats import EMBEDDINGS_JSON
 from rakt.pipeline.io import InputError, read_json
 

@@ -2,7 +2,7 @@
 distillation: a good teacher is patient and consistent", CVPR'22): the student and the teacher see the same mixed
 image, so the student learns the teacher's function between images, not only on them.
 
-A mix is drawn once per batch (rakt/distill/data.py, from a generator seeded by (seed, "mix", epoch), so a resumed run
+A mix is drawn once per batch (rakt/distill/batches.py, from a generator seeded by (seed, "mix", epoch), so a resumed run
 redraws it) as parameters {"kind", "perm", "lam" | "box"} that `apply_mix` applies to the batch's views at any
 resolution: the student's and the teacher's images get the same partner and the same relative CutMix box.
 Each image keeps the share `mix_weight` of its own content and takes the rest from its partner images[perm].

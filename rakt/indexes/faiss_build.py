@@ -91,7 +91,7 @@ def build_faiss_index(vectors: VectorRows | np.ndarray, metadata: pa.Table | Non
     id i); return index.json. `progress(n)` is called as vectors are added in process.
 
     The add step runs here, batch by batch, unless `add_step` is given (parts filled elsewhere and merged, e.g.
-    by rakt/pipeline/index.py); with `on_disk` it must be given and leave the lists on disk beside index-000.faiss.
+    by rakt/pipeline/index_build.py); with `on_disk` it must be given and leave the lists on disk beside index-000.faiss.
     `trained` (the empty index a killed build of the same settings trained) skips training. A build whose peak
     memory exceeds `memory_budget` is refused before anything is read.
     """

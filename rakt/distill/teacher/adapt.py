@@ -28,7 +28,7 @@ import time
 import torch
 
 from rakt.distill.teacher.modes import AdaptMode, get_mode
-from rakt.distill.teacher.data import accuracy_report, is_embedding_set, load_embeddings, load_images
+from rakt.distill.teacher.inputs import accuracy_report, is_embedding_set, load_embeddings, load_images
 from rakt.distill.teacher.fit import image_logits
 from rakt.distill.teacher.checkpoint import load_teacher, read_teacher_meta, save_teacher
 from rakt.distill.teacher.model import AdaptedTeacher

@@ -10,9 +10,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from rakt.distill.teacher.data import holdout_split
+from rakt.distill.teacher.inputs import holdout_split
 from rakt.distill.teacher.model import AdaptedTeacher
-from rakt.distill.trainer import adamw
+from rakt.distill.train_loop import adamw
 from rakt.pipeline.device import adapt_threads
 from rakt.pipeline.progress import Progress
 

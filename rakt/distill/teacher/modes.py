@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from rakt.distill.teacher.data import Labelled, load_embeddings, load_images
+from rakt.distill.teacher.inputs import Labelled, load_embeddings, load_images
 from rakt.distill.teacher.fit import fit_images, fit_linear, zeroshot_weights
 from rakt.distill.teacher.model import AdaptedTeacher, encoder_config, new_teacher
 from rakt.distill.config import AdaptConfig

@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rakt.distill.bank import open_bank
+from rakt.distill.image_bank import open_bank
 from rakt.distill.config import ScoreConfig
-from rakt.distill.data import ViewSpec
+from rakt.distill.batches import ViewSpec
 from rakt.distill.teacher.checkpoint import load_teacher, read_teacher_meta
-from rakt.distill.trainer_cache import build_cache
+from rakt.distill.teacher_cache import build_cache
 from rakt.pipeline.config import ConfigError, MaterializeConfig, config_hash, to_dict
 from rakt.pipeline.manifest_rows import attach_metadata, summarize
 from rakt.pipeline.device import resolve_device, set_threads

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 
 from rakt.pipeline.config import ConfigError, CurateConfig, config_hash, to_dict
-from rakt.pipeline.curate.filters import empty_removed, load_eval_set
+from rakt.pipeline.curate.similarity import empty_removed, load_eval_set
 from rakt.pipeline.curate.rules import CurateContext, leakage_report, registered
 from rakt.pipeline.curate.select import UNLABELLED, class_groups, select_filtered
 from rakt.pipeline.manifest_rows import attach_metadata, summarize

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from rakt.pipeline.config import CurateConfig
-from rakt.pipeline.curate.filters import EvalSet, empty_removed, leakage_matches, near_duplicates
+from rakt.pipeline.curate.similarity import EvalSet, empty_removed, leakage_matches, near_duplicates
 
 log = logging.getLogger("rakt.curate")
 

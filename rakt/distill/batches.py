@@ -1,4 +1,4 @@
-"""Training batches from image banks (rakt/distill/bank.py): the transfer set for distill, the labelled set for
+"""Training batches from image banks (rakt/distill/image_bank.py): the transfer set for distill, the labelled set for
 distill's mixed-in target images and for finetune.
 
 A batch is {"source": uint8 [B, 3, s, s] (the bank's images, CPU), "theta": [B, 2, 3] (each sample's view,
@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from rakt.distill.bank import ImageBank
+from rakt.distill.image_bank import ImageBank
 from rakt.distill.mixing import MixSpec
 from rakt.distill.views import KINDS, draw_views, generator
 from rakt.pipeline.device import rank_world
@@ -61,7 +61,7 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 def bank_batches(bank: ImageBank, *, batch_size: int, seed: int, epoch: object, views: ViewSpec,
                  cache=None, shuffle: bool = True, mix: MixSpec | None = None) -> Iterator[dict]:
-    """One pass over the bank in batches (see the module docstring); `cache` a distill.trainer_cache.TeacherCache,
+    """One pass over the bank in batches (see the module docstring); `cache` a rakt.distill.teacher_cache.TeacherCache,
     `mix` how batches are mixed (None = never)."""
     order = epoch_order(len(bank), seed, epoch, shuffle=shuffle)
     if cache is not None and cache.shares_views:

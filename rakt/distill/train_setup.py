@@ -9,12 +9,12 @@ from typing import Callable
 
 import torch
 
-from rakt.distill.bank import ImageBank, bank_from_tensors
+from rakt.distill.image_bank import ImageBank, bank_from_tensors
 from rakt.distill.losses import teacher_outputs
 from rakt.distill.mixing import apply_mix, mix_teacher_outputs, mix_weight
-from rakt.distill.teacher.data import load_images
-from rakt.distill.trainer import Prepare, TrainSettings
-from rakt.distill.trainer_cache import teacher_input
+from rakt.distill.teacher.inputs import load_images
+from rakt.distill.train_loop import Prepare, TrainSettings
+from rakt.distill.teacher_cache import teacher_input
 from rakt.distill.views import render
 from rakt.pipeline.config import ConfigError
 from rakt.pipeline.device import channels_last, resolve_device
@@ -54,7 +54,7 @@ def settings(cfg, steps_per_epoch: int, meta: dict) -> TrainSettings:
 
 
 def make_prepare(size: int, teacher=None, temperature: float = 1.0) -> Prepare:
-    """prepare() of a batch {"unlabelled": ..., "labelled": ...} (either may be missing; rakt/distill/data.py batches):
+    """prepare() of a batch {"unlabelled": ..., "labelled": ...} (either may be missing; rakt/distill/batches.py batches):
     each part's views rendered on the device at the student's `size`, labels (the unlabelled part's set to -1), and
     with a teacher the teacher's outputs: cached ones from the batch, else the teacher run on the same views.
     A part with a "mix" (rakt/distill/mixing.py) is mixed alike at both sizes, its labels set to -1 (no hard-label CE on

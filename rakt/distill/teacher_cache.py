@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rakt.distill.bank import ImageBank, content_hash
-from rakt.distill.data import ViewSpec
+from rakt.distill.image_bank import ImageBank, content_hash
+from rakt.distill.batches import ViewSpec
 from rakt.distill.losses import teacher_outputs
 from rakt.distill.views import draw_views, generator, render, stable_seed
 from rakt.pipeline.device import adapt_threads

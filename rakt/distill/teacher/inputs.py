@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from rakt.distill.bank import majority_shape
+from rakt.distill.image_bank import majority_shape
 from rakt.pipeline.formats import EMBEDDINGS_JSON, embedding_matrix, read_embedding_set
 from rakt.pipeline.images import DECODE_ERRORS, decode_image, skip_cause
 from rakt.pipeline.io import InputError

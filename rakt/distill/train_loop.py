@@ -9,7 +9,7 @@ StudentModel that is saved at the end (its EMA copy when EMA is on).
 Checkpoint `{out}/checkpoint.pt` (rank 0, atomic temp + rename) holds the task, optimizer, scheduler and EMA
 states, step, epoch, the batches done in that epoch, RNG states (torch, numpy, python) and the student's
 arch. Data position is kept at *epoch granularity*: a resumed run restarts the interrupted epoch's data
-stream from its seeded start (batches depend only on seed and epoch, see rakt/distill/data.py) and skips the
+stream from its seeded start (batches depend only on seed and epoch, see rakt/distill/batches.py) and skips the
 batches already done, so it sees the same batches as an uninterrupted run. metrics.jsonl is appended to; after
 a resume it may repeat the steps between the last checkpoint and the interruption. The summary splits the
 wall time into data (next batch), prepare (views rendered, teacher outputs), forward + backward and optimizer.
