@@ -87,6 +87,8 @@ def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys, monkeypatch)
     scanned.prefetch(np.arange(0, 20_000, 3))
     np.testing.assert_allclose(scanned.embeddings(ids), ram.embeddings(ids), atol=1e-6)
     assert not scanned._direct_maps and len(scanned._located[0].ids) == len(np.union1d(np.arange(0, 20_000, 3), ids))
+    many = np.arange(19_999, 0, -7)  # ids from most lists, decoded together
+    np.testing.assert_allclose(scanned.embeddings(many), ram.embeddings(many), atol=1e-6)
 
 
 def ivf_of(index: FaissIndex):
