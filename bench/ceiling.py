@@ -30,7 +30,7 @@ TARGET = 0.7  # the ratio every stage should reach
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from pipeline.io import kit_dir
+    from rakt.pipeline.io import kit_dir
 
     kit = kit_dir()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -74,7 +74,7 @@ def rate(step, items: int, device, seconds: float = 8.0, steps: int = 0, warmup:
 def layouts(device):
     """(column name, channels_last, autocast dtype) of the compute-only columns. The low-precision column only where
     `--precision auto` picks it: a CPU without native bf16 emulates it at a fraction of fp32's speed."""
-    from pipeline.device import autocast_dtype, dtype_name
+    from rakt.pipeline.device import autocast_dtype, dtype_name
 
     columns = [("fp32", False, None), ("channels_last", True, None)]
     low = autocast_dtype(device, "auto")
@@ -84,7 +84,7 @@ def layouts(device):
 def inference_ceiling(model, batch: int, size: int, device, args) -> dict[str, float]:
     import torch
 
-    from pipeline.device import autocast
+    from rakt.pipeline.device import autocast
 
     out = {}
     for name, cl, dtype in layouts(device):
@@ -103,9 +103,9 @@ def inference_ceiling(model, batch: int, size: int, device, args) -> dict[str, f
 def training_ceiling(student_factory, batch: int, size: int, classes: int, device, args, kd: bool) -> dict[str, float]:
     import torch
 
-    from distill.losses import kd_loss
-    from distill.trainer import adamw
-    from pipeline.device import autocast
+    from rakt.distill.losses import kd_loss
+    from rakt.distill.train_loop import adamw
+    from rakt.pipeline.device import autocast
 
     out = {}
     for name, cl, dtype in layouts(device):
@@ -136,7 +136,7 @@ def write_pool_slice(args, root: Path) -> tuple[list[str], list[str], list[str]]
     import numpy as np
     import webdataset as wds
 
-    from pipeline.sources import open_source
+    from rakt.pipeline.sources import open_source
 
     out = root / "data"
     (out / "pool").mkdir(parents=True, exist_ok=True)
@@ -197,21 +197,21 @@ def measure(args, root: Path) -> dict:
     """Run every stage through rakt's code and its compute-only ceiling; working files go under `root`."""
     import torch
 
-    from distill import distill, evaluate, finetune
-    from distill.bank import open_bank
-    from distill.data import ViewSpec
-    from distill.students import create_student
-    from distill.teacher.checkpoint import save_teacher
-    from pipeline.pixels import PixelPipeline
-    from distill.teacher.modes import build_teacher
-    from distill.trainer_cache import build_cache
-    from pipeline.config import EncoderConfig, from_dict
-    from pipeline.stages import STAGES
-    from pipeline.device import autocast_dtype, device_name, dtype_name, resolve_device, set_threads
-    from pipeline.embed import embed_partition
-    from pipeline.encoders import load_image_encoder
-    from pipeline.encoders import TINY_CLIP
-    from pipeline.sources import open_source
+    from rakt.distill import distill, evaluate, finetune
+    from rakt.distill.image_bank import open_bank
+    from rakt.distill.batches import ViewSpec
+    from rakt.distill.students import create_student
+    from rakt.distill.teacher.checkpoint import save_teacher
+    from rakt.pipeline.pixels import PixelPipeline
+    from rakt.distill.teacher.modes import build_teacher
+    from rakt.distill.teacher_cache import build_cache
+    from rakt.pipeline.config import EncoderConfig, from_dict
+    from rakt.stages import STAGES
+    from rakt.pipeline.device import autocast_dtype, device_name, dtype_name, resolve_device, set_threads
+    from rakt.pipeline.embed import embed_partition
+    from rakt.pipeline.encoders import load_image_encoder
+    from rakt.pipeline.encoders import TINY_CLIP
+    from rakt.pipeline.sources import open_source
 
     device = resolve_device(args.device)
     threads = set_threads()
@@ -242,7 +242,7 @@ def measure(args, root: Path) -> dict:
     source = open_source(transfer)
     out = root / "emb"
     out.mkdir()
-    from pipeline.device import loader_workers
+    from rakt.pipeline.device import loader_workers
     start = time.perf_counter()
     stats = embed_partition(encoder, source, source.partitions[0], out, batch_size=256,
                             workers=loader_workers(-1, device))
@@ -328,11 +328,11 @@ def precision_check(args, device, root: Path) -> dict:
     """recall@10 of bf16 retrieval against fp32, and the adapted teacher's test accuracy, bf16 vs fp32."""
     import numpy as np
 
-    from distill.teacher import adapt
-    from pipeline import embed
-    from pipeline.config import from_dict
-    from pipeline.stages import STAGES
-    from pipeline.formats import embedding_matrix, read_embedding_set
+    from rakt.distill.teacher import adapt
+    from rakt.pipeline import embed
+    from rakt.pipeline.config import from_dict
+    from rakt.stages import STAGES
+    from rakt.pipeline.formats import embedding_matrix, read_embedding_set
 
     data = Path(args.data)
     pool = [str(data / "pool" / "pool-000000.tar.gz")]

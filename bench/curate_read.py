@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{rows} {time.perf_counter() - start:.2f}")
         return 0
     sys.path.insert(0, str(ROOT))
-    from pipeline.device import device_name
+    from rakt.pipeline.device import device_name
 
     work = Path(tempfile.mkdtemp(prefix="rakt-curate-read-"))
     try:

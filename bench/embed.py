@@ -16,7 +16,7 @@ import time
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from pipeline.io import kit_dir
+    from rakt.pipeline.io import kit_dir
 
     default_shards = kit_dir() / "target" / "cifar10" / "cifar10-test-000000.tar.gz"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    from pipeline.config import EncoderConfig
-    from pipeline.embed import image_batches
-    from pipeline.encoders import TINY_CLIP, load_image_encoder
-    from pipeline.sources import open_source
+    from rakt.pipeline.config import EncoderConfig
+    from rakt.pipeline.embed import image_batches
+    from rakt.pipeline.encoders import TINY_CLIP, load_image_encoder
+    from rakt.pipeline.sources import open_source
 
     model = args.model or TINY_CLIP
     cfg = EncoderConfig(model=model, pretrained=args.pretrained, image_size=args.image_size, batch_size=args.batch_size,

@@ -47,7 +47,7 @@ REPORT="$OUT/gpu-check.md"
 START=$(date +%s)
 {
   echo "# rakt GPU check ($MODE), $(date -u +%Y-%m-%d)"
-  $PY -c "from pipeline.device import device_name; import torch; print('device:', device_name(), '| torch', torch.__version__)"
+  $PY -c "from rakt.pipeline.device import device_name; import torch; print('device:', device_name(), '| torch', torch.__version__)"
 } > "$REPORT"
 section() { echo; echo "## $1 ($(( $(date +%s) - START )) s in)"; echo '```'; }
 
@@ -75,22 +75,22 @@ section() { echo; echo "## $1 ($(( $(date +%s) - START )) s in)"; echo '```'; }
 # 3. a short rakt run at GPU sizes
 { section "a short rakt run at GPU sizes"
   if [ "$MODE" = tiny ]; then   # the same command on the kit with a tiny random-init open_clip model
-    DATA=$($PY -c "from pipeline.io import kit_dir; print(kit_dir())")
-    TINY=$($PY -c "from pipeline.encoders import TINY_CLIP; print(TINY_CLIP)")
-    $PY -m pipeline.cli run --run-dir "$OUT/run" --set "teacher.model=$TINY" \
+    DATA=$($PY -c "from rakt.pipeline.io import kit_dir; print(kit_dir())")
+    TINY=$($PY -c "from rakt.pipeline.encoders import TINY_CLIP; print(TINY_CLIP)")
+    $PY -m rakt.cli run --run-dir "$OUT/run" --set "teacher.model=$TINY" \
       --set "teacher.pretrained=''" --set teacher.image_size=32 --set 'adapt={mode: linear}' \
       --set "target.train=[\"$DATA/target/cifar10/cifar10-train-000000.tar.gz\"]" \
       --set "pool=[\"$DATA/pool/pool-000000.tar.gz\"]" --set curate.budget=300 --set distill.epochs=1 \
       --set experiment.labelled.epochs=1 --set finetune.epochs=1 > "$OUT/run.log" 2>&1 || tail -30 "$OUT/run.log"
-    $PY -m pipeline.cli status "$OUT/run"
+    $PY -m rakt.cli status "$OUT/run"
   else
     DATA=$RAKT_DATA
-    $PY -m pipeline.cli run --run-dir "$OUT/run" --set teacher.image_size=224 --set teacher.batch_size=512 \
+    $PY -m rakt.cli run --run-dir "$OUT/run" --set teacher.image_size=224 --set teacher.batch_size=512 \
       --set "target.train=[\"$DATA/target/cifar10/cifar10-train-000000.tar.gz\"]" \
       --set "pool=[\"$DATA/pool/pool-{000000..000001}.tar.gz\"]" --set curate.budget=10000 \
       --set distill.student=resnet18 --set distill.image_size=224 --set distill.batch_size=256 \
       --set distill.epochs=10 --set experiment.labelled.epochs=100 > "$OUT/run.log" 2>&1 || tail -30 "$OUT/run.log"
-    $PY -m pipeline.cli status "$OUT/run"
+    $PY -m rakt.cli status "$OUT/run"
   fi
   echo '```'; } >> "$REPORT"
 

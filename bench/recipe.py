@@ -64,10 +64,10 @@ def transfer_set(run: Path, cfg: dict, budget: int, settings: str = "") -> str:
     """The run's transfer shards, or those of a set curated at `budget` (and `settings`) from the run's candidates."""
     if not budget:
         return str(run / "shards")
-    from pipeline import materialize
-    from pipeline.curate import curate
-    from pipeline.config import from_dict
-    from pipeline.stages import STAGES
+    from rakt.pipeline import materialize
+    from rakt.pipeline.curate import curate
+    from rakt.pipeline.config import from_dict
+    from rakt.stages import STAGES
 
     out = run / f"recipe-sets/b{budget}{'-' + settings.replace(',', '+').replace('=', '') if settings else ''}"
     if not (out / "shards").exists():
@@ -99,12 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    from distill import distill, evaluate, finetune
-    from pipeline.config import from_dict
-    from pipeline.stages import STAGES
-    from pipeline.device import device_name
-    from pipeline.run import read_run_config
-    from pipeline.rundir import LABELLED_SHARD
+    from rakt.distill import distill, evaluate, finetune
+    from rakt.pipeline.config import from_dict
+    from rakt.stages import STAGES
+    from rakt.pipeline.device import device_name
+    from rakt.run import read_run_config
+    from rakt.rundir import LABELLED_SHARD
 
     run = Path(args.run_dir)
     cfg = read_run_config(run)

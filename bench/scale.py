@@ -37,7 +37,7 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.formats import embedding_table, write_embedding_part  # noqa: E402
+from rakt.pipeline.formats import embedding_table, write_embedding_part  # noqa: E402
 
 STAGES = ("build", "build-disk", "retrieve", "curate", "dtype")
 PART_ROWS = 100_000
@@ -88,7 +88,7 @@ def run_stage(args: list[str], log: Path) -> dict:
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(peak_file), sys.executable, "-m",
-                                 "pipeline.cli", *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 "rakt.cli", *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         peak_anon = [0]
         done = threading.Event()
 
@@ -183,9 +183,9 @@ def set_key(n: int, args: argparse.Namespace) -> dict:
 
 def dtype_recall(work: Path, n: int, clusters: Clusters, args: argparse.Namespace) -> dict:
     """recall@10 of exact search over the pool stored as float16 against the same pool stored as float32."""
-    from indexes.faiss_index import FaissIndex
-    from indexes.faiss_ops import recall_at
-    from pipeline.formats import EmbeddingParts, embedding_matrix
+    from rakt.indexes.faiss_index import FaissIndex
+    from rakt.indexes.faiss_ops import recall_at
+    from rakt.pipeline.formats import EmbeddingParts, embedding_matrix
 
     write_set(work / "pool32", n, clusters, seed=n, dtype="float32", split="pool", labels=False)
     for name in ("pool", "pool32"):
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.stages) - set(STAGES)
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}")
-    from pipeline.device import device_name
+    from rakt.pipeline.device import device_name
 
     print(f"device: {device_name()}; {os.cpu_count()} CPUs visible, {len(os.sched_getaffinity(0))} usable; "
           f"memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB")

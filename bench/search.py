@@ -17,8 +17,8 @@ import time
 import faiss
 import numpy as np
 
-from indexes.faiss_index import choose_index, prepare_ivfpq, recall_at, set_nprobe, to_gpu  # noqa: E402
-from pipeline.device import device_name  # noqa: E402
+from rakt.indexes.faiss_index import choose_index, prepare_ivfpq, recall_at, set_nprobe, to_gpu  # noqa: E402
+from rakt.pipeline.device import device_name  # noqa: E402
 
 
 def clustered(n: int, rng: np.random.Generator, centers: np.ndarray, lift: np.ndarray, noise: float = 0.6,

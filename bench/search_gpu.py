@@ -1,7 +1,7 @@
 """Benchmark: exact search in PyTorch (fp16 flat on GPU) and faiss-gpu IVF-PQ, with the roofline beside each figure.
 
 Not a test. On a GPU: a flat index of --sizes vectors (default 16M x 768, fp16: ~24.6 GB) searched by the torch
-exact search (indexes/torch_search.py), and, when faiss-gpu imports and sees a GPU, IVF-PQ over --ivfpq-sizes
+exact search (rakt/indexes/torch_search.py), and, when faiss-gpu imports and sees a GPU, IVF-PQ over --ivfpq-sizes
 (default 100M, simulated from the same clustered random data). Without a GPU: the same code on the CPU at a small
 size (200k x 512), beside faiss's CPU flat search. Data are clustered random unit vectors generated on the
 device in chunks (regenerated, never held in fp32 at full size); recall@k is measured against exact fp32
@@ -26,9 +26,9 @@ import torch
 
 import faiss  # noqa: E402
 
-from indexes.faiss_index import choose_index, prepare_ivfpq, recall_at, set_nprobe, to_gpu  # noqa: E402
-from indexes.torch_search import TorchExactSearch, _block_scores, cuda_available  # noqa: E402
-from pipeline.device import device_name  # noqa: E402
+from rakt.indexes.faiss_index import choose_index, prepare_ivfpq, recall_at, set_nprobe, to_gpu  # noqa: E402
+from rakt.indexes.torch_search import TorchExactSearch, _block_scores, cuda_available  # noqa: E402
+from rakt.pipeline.device import device_name  # noqa: E402
 
 GPU_DEFAULTS = {"sizes": "16000000", "dim": 768, "queries": 32768, "batch": 8192, "ivfpq_sizes": "100000000"}
 CPU_DEFAULTS = {"sizes": "200000", "dim": 512, "queries": 2048, "batch": 1024, "ivfpq_sizes": ""}

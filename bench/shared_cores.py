@@ -8,7 +8,7 @@ Each measurement is a fresh child process (OpenMP reads its settings when torch 
 channels_last where `--precision auto` picks them, as `rakt distill` trains. A variant is
 - `before`: what rakt did before it chose threads for a shared machine: torch loaded with no OpenMP setting,
   one intra-op thread per core this process may use;
-- `after`: whatever rakt does now (`pipeline.device.set_threads()` after importing rakt, as every stage does);
+- `after`: whatever rakt does now (`rakt.pipeline.device.set_threads()` after importing rakt, as every stage does);
 - `POLICY:THREADS`: OMP_WAIT_POLICY (default = unset, passive, active) and a thread count, to explore.
 A neighbour is `none`, `busy` (one python busy loop, placed by the scheduler) or `pinned` (the same loop pinned to
 the first allowed core). Runs alternate variants within each repeat, so drift in the machine's load hits them alike.
@@ -31,20 +31,20 @@ BUSY_LOOP = "while True: pass"
 def child(variant: str, seconds: float, warmup: int) -> dict:
     """One measurement in this process: steps/s of the training loop for `seconds` after `warmup` steps."""
     if variant == "after":
-        import pipeline  # noqa: F401  rakt's package, as a stage imports it before torch
+        import rakt.pipeline  # noqa: F401  rakt's package, as a stage imports it before torch
         import torch
-        from pipeline.device import set_threads
+        from rakt.pipeline.device import set_threads
         threads = set_threads()
     else:
         import torch
-        from pipeline.device import cpu_cores, keep_freed_memory
+        from rakt.pipeline.device import cpu_cores, keep_freed_memory
         keep_freed_memory()
         threads = cpu_cores() if variant == "before" else int(variant.split(":")[1])
         torch.set_num_threads(threads)
-    from distill.losses import kd_loss
-    from distill.students import create_student
-    from distill.trainer import adamw
-    from pipeline.device import adapt_threads, autocast, autocast_dtype, channels_last
+    from rakt.distill.losses import kd_loss
+    from rakt.distill.students import create_student
+    from rakt.distill.train_loop import adamw
+    from rakt.pipeline.device import adapt_threads, autocast, autocast_dtype, channels_last
 
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(args.child, args.seconds, args.warmup)))
         return
-    from pipeline.device import cpu_bf16_native, device_name
+    from rakt.pipeline.device import cpu_bf16_native, device_name
 
     print(f"device: {device_name(None)}; bf16 autocast: {cpu_bf16_native()}; load average before: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)

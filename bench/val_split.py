@@ -32,8 +32,8 @@ def pool_target_keys(pool_dir: Path) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.io import kit_dir
-    from pipeline.sources import open_source
+    from rakt.pipeline.io import kit_dir
+    from rakt.pipeline.sources import open_source
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(kit_dir()), help="the data kit (default: $RAKT_DATA or ../shared/data)")

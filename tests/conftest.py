@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.encoders import TINY_CLIP
+from rakt.pipeline.encoders import TINY_CLIP
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_clip() -> str:
-    """Path of rakt's tiny open_clip model config (random init; pipeline/models/): pass it as the model name."""
+    """Path of rakt's tiny open_clip model config (random init; rakt/pipeline/models/): pass it as the model name."""
     return TINY_CLIP
 
 
@@ -145,7 +145,7 @@ def run_rakt(args: list, *, tmpfs: tuple[Path, int] | None = None, read_only: Pa
     """`rakt ARGS` in a fresh process (stdout, stderr as text). With `tmpfs` (DIR, KiB) DIR is a filesystem of that
     size (a full disk), with `read_only` DIR is seen read-only, and `before` runs first in the shell (e.g. copies
     onto the small disk): in a user + mount namespace, so no root is needed; skipped where there is none."""
-    cmd = [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "rakt.cli", *map(str, args)]
     steps = []
     if tmpfs is not None:
         steps.append(f"mount -t tmpfs -o size={tmpfs[1]}k tmpfs {shlex.quote(str(tmpfs[0]))}")
@@ -169,7 +169,7 @@ def kill_rakt_when(args: list, ready, timeout: float = 120) -> int:
     import time
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "rakt.cli", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
     while not ready():

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from distill.teacher.adapt import run
-from distill.teacher.checkpoint import load_teacher, read_teacher_meta, save_teacher
-from distill.teacher.data import load_images
-from distill.teacher.fit import fit_images
-from distill.teacher.modes import build_teacher
-from pipeline.cli import main
-from distill.config import AdaptConfig
-from pipeline.config import ConfigError, EncoderConfig
-from pipeline.encoders import encoder_model_id, load_text_encoder
-from pipeline.formats import embedding_table
-from pipeline.io import InputError, write_json, write_parquet
+from rakt.distill.teacher.adapt import run
+from rakt.distill.teacher.checkpoint import load_teacher, read_teacher_meta, save_teacher
+from rakt.distill.teacher.inputs import load_images
+from rakt.distill.teacher.fit import fit_images
+from rakt.distill.teacher.modes import build_teacher
+from rakt.cli import main
+from rakt.distill.config import AdaptConfig
+from rakt.pipeline.config import ConfigError, EncoderConfig
+from rakt.pipeline.encoders import encoder_model_id, load_text_encoder
+from rakt.pipeline.formats import embedding_table
+from rakt.pipeline.io import InputError, write_json, write_parquet
 
 TEACHER = "teachers/tf_efficientnet_lite0.in1k.safetensors"
 CLASSES = ["ant", "bee", "cat"]
@@ -236,8 +236,8 @@ def test_linear_embeds_train_images_when_no_embedding_set(tiny_clip, make_folder
 def test_adapt_modes_registry_is_the_list_of_modes():
     import dataclasses
 
-    from distill.teacher.modes import ADAPT_MODES, get_mode
-    from distill.config import AdaptConfig
+    from rakt.distill.teacher.modes import ADAPT_MODES, get_mode
+    from rakt.distill.config import AdaptConfig
 
     field = {f.name: f for f in dataclasses.fields(AdaptConfig)}["mode"]
     assert list(field.metadata["choices"]) == list(ADAPT_MODES) and "zeroshot" in field.metadata["choices"]

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import image_array, jpeg_bytes, write_shard
-from pipeline import cli
-from pipeline.run import execute, load_run_config, status
-from pipeline.run.plan import plan
+from rakt import cli
+from rakt.run import execute, load_run_config, status
+from rakt.run.plan import plan
 
 CLASSES = ["boot", "coat", "sock"]
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cli import build_parser, main, stage_config
-from pipeline.config import ConfigError, CurateConfig, config_hash, from_dict
+from rakt.cli import build_parser, main, stage_config
+from rakt.pipeline.config import ConfigError, CurateConfig, config_hash, from_dict
 
 
 def test_yaml_section_and_cli_override(tmp_path):

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from indexes.faiss_index import build_faiss_index
-from pipeline import cli
-from pipeline.config import CurateConfig, RetrieveConfig
-from pipeline.curate.curate import run
-from pipeline.formats import embedding_table
-from pipeline.io import InputError, write_json, write_parquet
-from pipeline.retrieve import run as retrieve
+from rakt.indexes.faiss_index import build_faiss_index
+from rakt import cli
+from rakt.pipeline.config import CurateConfig, RetrieveConfig
+from rakt.pipeline.curate.curate import run
+from rakt.pipeline.formats import embedding_table
+from rakt.pipeline.io import InputError, write_json, write_parquet
+from rakt.pipeline.retrieve import run as retrieve
 
 DIM = 32
 MODEL = "rakt-test-model"
@@ -231,8 +231,8 @@ def test_running_out_of_candidates_warns_and_counts_empty_slots(tmp_path, caplog
 
 
 def test_a_registered_rule_is_applied_counted_and_audited(tmp_path, monkeypatch):
-    from pipeline.curate import rules as curate_rules
-    from pipeline.curate.rules import RuleResult, register, removed_rows, without
+    from rakt.pipeline.curate import rules as curate_rules
+    from rakt.pipeline.curate.rules import RuleResult, register, removed_rows, without
 
     monkeypatch.setattr(curate_rules, "RULES", dict(curate_rules.RULES))  # the test's rule stays in the test
 

@@ -1,4 +1,4 @@
-"""curate over candidates read a rank window at a time (pipeline/curate/windows.py): the manifest, removed.parquet
+"""curate over candidates read a rank window at a time (rakt/pipeline/curate/windows.py): the manifest, removed.parquet
 and counts equal those of one window holding every candidate, whatever the rules and the balance."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.curate.windows as windows
+import rakt.pipeline.curate.windows as windows
 from test_curate import World, curate, unit, write_embedding_set, MODEL
 from test_teacher_curation import write_scores
 
@@ -66,7 +66,7 @@ def test_windows_select_as_one_window(world_cands, tmp_path, monkeypatch, name):
 
 def test_near_duplicates_of_a_large_selection_found_in_an_ivf(world_cands, tmp_path, monkeypatch):
     """Above EXACT_NEAR_DUP selected images the near-duplicate search runs in an IVF over them: same drops here."""
-    import pipeline.curate.filters as filters
+    import rakt.pipeline.curate.similarity as filters
 
     cands, _ = world_cands
     kw = dict(budget=9 + 150, near_dup=0.99)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from indexes.registry import list_index_schemes, open_index
-from pipeline.cli import main
-from pipeline.formats import embedding_table
+from rakt.indexes.registry import list_index_schemes, open_index
+from rakt.cli import main
+from rakt.pipeline.formats import embedding_table
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "custom-index.md"
 

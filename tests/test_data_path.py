@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import image_array, jpeg_bytes, write_shard
-from distill.bank import DECODED_DIR, open_bank
-from distill.data import ViewSpec, bank_batches, endless_batches
-from distill.views import draw_views, generator, render
-from pipeline import device as dev
-from pipeline.progress import Progress
+from rakt.distill.image_bank import DECODED_DIR, open_bank
+from rakt.distill.batches import ViewSpec, bank_batches, endless_batches
+from rakt.distill.views import draw_views, generator, render
+from rakt.pipeline import device as dev
+from rakt.pipeline.progress import Progress
 
 
 @pytest.fixture
@@ -195,7 +195,7 @@ def test_threads_follow_a_busy_neighbour_and_an_explicit_count_stays():
 
 MMAPPED_BLOCKS = """
 import ctypes, sys
-from pipeline import device
+from rakt.pipeline import device
 if sys.argv[1] == "tuned":
     assert device.keep_freed_memory()
 class Info(ctypes.Structure):
@@ -218,7 +218,7 @@ def test_freed_activation_sized_blocks_stay_in_the_heap():
                             cwd=Path(__file__).resolve().parents[1])
     assert run([sys.executable, "-c", MMAPPED_BLOCKS, "default"]).stdout.split() == ["1"]
     assert run([sys.executable, "-c", MMAPPED_BLOCKS, "tuned"]).stdout.split() == ["0"]
-    users = run([sys.executable, "-c", "from pipeline import device; print(device.keep_freed_memory())"],
+    users = run([sys.executable, "-c", "from rakt.pipeline import device; print(device.keep_freed_memory())"],
                 env={**env, "MALLOC_TRIM_THRESHOLD_": "1048576"})
     assert users.stdout.split() == ["False"]
 

@@ -28,11 +28,11 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import image_array, jpeg_bytes, png_bomb
-from pipeline.cli import main
-from pipeline.config import DownloadConfig
-from pipeline.download import proxy as download_proxy
-from pipeline.download.guard import AddressGuard
-from pipeline.download.report import failure_cause
+from rakt.cli import main
+from rakt.pipeline.config import DownloadConfig
+from rakt.pipeline.download import proxy as download_proxy
+from rakt.pipeline.download.guard import AddressGuard
+from rakt.pipeline.download.report import failure_cause
 
 if importlib.util.find_spec("img2dataset") is None:  # the `download` and `test` extras install it
     pytest.skip("img2dataset is not installed", allow_module_level=True)

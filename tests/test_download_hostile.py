@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from pipeline.cli import main
-from pipeline.download import proxy as download_proxy
-from pipeline.download.guard import AddressGuard
-from pipeline.download.report import failure_cause
+from rakt.cli import main
+from rakt.pipeline.download import proxy as download_proxy
+from rakt.pipeline.download.guard import AddressGuard
+from rakt.pipeline.download.report import failure_cause
 from test_download import LOOPBACK, no_egress, read_samples, serve, write_manifest  # noqa: F401 (fixture)
 
 WAIT_S = 120  # upper bounds only: nothing here waits for a time to pass
@@ -70,7 +70,7 @@ def test_kill_9_of_download_leaves_no_worker_and_the_rerun_gets_every_image(serv
     out = tmp_path / "out"
     flags = [*LOOPBACK, "--processes", "1", "--threads", "4", "--timeout", "60", "--image-size", "48",
              "--shard-size", "20"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "download", str(manifest), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "rakt.cli", "download", str(manifest), "--out", str(out),
                              *flags], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert server.held.wait(WAIT_S), "no worker reached the server"
@@ -175,7 +175,7 @@ def test_a_download_contacts_only_the_manifests_hosts(server, tmp_path, monkeypa
         env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
         url = f"http://127.0.0.1:{sentinel.server_address[1]}"
         env.update(http_proxy=url, https_proxy=url, HTTP_PROXY=url, HTTPS_PROXY=url, no_proxy="", NO_PROXY="")
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "-v", "download", str(manifest), "--out",
+        proc = subprocess.run([sys.executable, "-m", "rakt.cli", "-v", "download", str(manifest), "--out",
                                str(tmp_path / "out"), *LOOPBACK, "--processes", "1", "--threads", "2",
                                "--image-size", "48"], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=WAIT_S * 3)

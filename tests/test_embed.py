@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.cli import main
-from pipeline.config import ConfigError, EmbedConfig
-from pipeline.embed import EmbedWorkerBuilder
-from pipeline.engines import LocalEngine, TasksFailedError, get_engine, raise_if_failed
-from pipeline.formats import embedding_matrix, read_embedding_set
-from pipeline.io import InputError
-from pipeline.sources import open_source
+from rakt.cli import main
+from rakt.pipeline.config import ConfigError, EmbedConfig
+from rakt.pipeline.embed import EmbedWorkerBuilder
+from rakt.pipeline.engines import LocalEngine, TasksFailedError, get_engine, raise_if_failed
+from rakt.pipeline.formats import embedding_matrix, read_embedding_set
+from rakt.pipeline.io import InputError
+from rakt.pipeline.sources import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_clip, mak
     killed = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     # a DataLoader worker per partition makes each take long enough to kill the run half way
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "embed", str(folder), *flags, "--workers", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "rakt.cli", "embed", str(folder), *flags, "--workers", "1",
                              "--out", str(killed)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -177,7 +177,7 @@ def test_refuses_another_model_or_draw_in_the_same_out(messy_folder, tiny_clip, 
 
 
 def _save_tiny(tiny_clip: str, tmp_path: Path) -> Path:
-    from pipeline.encoders import load_image_encoder
+    from rakt.pipeline.encoders import load_image_encoder
     path = tmp_path / "tiny.pt"
     torch.save(load_image_encoder(EmbedConfig(model=tiny_clip, pretrained="")).model.state_dict(), path)
     return path
@@ -288,7 +288,7 @@ def test_failed_first_run_does_not_block_the_corrected_one(messy_folder, tiny_cl
     assert json.loads(capsys.readouterr().out)["count"] == 13
 
 
-HOLD = "import sys, time\nfrom pipeline.io import output_lock\nwith output_lock(sys.argv[1]):\n" \
+HOLD = "import sys, time\nfrom rakt.pipeline.io import output_lock\nwith output_lock(sys.argv[1]):\n" \
        "    print('held', flush=True)\n    time.sleep(120)\n"
 
 

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import EncoderConfig
-from pipeline.encoders import load_image_encoder
-from pipeline.io import InputError, file_hash
-from pipeline.sources import open_source
+from rakt.pipeline.config import EncoderConfig
+from rakt.pipeline.encoders import load_image_encoder
+from rakt.pipeline.io import InputError, file_hash
+from rakt.pipeline.sources import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "tf_efficientnet_lite0.in1k.safetensors"
@@ -65,7 +65,7 @@ def test_local_checkpoint_round_trip(tiny_clip, pictures, tmp_path):
 def test_offline_tag_fails_fast_with_the_fix(tmp_path, folder_of_two):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "embed", str(folder_of_two), "--model", "ViT-B-32",
+    proc = subprocess.run([sys.executable, "-m", "rakt.cli", "embed", str(folder_of_two), "--model", "ViT-B-32",
                            "--pretrained", "laion2b_s34b_b79k", "--out", str(tmp_path / "out")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - start

@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import jpeg_bytes, write_shard
-from pipeline.cli import main
+from rakt.cli import main
 
 N_TARGETS = 10
 

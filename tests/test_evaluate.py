@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from conftest import image_array, jpeg_bytes, write_shard
-from distill.evaluate import decode_rgb, evaluate_model
-from distill.students import create_student, save_student
-from pipeline.cli import main
+from rakt.distill.accuracy import decode_rgb, evaluate_model
+from rakt.distill.students import create_student, save_student
+from rakt.cli import main
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -97,7 +97,7 @@ def test_rakt_evaluate_writes_report(tmp_path, capsys):
     assert report["count"] == 7 and report["arch"] == "resnet10t"
     assert report["confusion"] == expected["confusion"] and report["accuracy"] == pytest.approx(expected["accuracy"])
     assert sum(map(sum, report["confusion"])) == 7 and len(report["per_class_accuracy"]) == 2
-    assert report["skipped"] == {"other_split": 3, "unlabelled": 1}
+    assert report["skipped"] == {"other_split": 3, "no_label": 1}
     assert report["checkpoint_meta"] == {"mode": "task"}
     assert json.loads(capsys.readouterr().out)["count"] == 7
     assert not list(out.parent.glob(".*tmp*"))  # written atomically, no temp file left
@@ -139,7 +139,7 @@ def test_prefetched_keeps_order_raises_in_place_and_lets_go_early():
     after the items before it; a consumer that stops early leaves no producer thread behind."""
     import threading
 
-    from pipeline.io import prefetched
+    from rakt.pipeline.io import prefetched
 
     assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
 

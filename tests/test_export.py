@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import image_array, jpeg_bytes, write_shard
-from distill.evaluate import decode_rgb
-from distill.students import create_student, save_student
-from pipeline.cli import main
+from rakt.distill.accuracy import decode_rgb
+from rakt.distill.students import create_student, save_student
+from rakt.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,7 +75,7 @@ def test_export_writes_checked_onnx_and_torchscript(student_and_shard, tmp_path,
 
 def test_export_fails_when_the_exported_model_disagrees(student_and_shard, tmp_path, monkeypatch, capsys):
     """An exported graph whose predictions move to the next class scores 4/12 instead of 8/12: refused."""
-    import distill.export as export
+    import rakt.distill.export as export
 
     _, ckpt, shard, _ = student_and_shard
     real = export.export_torchscript
@@ -99,7 +99,7 @@ def test_export_fails_when_the_exported_model_disagrees(student_and_shard, tmp_p
 
 
 def test_export_without_onnx_packages(student_and_shard, tmp_path, monkeypatch, capsys):
-    import distill.export as export
+    import rakt.distill.export as export
 
     _, ckpt, shard, _ = student_and_shard
     monkeypatch.setattr(export, "missing_onnx_packages", lambda: ["onnxruntime"])
@@ -125,8 +125,8 @@ def test_export_clear_errors(student_and_shard, tmp_path, capsys):
 
 
 def test_run_plan_exports_the_main_arm_only(tmp_path):
-    from pipeline.run.config import load_run_config
-    from pipeline.run.plan import plan
+    from rakt.run.config import load_run_config
+    from rakt.run.plan import plan
 
     steps = plan(load_run_config("experiment", run_dir=str(tmp_path / "run")))
     exports = [s for s in steps if s.stage == "export"]
@@ -139,9 +139,9 @@ def test_run_plan_exports_the_main_arm_only(tmp_path):
 
 def teacher_checkpoint(path, tiny_clip: str) -> Path:
     """A tiny open_clip ViT teacher (random init, 32 px) with a linear head for CLASSES, as `rakt adapt` saves one."""
-    from distill.teacher.checkpoint import save_teacher
-    from distill.teacher.modes import build_teacher
-    from pipeline.config import EncoderConfig
+    from rakt.distill.teacher.checkpoint import save_teacher
+    from rakt.distill.teacher.modes import build_teacher
+    from rakt.pipeline.config import EncoderConfig
 
     torch.manual_seed(0)
     teacher = build_teacher(EncoderConfig(model=tiny_clip, pretrained="", device="cpu"), len(CLASSES), "linear")
@@ -163,7 +163,7 @@ def test_export_times_the_teacher_in_the_students_runtimes(student_and_shard, ti
     """--teacher: the teacher goes through the student's runtimes at its own input size with the same threads; its
     parameters are its image tower's and head's (not the text tower's), its multiply-adds include attention."""
     pytest.importorskip("onnxruntime")
-    from distill.teacher.checkpoint import load_teacher
+    from rakt.distill.teacher.checkpoint import load_teacher
 
     _, ckpt, shard, _ = student_and_shard
     teacher_pt = teacher_checkpoint(tmp_path / "teacher.pt", tiny_clip)
@@ -190,8 +190,8 @@ def test_the_clip_tower_the_report_names_is_counted_as_the_export_counts():
     figure: open_clip's ViT-B/32 image tower, recounted here with the export's counter."""
     import open_clip
 
-    from distill.runtimes import model_cost
-    from pipeline.report.deliverable import CLIP_IMAGE_TOWER
+    from rakt.distill.runtimes import model_cost
+    from rakt.report.deliverable import CLIP_IMAGE_TOWER
 
     tower = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
     assert model_cost(tower, 224) == {k: CLIP_IMAGE_TOWER[k] for k in ("input_size", "parameters", "multiply_adds")}
@@ -215,7 +215,7 @@ def _runtimes(pytorch: tuple, onnx: tuple, torchscript: tuple) -> dict:
 
 
 def _section(run) -> str:
-    from pipeline.report import write_report
+    from rakt.report import write_report
 
     md = open(write_report(run)["markdown"]).read()
     start = md.index("## The student as a deliverable")
@@ -229,8 +229,8 @@ STUDENT = {"name": "resnet10t", "input_size": 64, "parameters": 4_927_618, "mult
 def test_report_compares_student_and_teacher_like_for_like(tmp_path):
     """One table, both models in every runtime; the report says plainly that a student larger than its teacher is
     not smaller, and not faster where it is not, and why."""
-    from pipeline.report.deliverable import export_figures
-    from pipeline.report.results import results_text
+    from rakt.report.deliverable import export_figures
+    from rakt.report.results import results_text
 
     _export_json(tmp_path, STUDENT,
                  {"name": "timm:tf_efficientnet_lite0", "mode": "finetune", "input_size": 128, "parameters": 3_383_818,

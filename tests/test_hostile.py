@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from conftest import image_array, jpeg_bytes, run_rakt, write_shard
-from pipeline import cli
+from rakt import cli
 from test_run import config, world  # noqa: F401  (the tiny run world: target and pool shards)
 
 TEACHER_CLASSES = ["ant", "bee", "cat"]
@@ -48,9 +48,9 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher(tiny_clip, tmp_path_factory) -> Path:
     """A linear teacher over the tiny open_clip config (3 classes)."""
-    from distill.teacher.checkpoint import save_teacher
-    from distill.teacher.modes import build_teacher
-    from pipeline.config import EncoderConfig
+    from rakt.distill.teacher.checkpoint import save_teacher
+    from rakt.distill.teacher.modes import build_teacher
+    from rakt.pipeline.config import EncoderConfig
 
     torch.manual_seed(0)
     model = build_teacher(EncoderConfig(model=tiny_clip, pretrained="", device="cpu"), len(TEACHER_CLASSES),
@@ -210,8 +210,8 @@ def test_readers_decide_on_file_type_and_declared_size_before_reading(tmp_path, 
 
 
 def test_materialize_and_distill_skip_an_image_of_extreme_shape(shards, teacher, tmp_path):
-    from pipeline.materialize import run as materialize
-    from pipeline.config import MaterializeConfig
+    from rakt.pipeline.materialize import run as materialize
+    from rakt.pipeline.config import MaterializeConfig
     from test_materialize import write_manifest
 
     pool = tmp_path / "pool" / "pool-000000.tar"
@@ -274,7 +274,7 @@ def test_one_odd_image_never_sets_the_size_of_the_decoded_set(teacher, tmp_path,
     """A transfer shard whose first image is 1x1 and the rest 24x24: distill decodes them at 24 px (the side of
     most), the 1x1 resized to it with a warning; before, the first image set the side of all (1 px). The teacher's
     labelled images follow the same rule."""
-    from distill.teacher.data import load_images
+    from rakt.distill.teacher.inputs import load_images
 
     samples = [{"__key__": "first", "png": png_bytes(1, 1), "cls": 0}]
     samples += [{"__key__": f"k{i:03d}", "jpg": jpeg_bytes(image_array(i, size=24)), "cls": i % 3} for i in range(15)]
@@ -292,8 +292,8 @@ def test_an_image_over_the_size_cap_is_skipped_unread(tmp_path, monkeypatch, cap
     64 KiB here, so that the test writes no such file) is skipped on its header alone, one sample counted."""
     from test_materialize import write_manifest
 
-    for module in ("pipeline.shard_records.MAX_MEMBER_BYTES", "pipeline.sources.MAX_FILE_BYTES",
-                   "pipeline.materialize.MAX_FILE_BYTES"):
+    for module in ("rakt.pipeline.shard_records.MAX_MEMBER_BYTES", "rakt.pipeline.sources.MAX_FILE_BYTES",
+                   "rakt.pipeline.materialize.MAX_FILE_BYTES"):
         monkeypatch.setattr(module, 64 << 10)
     big = png_bytes(300, 300)  # ~270 KB of noise
     assert len(big) > 64 << 10
@@ -324,8 +324,8 @@ def test_an_image_over_the_size_cap_is_skipped_unread(tmp_path, monkeypatch, cap
 def test_a_full_disk_under_a_library_writer_is_a_rakt_error(tmp_path):
     """FAISS writes the index file itself (a RuntimeError, not an OSError, when the disk is full): the error
     still names the file and the cause."""
-    from pipeline.formats import embedding_table
-    from pipeline.io import write_json, write_parquet
+    from rakt.pipeline.formats import embedding_table
+    from rakt.pipeline.io import write_json, write_parquet
 
     n, dim = 8000, 64
     vectors = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import image_array, kill_rakt_when, write_folder
-from indexes.faiss_index import FaissIndex
-from pipeline.cli import main
-from pipeline.formats import embedding_matrix, embedding_table, read_embedding_set
+from rakt.indexes.faiss_index import FaissIndex
+from rakt.cli import main
+from rakt.pipeline.formats import embedding_matrix, embedding_table, read_embedding_set
 
 
 

@@ -12,11 +12,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from conftest import image_array, kill_rakt_when, write_folder
-import indexes.faiss_index as faiss_index
-from indexes.faiss_index import FaissIndex
-from indexes.faiss_files import reconstruct_by_scan
-from pipeline.cli import main
-from pipeline.formats import EmbeddingParts, embedding_matrix, embedding_table, read_embedding_set
+import rakt.indexes.faiss_index as faiss_index
+from rakt.indexes.faiss_index import FaissIndex
+from rakt.indexes.faiss_files import reconstruct_by_scan
+from rakt.cli import main
+from rakt.pipeline.formats import EmbeddingParts, embedding_matrix, embedding_table, read_embedding_set
 
 
 
@@ -87,10 +87,12 @@ def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys, monkeypatch)
     scanned.prefetch(np.arange(0, 20_000, 3))
     np.testing.assert_allclose(scanned.embeddings(ids), ram.embeddings(ids), atol=1e-6)
     assert not scanned._direct_maps and len(scanned._located[0].ids) == len(np.union1d(np.arange(0, 20_000, 3), ids))
+    many = np.arange(19_999, 0, -7)  # ids from most lists, decoded together
+    np.testing.assert_allclose(scanned.embeddings(many), ram.embeddings(many), atol=1e-6)
 
 
 def ivf_of(index: FaissIndex):
-    from indexes.faiss_ops import ivf_of as extract
+    from rakt.indexes.faiss_ops import ivf_of as extract
 
     return extract(index._parts[0])
 

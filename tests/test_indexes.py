@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from indexes.base import Index, IndexSpecError
-from indexes.faiss_index import FaissIndex, build_faiss_index, choose_index, parse_memory, recall_at
-from indexes.registry import list_index_schemes, open_index, register_index
+from rakt.indexes.base import Index, IndexSpecError
+from rakt.indexes.faiss_index import FaissIndex, build_faiss_index, choose_index, parse_memory, recall_at
+from rakt.indexes.registry import list_index_schemes, open_index, register_index
 
 N, D = 6000, 64
 
@@ -270,7 +270,7 @@ def test_entry_point_scheme(tmp_path, monkeypatch, flat_dir):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: rakt-demo-index\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[rakt.indexes]\ndemoidx = rakt_demo_index:open_demo\n")
     (site / "rakt_demo_index.py").write_text(
-        "from indexes.faiss_index import FaissIndex\n\n"
+        "from rakt.indexes.faiss_index import FaissIndex\n\n"
         "def open_demo(rest):\n"
         "    index = FaissIndex.open(rest)\n"
         "    index.model = 'demo:' + index.model\n"

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import cli
-from pipeline.inspect import inspect_text
-from pipeline.io import InputError, write_json, write_parquet
+from rakt import cli
+from rakt.pipeline.inspect import inspect_text
+from rakt.pipeline.io import InputError, write_json, write_parquet
 
 
 def manifest_dir(path: Path) -> Path:

@@ -6,7 +6,7 @@ import tarfile
 from pathlib import Path
 
 from conftest import png_bomb
-from pipeline.cli import main
+from rakt.cli import main
 
 CLASSES = ["ant", "bee"]
 

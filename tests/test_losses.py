@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.kd_modes import progressive_weights
-from distill.losses import (DistillTask, FeatureProjector, feature_loss, hard_label_loss, kd_loss,
-                            teacher_outputs)
+from rakt.distill.kd_modes import progressive_weights
+from rakt.distill.losses import (DistillTask, FeatureProjector, feature_loss, hard_label_loss, kd_loss,
+                                 teacher_outputs)
 
 
 def _logits(seed: int, n: int = 8, c: int = 5, scale: float = 3.0) -> torch.Tensor:
@@ -208,13 +208,13 @@ def test_teacher_outputs_from_an_adapted_teacher_style_object():
 
 
 def test_a_new_kd_mode_is_one_registry_entry(monkeypatch, capsys):
-    """Registering a mode in distill/kd_modes.py is all it takes: DistillTask trains with it, `rakt distill --mode`
+    """Registering a mode in rakt/distill/kd_modes.py is all it takes: DistillTask trains with it, `rakt distill --mode`
     accepts it and `rakt run` plans an arm with it (distilling the labelled images as transfer images)."""
-    from distill.config import DistillConfig
-    from distill.kd_modes import KD_MODES, KDMode
-    from pipeline.cli import build_parser
-    from pipeline.config import from_dict
-    from pipeline.run import load_run_config, plan
+    from rakt.distill.config import DistillConfig
+    from rakt.distill.kd_modes import KD_MODES, KDMode
+    from rakt.cli import build_parser
+    from rakt.pipeline.config import from_dict
+    from rakt.run import load_run_config, plan
 
     monkeypatch.setitem(KD_MODES, "blend", KDMode(
         "half logit KD, half feature KD", "blended KD",

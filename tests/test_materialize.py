@@ -16,10 +16,10 @@ import pytest
 import webdataset as wds
 
 from conftest import image_array, jpeg_bytes, write_shard
-from pipeline.config import MaterializeConfig
-from pipeline.io import InputError, write_parquet
-from pipeline.cli import main
-from pipeline.materialize import run
+from rakt.pipeline.config import MaterializeConfig
+from rakt.pipeline.io import InputError, write_parquet
+from rakt.cli import main
+from rakt.pipeline.materialize import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,7 +212,7 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
                 rows.append({"pool_id": pid, "shard": f"pool-{s:06d}.tar.gz", "key": f"k{pid:05d}"})
         write_shard(root / f"pool-{s:06d}.tar.gz", samples)
     manifest = write_manifest(tmp_path / "manifest", rows)
-    cmd = [sys.executable, "-m", "pipeline.cli", "materialize", str(manifest), "--shard-size", "4",
+    cmd = [sys.executable, "-m", "rakt.cli", "materialize", str(manifest), "--shard-size", "4",
            "--pool-root", str(root), "--out"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "killed"

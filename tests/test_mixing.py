@@ -1,18 +1,18 @@
-"""Mixup / CutMix for function matching (distill/mixing.py): seeded draws, the mix at any resolution, the
+"""Mixup / CutMix for function matching (rakt/distill/mixing.py): seeded draws, the mix at any resolution, the
 interpolated targets of a cached teacher, the batches that carry the mix, and the config checks."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from distill.bank import bank_from_tensors
-from distill.config import DistillConfig
-from distill.data import ViewSpec, bank_batches
-from distill.distill import run as run_distill
-from distill.losses import kd_loss
-from distill.mixing import MixSpec, apply_mix, draw_mix, mix_teacher_outputs, mix_weight
-from distill.views import generator
-from pipeline.config import ConfigError
+from rakt.distill.image_bank import bank_from_tensors
+from rakt.distill.config import DistillConfig
+from rakt.distill.batches import ViewSpec, bank_batches
+from rakt.distill.distill import run as run_distill
+from rakt.distill.losses import kd_loss
+from rakt.distill.mixing import MixSpec, apply_mix, draw_mix, mix_teacher_outputs, mix_weight
+from rakt.distill.views import generator
+from rakt.pipeline.config import ConfigError
 
 
 def draws(seed: int, epoch: int, kind: str = "both", count: int = 6) -> list[dict]:

@@ -1,5 +1,5 @@
-"""`pip install .` (the Docker image's install) ships every module and data file of the three packages, not only
-their top levels."""
+"""`pip install .` (the Docker image's install) ships every module and data file of rakt, not only its top level,
+under one import name."""
 from __future__ import annotations
 
 import shutil
@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "indexes", "distill")
+PACKAGES = ("rakt",)
 
 
 def test_wheel_holds_every_module_and_data_file(tmp_path):
@@ -25,5 +25,7 @@ def test_wheel_holds_every_module_and_data_file(tmp_path):
     shipped = set(zipfile.ZipFile(wheel).namelist())
     wanted = {str(p.relative_to(src)) for package in PACKAGES for p in (src / package).rglob("*")
               if p.is_file() and p.suffix in (".py", ".yaml", ".json")}
-    assert {"pipeline/run/plan.py", "distill/teacher/model.py", "pipeline/configs/default.yaml"} <= wanted
+    assert {"rakt/run/plan.py", "rakt/distill/teacher/model.py", "rakt/pipeline/configs/default.yaml"} <= wanted
     assert wanted - shipped == set()
+    tops = {name.split("/")[0] for name in shipped if not name.split("/")[0].endswith(".dist-info")}
+    assert tops == {"rakt"}, f"the wheel installs more than one import name: {sorted(tops)}"

@@ -1,4 +1,4 @@
-"""The encoders' eval transform on batches of tensors (pipeline/pixels.py) and its use in `rakt embed`: real
+"""The encoders' eval transform on batches of tensors (rakt/pipeline/pixels.py) and its use in `rakt embed`: real
 open_clip and timm transforms, real JPEG shards."""
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from PIL import Image
 from torchvision import transforms as T
 
 from conftest import image_array, jpeg_bytes, write_shard
-from pipeline.config import EncoderConfig
-from pipeline.embed import PartitionImages
-from pipeline.encoders import load_image_encoder
-from pipeline.pixels import PixelPipeline
-from pipeline.sources import open_source
+from rakt.pipeline.config import EncoderConfig
+from rakt.pipeline.embed import PartitionImages
+from rakt.pipeline.encoders import load_image_encoder
+from rakt.pipeline.pixels import PixelPipeline
+from rakt.pipeline.sources import open_source
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 
 from conftest import image_array, jpeg_bytes, write_folder, write_shard
-from pipeline.cli import main
+from rakt.cli import main
 
 KINDS = ("folder", "csv", "shards")
 

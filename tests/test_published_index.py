@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from indexes.base import Index, IndexSpecError
-from indexes.faiss_index import FaissIndex, prepare_ivfpq
-from indexes.registry import open_index
-from pipeline.cli import main
-from pipeline.formats import embedding_table
+from rakt.indexes.base import Index, IndexSpecError
+from rakt.indexes.faiss_index import FaissIndex, prepare_ivfpq
+from rakt.indexes.registry import open_index
+from rakt.cli import main
+from rakt.pipeline.formats import embedding_table
 
 N, D, NLIST, NPROBE = 3000, 32, 16, 4
 PART_SIZES = (1000, 1200, 800)  # the FAISS parts

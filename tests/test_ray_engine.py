@@ -20,14 +20,14 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402  (part of the test extra: a missing Ray fails this module, it is not skipped)
 
-import pipeline.index_parts as index_parts  # noqa: E402
+import rakt.pipeline.index_parts as index_parts  # noqa: E402
 from conftest import image_array, write_folder  # noqa: E402
-from indexes.faiss_index import FaissIndex  # noqa: E402
-from pipeline.cli import main  # noqa: E402
-from pipeline.config import ConfigError, EmbedConfig, from_dict  # noqa: E402
-from pipeline.engines import EngineOptions, RayEngine, connect_ray, get_engine  # noqa: E402
-from pipeline.formats import embedding_matrix, embedding_table, read_embedding_set  # noqa: E402
-from pipeline.io import InputError
+from rakt.indexes.faiss_index import FaissIndex  # noqa: E402
+from rakt.cli import main  # noqa: E402
+from rakt.pipeline.config import ConfigError, EmbedConfig, from_dict  # noqa: E402
+from rakt.pipeline.engines import EngineOptions, RayEngine, connect_ray, get_engine  # noqa: E402
+from rakt.pipeline.formats import embedding_matrix, embedding_table, read_embedding_set  # noqa: E402
+from rakt.pipeline.io import InputError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,7 +107,7 @@ def test_flat_index_added_in_parts_on_ray_equals_local(embedded, tmp_path, capsy
 
 def test_index_build_embeds_the_pool_with_its_engine(tmp_path, monkeypatch, capsys):
     """Pool images go through `rakt embed` with the index build's engine and Ray address (no Ray run here)."""
-    import pipeline.embed
+    import rakt.pipeline.embed
 
     seen = []
 
@@ -115,7 +115,7 @@ def test_index_build_embeds_the_pool_with_its_engine(tmp_path, monkeypatch, caps
         seen.append(cfg)
         raise InputError("stopped after the embed config")
 
-    monkeypatch.setattr(pipeline.embed, "run", stop)
+    monkeypatch.setattr(rakt.pipeline.embed, "run", stop)
     pool = write_folder(tmp_path / "pool", {"cat": [image_array(1)]})
     assert main(["index", "build", str(pool), "--engine", "ray", "--ray-address", "auto", "--workers", "3",
                  "--out", str(tmp_path / "index")]) == 2

@@ -24,13 +24,13 @@ import pytest
 import torch
 
 from conftest import KIT, write_shard
-from distill import distill, evaluate, finetune
-from distill.teacher import adapt as teacher
-from distill.students import create_student, save_student
-from pipeline import embed
-from distill.config import AdaptConfig, DistillConfig, EvaluateConfig, FinetuneConfig
-from pipeline.config import EmbedConfig
-from pipeline.formats import read_embedding_set
+from rakt.distill import distill, evaluate, finetune
+from rakt.distill.teacher import adapt as teacher
+from rakt.distill.students import create_student, save_student
+from rakt.pipeline import embed
+from rakt.distill.config import AdaptConfig, DistillConfig, EvaluateConfig, FinetuneConfig
+from rakt.pipeline.config import EmbedConfig
+from rakt.pipeline.formats import read_embedding_set
 
 CIFAR = KIT / "target" / "cifar10"
 LABELLED_SHARD = CIFAR / "cifar10-train-000000.tar.gz"  # the few-shot draw (10 per class) comes from here

@@ -12,11 +12,11 @@ import yaml
 from PIL import Image
 
 from conftest import image_array, jpeg_bytes, write_shard
-from pipeline.config import MaterializeConfig
-from pipeline.io import write_json, write_parquet
-from pipeline.materialize import run as materialize
-from pipeline.report import pool_sources, write_report
-from pipeline.report.plots import read_metrics
+from rakt.pipeline.config import MaterializeConfig
+from rakt.pipeline.io import write_json, write_parquet
+from rakt.pipeline.materialize import run as materialize
+from rakt.report import pool_sources, write_report
+from rakt.report.plots import read_metrics
 
 CLASSES = ["airplane", "bird", "cat"]
 # pool image i: (shard, source); shard 0 is gzip, shard 1 a plain tar
@@ -242,7 +242,7 @@ def test_summary_computed_from_arms_when_results_have_none(tmp_path):
 def test_summary_keeps_the_std_unrounded_for_display():
     """The labelled arm's seeds 27.78 / 28.02 / 27.74 have a std of 0.151 points: the table prints 0.2, not the 0.1
     that a std rounded to 4 decimals of a fraction (0.0015) would print."""
-    from pipeline.report.results import results_text, summarize
+    from rakt.report.results import results_text, summarize
 
     arms = [{"transfer_set": "labelled", "method": "none", "accuracy": a, "seconds": {"finetune": 1.0}}
             for a in (0.2778, 0.2802, 0.2774)]

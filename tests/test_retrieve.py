@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from indexes.faiss_index import build_faiss_index
-from pipeline.cli import main
-from pipeline.formats import embedding_table
-from pipeline.io import json_hash
+from rakt.indexes.faiss_index import build_faiss_index
+from rakt.cli import main
+from rakt.pipeline.formats import embedding_table
+from rakt.pipeline.io import json_hash
 
 POOL, D, MODEL = 400, 16, "open_clip:test:random"
 

@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from conftest import image_array, jpeg_bytes, write_shard
-from pipeline import cli
-from pipeline.config import ConfigError
-from distill.teacher.data import load_images
-from pipeline.run import KILL_BEFORE_RECORD, execute, load_run_config, status
+from rakt import cli
+from rakt.pipeline.config import ConfigError
+from rakt.distill.teacher.inputs import load_images
+from rakt.run import KILL_BEFORE_RECORD, execute, load_run_config, status
 
 CLASSES = ["ant", "bee", "cat", "dog"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,21 +87,21 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
     assert exported["teacher"]["runtimes"]["onnx"]["latency_ms"] > 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["arms"] == results["arms"]
 
-    changed = execute(config(world, tiny_clip, tmp_path / "run", **{"distill.epochs": 2}))
+    changed = execute(config(world, tiny_clip, tmp_path / "run", **{"rakt.distill.epochs": 2}))
     assert changed["ran"] == ["arms/retrieved-task-s0/distill", "arms/retrieved-task-s0/finetune",
                               "arms/retrieved-task-s0/evaluate", "arms/retrieved-task-s0/export"]
     summary = json.loads((tmp_path / "run/arms/retrieved-task-s0/distill/summary.json").read_text())
     assert summary["epochs"] == 2
 
     changed = execute(config(world, tiny_clip, tmp_path / "run", **{"curate": "{budget: 24, balance: class, leakage_threshold: 1.0}",
-                                                                    "distill.epochs": 2}))
+                                                                    "rakt.distill.epochs": 2}))
     assert changed["ran"][0] == "manifest" and "shards" in changed["ran"] and "teacher" not in changed["ran"]
     assert pq.read_metadata(tmp_path / "run/manifest/manifest.parquet").num_rows == 24 - 12
 
     # a step run again with the same settings (here: its record deleted) reruns every step that read its output
     (tmp_path / "run/steps/manifest.json").unlink()
     again = execute(config(world, tiny_clip, tmp_path / "run", **{"curate": "{budget: 24, balance: class, leakage_threshold: 1.0}",
-                                                                  "distill.epochs": 2}))
+                                                                  "rakt.distill.epochs": 2}))
     assert again["ran"][:2] == ["manifest", "shards"] and "teacher" not in again["ran"]
     assert {"arms/retrieved-task-s0/distill", "arms/retrieved-task-s0/evaluate"} <= set(again["ran"])
     assert "arms/labelled-none-s0/finetune" not in again["ran"]
@@ -122,7 +122,7 @@ def test_status_command_and_config_errors(world, tiny_clip, tmp_path, capsys, on
     with pytest.raises(ConfigError, match="experiment arm 'retrieved/fancy'"):
         load_run_config(None, ["experiment.arms=[retrieved/fancy]"])
     with pytest.raises(ConfigError, match="KEY.SUB=VALUE"):
-        load_run_config(None, ["distill.epochs"])
+        load_run_config(None, ["rakt.distill.epochs"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"distill": {"epoks": 3}}))
     assert cli.main(["run", str(bad), "--run-dir", str(tmp_path / "bad")]) == 2
@@ -152,7 +152,7 @@ def test_killed_in_every_stage_then_rerun_finishes_with_the_same_results(world, 
         cfg_path.write_text(yaml.safe_dump(cfg))
         runs[name] = cfg_path
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipeline.cli", "run"]
+    cmd = [sys.executable, "-m", "rakt.cli", "run"]
     subprocess.run(cmd + [str(runs["whole"])], check=True, env=env, capture_output=True, cwd=ROOT)
 
     steps_dir = tmp_path / "killed" / "steps"
@@ -200,7 +200,7 @@ def test_killed_in_every_stage_then_rerun_finishes_with_the_same_results(world, 
     assert np.all([r["state"] == "done" for r in status(tmp_path / "killed")])
 
 
-HOLD = "import sys, time\nfrom pipeline.io import output_lock\nwith output_lock(sys.argv[1]):\n" \
+HOLD = "import sys, time\nfrom rakt.pipeline.io import output_lock\nwith output_lock(sys.argv[1]):\n" \
        "    print('held', flush=True)\n    time.sleep(120)\n"
 
 
@@ -257,7 +257,7 @@ def test_a_symlink_to_the_run_directory_takes_the_same_lock(world, tiny_clip, tm
 
 
 def test_the_plan_always_requires_the_leakage_guard(world, tiny_clip, tmp_path):
-    from pipeline.run.plan import plan
+    from rakt.run.plan import plan
 
     cfg = config(world, tiny_clip, tmp_path / "run", **{"curate.require_leakage_guard": "false",
                                                         "curate.eval_embeddings": "''"})
@@ -292,7 +292,7 @@ def test_teacher_aware_curation_scores_candidates_before_curate(world, tiny_clip
 def test_the_adapted_teacher_may_see_its_own_resolution(world, tiny_clip, tmp_path):
     """adapt.image_size raises the finetuned teacher's input size; embed and index keep teacher.image_size; a linear
     teacher is fitted on those embeddings, so the size (e.g. the default's, inherited) does not apply to it."""
-    from pipeline.run.plan import plan
+    from rakt.run.plan import plan
 
     steps = {s.name: s for s in plan(config(world, tiny_clip, tmp_path / "run",
                                            adapt="{mode: finetune, epochs: 1, image_size: 48}"))}

@@ -11,13 +11,13 @@ import pytest
 import webdataset as wds
 
 from conftest import image_array, jpeg_bytes, write_shard
-from indexes.faiss_index import build_faiss_index
-from pipeline import cli
-from pipeline.config import ConfigError, MaterializeConfig, SampleConfig
-from pipeline.formats import embedding_table
-from pipeline.io import InputError, write_json, write_parquet
-from pipeline.materialize import run as materialize
-from pipeline.sample import run
+from rakt.indexes.faiss_index import build_faiss_index
+from rakt import cli
+from rakt.pipeline.config import ConfigError, MaterializeConfig, SampleConfig
+from rakt.pipeline.formats import embedding_table
+from rakt.pipeline.io import InputError, write_json, write_parquet
+from rakt.pipeline.materialize import run as materialize
+from rakt.pipeline.sample import run
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import os
 import pandas as pd
 import pytest
 
-from pipeline.io import InputError
-from pipeline.sources import open_source
+from rakt.pipeline.io import InputError
+from rakt.pipeline.sources import open_source
 
 
 def read_all(source) -> tuple[list, collections.Counter]:

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import DistillTask
-from distill.students import StudentModel, create_student, load_student, save_student
-from pipeline.io import InputError
+from rakt.distill.losses import DistillTask
+from rakt.distill.students import StudentModel, create_student, load_student, save_student
+from rakt.pipeline.io import InputError
 
 COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]])
 

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli
-from pipeline.io import file_hash, write_json, write_parquet
+from rakt import cli
+from rakt.pipeline.io import file_hash, write_json, write_parquet
 from test_curate import World, curate
 
 CLASS_NAMES = ["zero", "one", "two", "three"]

@@ -10,16 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from indexes.faiss_index import build_faiss_index
-from pipeline.cli import main
-from pipeline.config import CurateConfig, EncoderConfig, RetrieveConfig
-from pipeline.curate.curate import plan_quotas
-from pipeline.curate.curate import run as curate
-from pipeline.encoders import encoder_model_id, load_image_encoder, load_text_encoder
-from pipeline.formats import embedding_table, read_classes
-from pipeline.io import InputError
-from pipeline.prompts import DEFAULT_TEMPLATES, load_templates, prompt, text_queries
-from pipeline.retrieve import run as retrieve
+from rakt.indexes.faiss_index import build_faiss_index
+from rakt.cli import main
+from rakt.pipeline.config import CurateConfig, EncoderConfig, RetrieveConfig
+from rakt.pipeline.curate.curate import plan_quotas
+from rakt.pipeline.curate.curate import run as curate
+from rakt.pipeline.encoders import encoder_model_id, load_image_encoder, load_text_encoder
+from rakt.pipeline.formats import embedding_table, read_classes
+from rakt.pipeline.io import InputError
+from rakt.pipeline.prompts import DEFAULT_TEMPLATES, load_templates, prompt, text_queries
+from rakt.pipeline.retrieve import run as retrieve
 
 CLASSES = ["cat", "dog", "maple_tree"]
 GROUP = 12  # planted pool images per class

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import indexes.torch_search as ts
-from indexes.base import IndexSpecError
-from indexes.faiss_index import FaissIndex, build_faiss_index, recall_at
-from indexes.registry import register_index
-from indexes.torch_search import TorchExactSearch
-from pipeline.cli import main
-from pipeline.formats import embedding_table
+import rakt.indexes.torch_search as ts
+from rakt.indexes.base import IndexSpecError
+from rakt.indexes.faiss_index import FaissIndex, build_faiss_index, recall_at
+from rakt.indexes.registry import register_index
+from rakt.indexes.torch_search import TorchExactSearch
+from rakt.cli import main
+from rakt.pipeline.formats import embedding_table
 
 D, N = 32, 5003  # N is no multiple of the block sizes used below
 MODEL = "test:torch-search"
@@ -209,7 +209,7 @@ def test_auto_backend_without_gpu_uses_faiss_cpu(tmp_path, base, caplog):
 def test_auto_backend_choices_with_gpus(tmp_path, base, monkeypatch, caplog):
     """The auto decisions with a GPU, simulated on CPU: torch for flat parts when only torch sees a CUDA GPU (faiss
     on CPU for a part that does not fit), faiss-gpu clones when faiss-gpu sees one (CPU for k > its limit)."""
-    import indexes.faiss_index as fi
+    import rakt.indexes.faiss_index as fi
 
     asked = []
 
@@ -241,7 +241,7 @@ def test_auto_backend_choices_with_gpus(tmp_path, base, monkeypatch, caplog):
 
 
 def test_torch_backend_on_ivfpq_is_refused(tmp_path, base, monkeypatch, caplog):
-    import indexes.faiss_index as fi
+    import rakt.indexes.faiss_index as fi
 
     out = tmp_path / "ivf"
     build_faiss_index(base[:2000], pa.table({"id": [f"p{i}" for i in range(2000)]}), out, model=MODEL,

@@ -17,16 +17,16 @@ import pytest
 import torch
 
 from conftest import image_array, jpeg_bytes, write_shard
-from distill.bank import open_bank
-from distill.data import ViewSpec, bank_batches
-from distill.distill import run as run_distill
-from distill.finetune import run as run_finetune
-from distill.students import load_student
-from distill.teacher.checkpoint import save_teacher
-from distill.teacher.modes import build_teacher
-from distill.config import DistillConfig, FinetuneConfig
-from pipeline.config import EncoderConfig
-from pipeline.io import InputError
+from rakt.distill.image_bank import open_bank
+from rakt.distill.batches import ViewSpec, bank_batches
+from rakt.distill.distill import run as run_distill
+from rakt.distill.finetune import run as run_finetune
+from rakt.distill.students import load_student
+from rakt.distill.teacher.checkpoint import save_teacher
+from rakt.distill.teacher.modes import build_teacher
+from rakt.distill.config import DistillConfig, FinetuneConfig
+from rakt.pipeline.config import EncoderConfig
+from rakt.pipeline.io import InputError
 
 CLASSES = ["ant", "bee", "cat"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ RESUME_RUN = dict(epochs=2, batch_size=4, lr=3e-3, warmup=2, ema=0.9, checkpoint
 
 def _cli(world: dict, out: Path, mix: str = "none") -> list[str]:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**RESUME_RUN, "mix": mix}.items()]
-    return [sys.executable, "-m", "pipeline.cli", "distill", str(world["transfer"]), "--teacher", str(world["teacher"]),
+    return [sys.executable, "-m", "rakt.cli", "distill", str(world["transfer"]), "--teacher", str(world["teacher"]),
             "--student", "resnet10t", "--small-input", "--image-size", "32", "--device", "cpu",
             *flags, "--out", str(out)]
 
@@ -157,11 +157,11 @@ def test_prepare_shows_the_online_teacher_the_students_mix(world):
     """Function matching: the student's images and the teacher's input are the same view with the same mix, each
     at its own size, and the teacher's outputs are its outputs on the mixed image; a cached teacher's are mixed as
     class distributions with the mix's weight at the student's size."""
-    from distill.mixing import MixSpec, apply_mix, mix_weight
-    from distill.teacher.checkpoint import load_teacher
-    from distill.trainer_cache import build_cache, teacher_input
-    from distill.training import make_prepare
-    from distill.views import render
+    from rakt.distill.mixing import MixSpec, apply_mix, mix_weight
+    from rakt.distill.teacher.checkpoint import load_teacher
+    from rakt.distill.teacher_cache import build_cache, teacher_input
+    from rakt.distill.train_setup import make_prepare
+    from rakt.distill.views import render
 
     teacher = load_teacher(world["teacher"], device="cpu", classes=CLASSES)
     bank = open_bank([str(world["transfer"])], 32)
@@ -241,7 +241,7 @@ def test_ddp_two_processes_gloo(world, tmp_path, mode):
     KD mode (agnostic trains no classifier without labels: DDP must expect parameters without gradients)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "pipeline.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "rakt.cli",
            "distill", str(world["transfer"]), "--teacher", str(world["teacher"]), "--student", "resnet10t",
            "--small-input", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--mode", mode,
            "--device", "cpu", "--out", str(out)]
@@ -261,8 +261,8 @@ def test_teacher_cache_equals_fresh_teacher_outputs(world, tmp_path, one_torch_t
 
     import numpy as np
 
-    from distill.teacher.checkpoint import load_teacher
-    from distill.trainer_cache import CACHE_DIR, cache_views, teacher_input
+    from rakt.distill.teacher.checkpoint import load_teacher
+    from rakt.distill.teacher_cache import CACHE_DIR, cache_views, teacher_input
 
     shards = tmp_path / "shards"
     shutil.copytree(world["transfer"], shards)
@@ -323,8 +323,8 @@ def test_rewritten_shard_never_reuses_teacher_outputs(world, tmp_path, one_torch
 
     import numpy as np
 
-    from distill.bank import ImageBank
-    from distill.trainer_cache import cache_id
+    from rakt.distill.image_bank import ImageBank
+    from rakt.distill.teacher_cache import cache_id
 
     shards = tmp_path / "shards"
     shutil.copytree(world["transfer"], shards)
@@ -371,7 +371,7 @@ def test_checkpoint_is_read_with_weights_only(distilled, world, tmp_path, one_to
 def test_corrupt_image_in_a_transfer_shard_is_counted_in_the_summary(world, tmp_path, one_torch_thread):
     """One undecodable image among good ones: left out, logged, and counted in summary.json's read_errors -- also
     when a later run reuses the decoded copy."""
-    from pipeline.cli import main
+    from rakt.cli import main
 
     shard = write_shard(tmp_path / "transfer" / "shard-00000.tar",
                         [{"__key__": f"k{i:03d}", "jpg": jpeg_bytes(image_array(i, 40)), "json": {"i": i}}

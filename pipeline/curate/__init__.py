@@ -1,2 +1,0 @@
-"""`rakt curate`: candidates -> a transfer manifest under a budget (curate.py); the filtering rules are a registry
-(rules.py) built on the checks of filters.py."""
