@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from rakt.indexes.layout import INDEX_JSON, METADATA_DIR  # noqa: F401  (section 2's file names, re-exported)
 from rakt.pipeline.config import EMBEDDING_DTYPES  # noqa: F401  (re-exported: the contract's dtypes)
-from rakt.pipeline.io import InputError, atomic_path, parquet_rows, read_json, read_parquet, regular_file
+from rakt.pipeline.io import (InputError, atomic_path, parquet_rows, read_json, read_parquet, regular_file,
+                              write_json, write_parquet)
 
 # --- 1. embedding set ------------------------------------------------------------------------------
 
@@ -229,6 +230,15 @@ def read_manifest(path: Path) -> pa.Table:
         raise InputError(f"{path}: no 'pool_id' column; is this a transfer manifest from `rakt curate`?")
     order = [(c, "ascending") for c in ("pool_id", "query_id") if c in table.column_names]
     return table.sort_by(order)  # a stable sort
+
+
+def write_manifest(out: Path, manifest: pa.Table, meta: dict, removed: pa.Table | None = None) -> None:
+    """A transfer manifest folder: removed.parquet (when given), manifest.parquet, then manifest.json (its lineage
+    and counts), each written atomically."""
+    if removed is not None:
+        write_parquet(out / REMOVED_PARQUET, removed)
+    write_parquet(out / MANIFEST_PARQUET, manifest)
+    write_json(out / MANIFEST_JSON, meta)
 
 
 def manifest_size(path: Path) -> int:

@@ -24,9 +24,9 @@ from webdataset.tariterators import base_plus_ext
 from rakt.indexes.registry import has_scheme, is_index_spec
 from rakt.pipeline.config import ConfigError, SampleConfig, config_hash, to_dict
 from rakt.pipeline.formats import (EMBEDDINGS_JSON, IMAGE_EXTS, LOCATOR_COLUMNS, MANIFEST_JSON, MANIFEST_PARQUET,
-                                   REMOVED_PARQUET, REMOVED_SCHEMA, is_manifest_dir, manifest_size,
-                                   read_embedding_set)
-from rakt.pipeline.io import InputError, read_json, timed, write_json, write_parquet
+                                   REMOVED_SCHEMA, is_manifest_dir, manifest_size, read_embedding_set,
+                                   write_manifest)
+from rakt.pipeline.io import InputError, read_json, timed
 from rakt.pipeline.shard_records import has_end_marker
 from rakt.pipeline.source_specs import detect_source
 
@@ -84,9 +84,7 @@ def run(cfg: SampleConfig) -> dict:
         pool_ids = np.sort(pick if eligible is None else eligible[pick]).astype(np.int64)
         manifest = manifest_table(pool_ids, pool.rows(pool_ids))
         counts = {"selected": n, "available": available, "excluded": excluded, "pool": pool.size, **pool.counts}
-        write_parquet(out / REMOVED_PARQUET, REMOVED_SCHEMA.empty_table())
-        write_parquet(out / MANIFEST_PARQUET, manifest)
-        write_json(out / MANIFEST_JSON, {
+        write_manifest(out, manifest, {
             "counts": counts,
             "sampling": {"kind": "random", "source": pool.source, "source_kind": pool.kind, "seed": cfg.seed,
                          "like": str(Path(cfg.like).resolve()) if cfg.like else None,
@@ -94,7 +92,7 @@ def run(cfg: SampleConfig) -> dict:
             "settings": to_dict(cfg),
             "config_hash": chash,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        })
+        }, REMOVED_SCHEMA.empty_table())
     log.info("sample: %d of %d available images drawn (seed %d) -> %s", n, available, cfg.seed, out / MANIFEST_PARQUET)
     return {"out": str(out), "selected": n, "available": available, "excluded": excluded}
 

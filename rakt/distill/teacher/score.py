@@ -24,8 +24,8 @@ from rakt.distill.teacher_cache import build_cache
 from rakt.pipeline.config import ConfigError, MaterializeConfig, config_hash, to_dict
 from rakt.pipeline.manifest_rows import attach_metadata, summarize
 from rakt.pipeline.device import resolve_device, set_threads
-from rakt.pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, MANIFEST_JSON, MANIFEST_PARQUET, SCORES_JSON,
-                                   SCORES_PARQUET, read_candidates)
+from rakt.pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, SCORES_JSON, SCORES_PARQUET, read_candidates,
+                                   write_manifest)
 from rakt.pipeline.io import InputError, file_hash, read_json, timed, write_json, write_parquet
 
 log = logging.getLogger("rakt")
@@ -61,8 +61,7 @@ def run(cfg: ScoreConfig) -> dict:
             raise InputError(f"index {cmeta['index']}: its pool images are located by URL only, and `rakt score` "
                              "reads the candidates' images from a local pool (shard+key or path); teacher-aware "
                              "curation needs a local pool (or an index with local copies)")
-        write_parquet(pool / MANIFEST_PARQUET, manifest)
-        write_json(pool / MANIFEST_JSON, {"lineage": {"index": cmeta["index"], "candidates": str(cand_dir.resolve())}})
+        write_manifest(pool, manifest, {"lineage": {"index": cmeta["index"], "candidates": str(cand_dir.resolve())}})
         collected = materialize.run(MaterializeConfig(manifest=str(pool), out=str(out / "shards"),
                                                       pool_root=cfg.pool_root))
         device = resolve_device(cfg.device)

@@ -15,10 +15,10 @@ from rakt.pipeline.curate.rules import CurateContext, leakage_report, registered
 from rakt.pipeline.curate.select import UNLABELLED, class_groups, select_filtered
 from rakt.pipeline.manifest_rows import attach_metadata, summarize
 from rakt.pipeline.curate.windows import CandidateWindows, Spill
-from rakt.pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, MANIFEST_JSON, MANIFEST_PARQUET,
-                                   REMOVED_PARQUET, REMOVED_SCHEMA, read_scores)
+from rakt.pipeline.formats import (CANDIDATES_JSON, CANDIDATES_PARQUET, MANIFEST_PARQUET, REMOVED_PARQUET,
+                                   REMOVED_SCHEMA, read_scores, write_manifest)
 from rakt.pipeline.progress import Progress
-from rakt.pipeline.io import InputError, file_hash, json_hash, read_json, timed, write_json, write_parquet
+from rakt.pipeline.io import InputError, file_hash, json_hash, read_json, timed
 from rakt.pipeline.prompts import TEXT_QUERY_PREFIX
 
 log = logging.getLogger("rakt.curate")
@@ -83,9 +83,6 @@ def run(cfg: CurateConfig) -> dict:
 
         manifest = attach_metadata(images, index)
         removed = add_pool_names(concat_removed(removed_parts), index)
-        write_parquet(out / REMOVED_PARQUET,
-                      pa.Table.from_pandas(removed, schema=REMOVED_SCHEMA, preserve_index=False))
-        write_parquet(out / MANIFEST_PARQUET, manifest)
         meta = {
             "counts": counts,
             "settings": to_dict(cfg),
@@ -98,7 +95,7 @@ def run(cfg: CurateConfig) -> dict:
             "config_hash": config_hash(cfg),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        write_json(out / MANIFEST_JSON, meta)
+        write_manifest(out, manifest, meta, pa.Table.from_pandas(removed, schema=REMOVED_SCHEMA, preserve_index=False))
     log.info("curate: %d images selected for %d queries (k=%d), %d empty slots -> %s", len(images), len(queries),
              k, counts["empty_slots"], out / MANIFEST_PARQUET)
     return {"out": str(out), "per_query_k": k, "leakage_guard": guard,
