@@ -87,21 +87,21 @@ def test_run_skips_finished_steps_and_reruns_changed_ones(world, tiny_clip, tmp_
     assert exported["teacher"]["runtimes"]["onnx"]["latency_ms"] > 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["arms"] == results["arms"]
 
-    changed = execute(config(world, tiny_clip, tmp_path / "run", **{"rakt.distill.epochs": 2}))
+    changed = execute(config(world, tiny_clip, tmp_path / "run", **{"distill.epochs": 2}))
     assert changed["ran"] == ["arms/retrieved-task-s0/distill", "arms/retrieved-task-s0/finetune",
                               "arms/retrieved-task-s0/evaluate", "arms/retrieved-task-s0/export"]
     summary = json.loads((tmp_path / "run/arms/retrieved-task-s0/distill/summary.json").read_text())
     assert summary["epochs"] == 2
 
     changed = execute(config(world, tiny_clip, tmp_path / "run", **{"curate": "{budget: 24, balance: class, leakage_threshold: 1.0}",
-                                                                    "rakt.distill.epochs": 2}))
+                                                                    "distill.epochs": 2}))
     assert changed["ran"][0] == "manifest" and "shards" in changed["ran"] and "teacher" not in changed["ran"]
     assert pq.read_metadata(tmp_path / "run/manifest/manifest.parquet").num_rows == 24 - 12
 
     # a step run again with the same settings (here: its record deleted) reruns every step that read its output
     (tmp_path / "run/steps/manifest.json").unlink()
     again = execute(config(world, tiny_clip, tmp_path / "run", **{"curate": "{budget: 24, balance: class, leakage_threshold: 1.0}",
-                                                                  "rakt.distill.epochs": 2}))
+                                                                  "distill.epochs": 2}))
     assert again["ran"][:2] == ["manifest", "shards"] and "teacher" not in again["ran"]
     assert {"arms/retrieved-task-s0/distill", "arms/retrieved-task-s0/evaluate"} <= set(again["ran"])
     assert "arms/labelled-none-s0/finetune" not in again["ran"]
@@ -122,7 +122,7 @@ def test_status_command_and_config_errors(world, tiny_clip, tmp_path, capsys, on
     with pytest.raises(ConfigError, match="experiment arm 'retrieved/fancy'"):
         load_run_config(None, ["experiment.arms=[retrieved/fancy]"])
     with pytest.raises(ConfigError, match="KEY.SUB=VALUE"):
-        load_run_config(None, ["rakt.distill.epochs"])
+        load_run_config(None, ["distill.epochs"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"distill": {"epoks": 3}}))
     assert cli.main(["run", str(bad), "--run-dir", str(tmp_path / "bad")]) == 2
