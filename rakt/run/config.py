@@ -116,7 +116,8 @@ def _check_keys(cfg: dict) -> None:
             raise ConfigError(f"run config: '{name}' is a section of settings, got {section!r}; set one of its keys "
                               f"(e.g. --set {name}.KEY=VALUE) or give a mapping ({name}: {{KEY: VALUE}})")
         fields_ = {f.name for f in fields(stage.config)}
-        _refuse_unknown(set(section) - fields_, fields_, f"run config: '{name}.{{}}' is not a setting of `rakt {name}`")
+        _refuse_unknown(set(section) - fields_, fields_,
+                        f"run config: unknown key '{{}}' in '{name}' (not a setting of `rakt {name}`)")
     arm_runs(cfg)  # checks every arm name
 
 
