@@ -44,36 +44,13 @@ def fill_copy(empty: np.ndarray, batches: Iterable[np.ndarray], normalize: bool,
     return faiss.serialize_index(faiss.index_gpu_to_cpu(work) if work is not index else index)
 
 
-def merge_parts(empty: faiss.Index, part_files: list[Path]) -> faiss.Index:
-    """A copy of `empty` holding the filled parts (fill_copy's files) in order, so it searches exactly as one index
-    filled in that order (IVF: lists appended, ids global already; flat: codes concatenated). IVF lists are
-    allocated once at their final size first (reserve_lists), so the merged index holds its codes, not ~1.4x."""
+def merge_parts(empty: faiss.Index, parts: Iterable[np.ndarray]) -> faiss.Index:
+    """A copy of `empty` holding the serialized filled parts (fill_copy) in order, so it searches exactly as one
+    index filled in that order (IVF: lists appended, ids global already; flat: codes concatenated)."""
     index = copy_index(empty)
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and len(part_files) > 1:
-        reserve_lists(ivf, part_files)
-    for path in part_files:
-        index.merge_from(faiss.read_index(str(path)), 0)
+    for blob in parts:
+        index.merge_from(faiss.deserialize_index(blob), 0)
     return index
-
-
-def reserve_lists(ivf: faiss.IndexIVF, part_files: list[Path]) -> None:
-    """Give each in-RAM inverted list of `ivf` the capacity of its size once the parts are appended (their list
-    sizes summed, one part read at a time): appending then never regrows a list, where faiss's lists grow by
-    doubling (measured: the merged lists held ~1.4x their codes at 16M vectors)."""
-    lists = faiss.downcast_InvertedLists(ivf.invlists)
-    if not isinstance(lists, faiss.ArrayInvertedLists):
-        return
-    totals = np.array([lists.list_size(i) for i in range(ivf.nlist)], np.int64)
-    for path in part_files:
-        part = faiss.read_index(str(path))
-        sizes = faiss.extract_index_ivf(part).invlists
-        totals += [sizes.list_size(i) for i in range(ivf.nlist)]
-        del part
-    for i, total in enumerate(totals.tolist()):
-        held = lists.list_size(i)
-        lists.resize(i, total)  # std::vector keeps its capacity when shrunk back
-        lists.resize(i, held)
 
 
 def merge_to_disk(empty: faiss.Index, part_files: list[Path], index_file: Path) -> faiss.Index:

@@ -281,7 +281,7 @@ class PartitionedAdd:
                 from rakt.indexes.faiss_build import INDEX_PART
 
                 return merge_to_disk(trained, files, out / INDEX_PART)
-            return merge_parts(trained, files)
+            return merge_parts(trained, (np.fromfile(f, np.uint8) for f in files))
 
 
 def _place_metadata(parts_dir: Path, tasks: list[AddTask], out: Path) -> None:
