@@ -61,7 +61,8 @@ def kd_modes() -> dict:
 
 
 def adapt_modes() -> dict:
-    """The adapt modes of `rakt adapt` (rakt/distill/teacher/modes.py: name -> AdaptMode, with the inputs each fits on)."""
+    """The adapt modes of `rakt adapt` (rakt/distill/teacher/modes.py: name -> AdaptMode, with the inputs each fits
+    on)."""
     from rakt.distill.teacher.modes import ADAPT_MODES
     return ADAPT_MODES
 

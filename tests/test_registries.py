@@ -40,6 +40,8 @@ def test_every_stage_has_a_config_a_run_and_a_checked_section(name, tmp_path, mo
     assert steps, f"no step of `rakt {name}` under {base or 'the default run config'}"
     with pytest.raises(ConfigError, match=rf"unknown key 'no_such_key' in '{name}' \(not a setting of `rakt {name}`\)"):
         load_run_config(None, [*base, f"{name}.no_such_key=1"])
+    with pytest.raises(ConfigError, match=f"'{name}' is a section of settings, got 3"):
+        load_run_config(None, [*base, f"{name}=3"])
     refused = []
     for key in numeric_fields(stage.config):  # a value of the wrong kind: refused at plan time, naming the step
         try:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rakt.distill.kd_modes import KD_MODES, modes_help
-from rakt.pipeline.config import PRECISION_HELP, PRECISIONS, SEED_MAX, EncoderConfig, RegisteredNames, option
+from rakt.pipeline.config import (SEED_MAX, EncoderConfig, RegisteredNames, device_option, option, precision_option,
+                                  threads_option)
 
 AUGMENTS = ("none", "shift", "crop")
 MIXES = ("none", "mixup", "cutmix", "both")  # rakt/distill/mixing.py
@@ -23,10 +24,9 @@ class EvaluateConfig:
     classes: str = option("", "classes.txt (one name per line) naming label indices; default: found beside the source")
     split: str = option("", "evaluate only samples whose split field is this (e.g. test); '' = every sample")
     batch_size: int = option(256, "images per forward pass")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
-    threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
-                              "processes keep busy)", minimum=-1)
+    device: str = device_option()
+    precision: str = precision_option()
+    threads: int = threads_option()
     out: str = option("", "output report JSON (accuracy, per-class accuracy, confusion matrix)")
 
 
@@ -92,11 +92,10 @@ class TrainConfig:
     augment: str = option("crop", "training views: crop (flip + random resized crop) | shift (flip + translation up "
                                   "to 1/8 of the side) | none", choices=AUGMENTS)
     crop_scale: float = option(0.6, "crop: smallest area fraction of a random resized crop")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
-    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
-    threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
-                              "processes keep busy); images are decoded once and augmented in batches, so training "
-                              "needs no DataLoader workers", minimum=-1)
+    device: str = device_option(" (under torchrun: the local rank's GPU)")
+    precision: str = precision_option()
+    threads: int = threads_option("; images are decoded once and augmented in batches, so training needs no "
+                                  "DataLoader workers")
     seed: int = option(0, "seed of initialisation, shuffling, augmentation and the few-shot draw", maximum=SEED_MAX)
     draw_seed: int = option(-1, "seed of the few-shot draw of labelled target images (-1 = --seed); fix it to keep "
                                 "the teacher's labelled images across training seeds", minimum=-1, maximum=SEED_MAX)
@@ -172,9 +171,8 @@ class ScoreConfig:
     max_rank: int = option(0, "score only candidates of rank < N (0 = every candidate)")
     pool_root: str = option("", "the local pool's folder, as for `rakt materialize` ('' = from the index's lineage)")
     batch_size: int = option(256, "images per teacher forward pass")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
-    threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
-                              "processes keep busy)", minimum=-1)
+    device: str = device_option()
+    precision: str = precision_option()
+    threads: int = threads_option()
     out: str = option("", "output folder: scores.parquet (pool_id, pred, prob, logits), scores.json, and the "
                           "candidates' images as shards (kept for a resumed run)")

@@ -54,6 +54,26 @@ def option(default: Any, help: str, positional: bool = False, choices: Collectio
     return field(default=default, metadata=meta)
 
 
+DEVICE_HELP = "auto | cpu | cuda | cuda:N"
+THREADS_HELP = ("torch intra-op threads (-1 = auto: the cores this process may use, less those other processes "
+                "keep busy)")
+
+
+def device_option(more: str = ""):
+    """The `device` field of a stage that runs a model."""
+    return option("auto", DEVICE_HELP + more)
+
+
+def precision_option():
+    """The `precision` field of a stage that runs a model (--precision auto|fp32|bf16|fp16)."""
+    return option("auto", PRECISION_HELP, choices=PRECISIONS)
+
+
+def threads_option(more: str = ""):
+    """The `threads` field of a stage that runs a torch model (-1 = auto)."""
+    return option(-1, THREADS_HELP + more, minimum=-1)
+
+
 @dataclass
 class EncoderConfig:
     model: str = option("ViT-B-32", "open_clip model name (e.g. ViT-B-32), or 'timm:NAME' for a timm model")
@@ -66,10 +86,9 @@ class EncoderConfig:
     workers: int = option(-1, "DataLoader worker processes for decoding (0 = in process; -1 = auto: none on a CPU "
                               "device with <= 4 cores, whose cores the model's threads use, up to 8 for a GPU)",
                      minimum=-1)
-    threads: int = option(-1, "torch intra-op threads (-1 = auto: the cores this process may use, less those other "
-                              "processes keep busy)", minimum=-1)
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
+    threads: int = threads_option()
+    device: str = device_option()
+    precision: str = precision_option()
 
 
 @dataclass

@@ -107,16 +107,12 @@ def _check_keys(cfg: dict) -> None:
             raise ConfigError(f"run config: '{name}' has no section: `rakt run` sets every setting of `rakt {name}` "
                               f"from {where}; set those instead")
     for name, stage in STAGES.items():
-        section = cfg.get(name)
-        if name in FILLED_BY_RUN:
+        if name in FILLED_BY_RUN or name not in cfg:
             continue
-        if section is None and name not in default:
-            continue
-        if not isinstance(section, dict):
-            raise ConfigError(f"run config: '{name}' is a section of settings, got {section!r}; set one of its keys "
-                              f"(e.g. --set {name}.KEY=VALUE) or give a mapping ({name}: {{KEY: VALUE}})")
+        if name not in default:  # a stage section the default leaves out: a mapping as well
+            _check_shape(cfg, {name: {}}, name, name)
         fields_ = {f.name for f in fields(stage.config)}
-        _refuse_unknown(set(section) - fields_, fields_,
+        _refuse_unknown(set(cfg[name]) - fields_, fields_,
                         f"run config: unknown key '{{}}' in '{name}' (not a setting of `rakt {name}`)")
     arm_runs(cfg)  # checks every arm name
 
