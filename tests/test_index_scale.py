@@ -3,12 +3,14 @@ lists in RAM, float16 embedding sets, a memory budget refused up front, a killed
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import pyarrow.parquet as pq
 
 from conftest import image_array, kill_rakt_when, write_folder
@@ -16,6 +18,7 @@ import rakt.indexes.faiss_index as faiss_index
 from rakt.indexes.faiss_index import FaissIndex
 from rakt.indexes.faiss_files import reconstruct_by_scan
 from rakt.cli import main
+from rakt.indexes.helpers import release_mapped
 from rakt.pipeline.formats import EmbeddingParts, embedding_matrix, embedding_table, read_embedding_set
 
 
@@ -79,6 +82,8 @@ def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys, monkeypatch)
     by_nprobe = info["ram"]["recall_at_10_by_nprobe"]  # the lists to visit, chosen from measured recall
     assert set(by_nprobe) == {"1", "4", "8", "16", "64"} and by_nprobe["8"] == info["ram"]["recall_at_10"]
     assert by_nprobe["1"] < by_nprobe["64"]
+    lists = tmp_path / "moved" / "index-000.ivfdata"
+    assert mapped_kib(lists) == 0  # what the search read of the mapped lists is page cache, not the process's
     ids = np.array([0, 19_999, 777, 0])  # stored vectors, looked up without a direct map too
     np.testing.assert_allclose(disk.embeddings(ids), ram.embeddings(ids), atol=1e-6)
     np.testing.assert_allclose(reconstruct_by_scan(ivf_of(disk), ids), ram.embeddings(ids), atol=1e-6)
@@ -89,6 +94,56 @@ def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys, monkeypatch)
     assert not scanned._direct_maps and len(scanned._located[0].ids) == len(np.union1d(np.arange(0, 20_000, 3), ids))
     many = np.arange(19_999, 0, -7)  # ids from most lists, decoded together
     np.testing.assert_allclose(scanned.embeddings(many), ram.embeddings(many), atol=1e-6)
+    assert mapped_kib(lists) == 0
+
+
+def mapped_kib(file: Path) -> int | None:
+    """KiB of `file` resident in this process through its memory mappings (/proc/self/smaps); None: not mapped."""
+    target, found, rss = os.path.realpath(file), False, 0
+    with open("/proc/self/smaps") as f:
+        mapping = None
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+                mapping = head[5] if len(head) > 5 else None
+                found = found or mapping == target
+            elif head[0] == "Rss:" and mapping == target:
+                rss += int(head[1])
+    return rss if found else None
+
+
+def test_mapped_pages_leave_the_process_and_keep_their_data(tmp_path):
+    file = tmp_path / "lists.bin"
+    np.arange(4 << 20, dtype=np.int32).tofile(file)  # 16 MiB
+    view = np.memmap(file, np.int32, "r")
+    assert view.sum() == (4 << 20) * ((4 << 20) - 1) // 2 and mapped_kib(file) >= 15 << 10
+    assert release_mapped([tmp_path]) >= 16 << 20 and mapped_kib(file) == 0
+    written = np.memmap(file, np.int32, "r+")  # written shared pages are released too, and reach the file
+    written[:] = 7
+    assert mapped_kib(file) > 0 and release_mapped([file]) > 0 and mapped_kib(file) == 0
+    del written
+    assert np.all(view == 7) and np.all(np.fromfile(file, np.int32) == 7)
+
+
+def test_on_disk_merge_leaves_no_part_mapped(tmp_path):
+    """The parts merged into on-disk lists are unmapped afterwards (faiss's merge_ondisk keeps them mapped for the
+    life of the process) and the merged lists' pages are not the process's."""
+    import faiss
+    from rakt.indexes.faiss_parts import fill_copy, merge_to_disk
+
+    x = clustered_set(tmp_path / "emb", n=6000, d=16)
+    empty = faiss.index_factory(16, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+    empty.train(x)
+    blob = faiss.serialize_index(empty)
+    files = []
+    for j, begin in enumerate(range(0, 6000, 2000)):
+        files.append(tmp_path / f"add-{j}.faiss")
+        fill_copy(blob, [x[begin:begin + 2000]], normalize=True, first_id=begin).tofile(files[-1])
+    merged = merge_to_disk(empty, files, tmp_path / "index-000.faiss")
+    assert merged.ntotal == 6000 and all(mapped_kib(f) is None for f in files)
+    assert mapped_kib(tmp_path / "index-000.ivfdata") == 0
+    faiss.extract_index_ivf(merged).nprobe = 16
+    np.testing.assert_array_equal(merged.search(x[:50], 1)[1][:, 0], np.arange(50))
 
 
 def ivf_of(index: FaissIndex):
@@ -134,11 +189,13 @@ def test_a_budget_that_cannot_fit_is_refused_with_figures(tmp_path, capsys):
     assert "raise --memory-budget" in err and not (tmp_path / "ix" / "index.json").exists()
 
 
-def test_killed_on_disk_build_resumes(tmp_path, capsys):
-    """SIGKILL an --on-disk build once its first add task is done; the rerun keeps the done tasks and the trained
-    index, and its index searches as a clean build's."""
+@pytest.mark.parametrize("lists", ["--on-disk", "in RAM"])
+def test_killed_build_resumes(tmp_path, capsys, lists):
+    """SIGKILL a build once its first add task is done; the rerun keeps the done tasks and the trained index, and
+    its index searches as a clean build's (lists on disk, or in RAM: an IVF index is added in parts either way)."""
     x = clustered_set(tmp_path / "emb", n=60_000, d=32, per_part=500)
-    args = ["index", "build", str(tmp_path / "emb"), "--kind", "IVF64,PQ8", "--on-disk", "--task-rows", "500"]
+    args = ["index", "build", str(tmp_path / "emb"), "--kind", "IVF64,PQ8", "--task-rows", "500",
+            *([lists] if lists.startswith("--") else [])]
     killed = tmp_path / "killed"
     parts = killed / ".add-parts"
     assert kill_rakt_when([*args, "--out", killed], lambda: parts.exists() and any(parts.glob("add-*.json"))) == \

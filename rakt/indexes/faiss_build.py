@@ -77,9 +77,15 @@ class ArrayRows:
             yield self.vectors[begin:begin + self.batch_size], self.metadata.slice(begin, self.batch_size)
 
 
-# (trained empty CPU index, normalize, the recall check's exact top-k to fold every vector into, output directory)
-# -> the index holding all n vectors in order; the step writes `metadata/` (row i = id i) itself.
-AddStep = Callable[[faiss.Index, bool, ExactTopK, Path], faiss.Index]
+class AddStep(Protocol):
+    """The add step done elsewhere (in parts, then merged): called with the trained empty CPU index, normalize,
+    the recall check's exact top-k to fold every vector into and the output directory, it returns the index
+    holding all n vectors in order and writes `metadata/` (row i = id i) itself."""
+
+    def takes(self, trained: faiss.Index) -> bool:
+        """Whether it adds this index; if not, the build adds it in process, batch by batch."""
+
+    def __call__(self, trained: faiss.Index, normalize: bool, exact: ExactTopK, out: Path) -> faiss.Index: ...
 
 
 def build_faiss_index(vectors: VectorRows | np.ndarray, metadata: pa.Table | None, out_dir: str | Path, *, model: str,
@@ -123,6 +129,8 @@ def build_faiss_index(vectors: VectorRows | np.ndarray, metadata: pa.Table | Non
     _train(index, work, sample, device)
     t1 = time.perf_counter()
     exact = ExactTopK(queries, min(10, n), metric)
+    if add_step is not None and not add_step.takes(index):
+        add_step = None  # e.g. a flat or graph index built in process
     if add_step is None:
         _add_in_process(work, rows, normalize, exact, out / METADATA_DIR, progress)
     else:

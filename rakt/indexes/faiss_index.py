@@ -29,7 +29,7 @@ from rakt.indexes.faiss_choice import choose_index, parse_memory  # noqa: E402,F
 from rakt.indexes.faiss_ops import (exact_knn, gpu_count, ivf_of, merge_topk, prepare_ivfpq, prep_vectors,  # noqa: E402,F401
                                     recall_at, set_nprobe, to_gpu)
 from rakt.indexes.faiss_files import ListLocations, metadata_file, read_index_dir  # noqa: E402
-from rakt.indexes.helpers import json_hash  # noqa: E402
+from rakt.indexes.helpers import json_hash, release_mapped  # noqa: E402
 from rakt.indexes.layout import INDEX_JSON, METADATA_DIR, METADATA_PARTS  # noqa: E402
 
 __all__ = ["BACKENDS", "FaissIndex", "build_faiss_index", "choose_index", "exact_knn", "parse_memory", "prepare_ivfpq",
@@ -62,6 +62,7 @@ class FaissIndex:
         self._current_nprobe = self.nprobe
         self._direct_maps: set[int] = set()  # parts given a direct map
         self._located: dict[int, ListLocations] = {}  # large IVF parts: where looked-up ids sit in their lists
+        self._mapped_files = [path] if mapped or any(_on_disk(p) for p in parts) else []
         if meta_files is None:
             meta_files = sorted((path / METADATA_DIR).glob(METADATA_PARTS))
         self._files = [metadata_file(f) for f in meta_files]
@@ -170,6 +171,7 @@ class FaissIndex:
             s, i = searcher.search(q, min(k, part.ntotal))
             scores.append(s)
             ids.append(np.where(i >= 0, i + offset, -1))
+        self.release_pages()
         if not scores:  # every part is empty
             scores, ids = [np.zeros((len(q), 0), np.float32)], [np.zeros((len(q), 0), np.int64)]
         if len(scores) == 1 and scores[0].shape[1] == k:
@@ -234,6 +236,7 @@ class FaissIndex:
             except RuntimeError as e:
                 raise IndexSpecError(f"{self.path}: {type(part).__name__} cannot reconstruct stored "
                                      f"vectors ({str(e).strip().splitlines()[-1]}); use a flat or IVF index") from None
+        self.release_pages()
         return out
 
     def prefetch(self, ids: np.ndarray) -> None:
@@ -245,6 +248,14 @@ class FaissIndex:
             ivf = ivf_of(self._parts[j])
             if ivf is not None and self._parts[j].ntotal > DIRECT_MAP_MAX:
                 self._locations(j, ivf).find(ids[part_of == j] - self._offsets[j])
+        self.release_pages()
+
+    def release_pages(self) -> None:
+        """Take the pages that searches and lookups read from the memory-mapped parts (and on-disk lists) out of
+        this process's resident set; they stay in the page cache (rakt/indexes/helpers.py release_mapped). Called
+        after each search and lookup, so the process's memory does not grow with the index it reads."""
+        if self._mapped_files:
+            release_mapped(self._mapped_files)
 
     def _locations(self, j: int, ivf) -> ListLocations:
         if j not in self._located:
@@ -272,6 +283,12 @@ def _check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise IndexSpecError(f"search backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     return backend
+
+
+def _on_disk(part: faiss.Index) -> bool:
+    """Whether the part's inverted lists are memory-mapped (faiss's OnDiskInvertedLists)."""
+    ivf = ivf_of(part)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
 
 
 def _is_flat(index: faiss.Index) -> bool:

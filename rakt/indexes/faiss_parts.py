@@ -11,11 +11,10 @@ import numpy as np
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing logs are noise
 import faiss  # noqa: E402
-from faiss.contrib.ondisk import merge_ondisk  # noqa: E402
 
 from rakt.indexes.base import IndexSpecError  # noqa: E402
 from rakt.indexes.faiss_ops import prep_vectors, to_gpu  # noqa: E402
-from rakt.indexes.helpers import c_stdout_to_stderr  # noqa: E402
+from rakt.indexes.helpers import c_stdout_to_stderr, releasing_mapped, trim_heap  # noqa: E402
 
 log = logging.getLogger("rakt.indexes")
 
@@ -44,26 +43,64 @@ def fill_copy(empty: np.ndarray, batches: Iterable[np.ndarray], normalize: bool,
     return faiss.serialize_index(faiss.index_gpu_to_cpu(work) if work is not index else index)
 
 
-def merge_parts(empty: faiss.Index, parts: Iterable[np.ndarray]) -> faiss.Index:
-    """A copy of `empty` holding the serialized filled parts (fill_copy) in order, so it searches exactly as one
-    index filled in that order (IVF: lists appended, ids global already; flat: codes concatenated)."""
+def merge_parts(empty: faiss.Index, part_files: list[Path]) -> faiss.Index:
+    """A copy of `empty` holding the filled parts (fill_copy's files) in order, so it searches exactly as one index
+    filled in that order (IVF: lists appended, ids global already; flat: codes concatenated). One part is in memory
+    at a time beside the merged index, whose IVF lists are allocated once at their final size (reserve_lists):
+    the index holds its codes, not the ~1.4x of lists grown by doubling as vectors are added one batch at a time."""
+    trim_heap()  # what the add tasks freed goes back first
     index = copy_index(empty)
-    for blob in parts:
-        index.merge_from(faiss.deserialize_index(blob), 0)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and len(part_files) > 1:
+        reserve_lists(ivf, part_files)
+    for path in part_files:
+        index.merge_from(faiss.read_index(str(path)), 0)
     return index
+
+
+def reserve_lists(ivf: faiss.IndexIVF, part_files: list[Path]) -> None:
+    """Give each (empty) in-RAM inverted list of `ivf` the capacity of its size once the parts are appended (their
+    list sizes summed, each part read with its lists left on disk): appending then never regrows a list."""
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(lists, faiss.ArrayInvertedLists) or lists.compute_ntotal():
+        return
+    totals = np.zeros(ivf.nlist, np.int64)
+    for path in part_files:
+        part = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        sizes = faiss.extract_index_ivf(part).invlists
+        totals += [sizes.list_size(i) for i in range(ivf.nlist)]
+        del part, sizes
+    for i, total in enumerate(totals.tolist()):
+        lists.resize(i, total)  # an empty std::vector grown to `total` gets exactly that capacity, kept when
+        lists.resize(i, 0)      # shrunk back
 
 
 def merge_to_disk(empty: faiss.Index, part_files: list[Path], index_file: Path) -> faiss.Index:
     """Merge the filled parts (fill_copy's files, global ids, read memory-mapped) in order into inverted lists on
     disk beside `index_file` (`index_file` with suffix .ivfdata); returns the index, whose lists the caller writes
-    with faiss.write_index. Memory stays that of the empty index whatever the parts hold."""
-    if faiss.try_extract_index_ivf(empty) is None:
+    with faiss.write_index. Memory stays that of the empty index whatever the parts hold: the pages of the mapped
+    parts read and of the lists written leave the process as the merge goes (release_mapped).
+
+    faiss's merge_ondisk (faiss.contrib.ondisk), except that the parts stay owned (unmapped once merged) and the
+    mapped pages are released while faiss's merge_from_multiple runs."""
+    ivf = faiss.try_extract_index_ivf(empty)
+    if ivf is None:
         raise IndexSpecError(f"{type(empty).__name__} has no inverted lists to keep on disk; use an IVF index")
     index = copy_index(empty)
+    ivf = faiss.extract_index_ivf(index)
     data = index_file.with_suffix(IVFDATA_SUFFIX)
     data.unlink(missing_ok=True)  # a killed merge's file is rewritten whole
-    with c_stdout_to_stderr():
-        merge_ondisk(index, [str(p) for p in part_files], str(data), shift_ids=False)
+    parts = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in part_files]
+    lists = faiss.InvertedListsPtrVector()
+    for part in parts:
+        lists.push_back(faiss.extract_index_ivf(part).invlists)
+    merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(data))
+    with c_stdout_to_stderr(), releasing_mapped([data, *part_files]):
+        ntotal = merged.merge_from_multiple(lists.data(), lists.size(), False)
+    index.ntotal = ivf.ntotal = ntotal
+    ivf.replace_invlists(merged, True)
+    merged.this.disown()
+    del lists, parts  # unmapped here, after the thread releasing their pages has stopped
     return index
 
 

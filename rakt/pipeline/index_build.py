@@ -58,19 +58,17 @@ def run(cfg: IndexBuildConfig) -> dict:
     rows = EmbeddingSetRows(parts, metadata)
     extra = {**hashes, "embeddings": str(emb_dir.resolve()), "config": to_dict(cfg)}
     add_step, trained, parts_dir = None, None, out.resolve() / ADD_PARTS_SUBDIR
-    if cfg.engine != "local" or cfg.on_disk:  # else the add step runs in process, batch by batch
-        trained = open_parts_dir(parts_dir, {**hashes, "task_rows": cfg.task_rows})
-        add_step = PartitionedAdd(engine, rows, parts_dir, cfg.on_disk, cfg.metric, cfg.task_rows,
-                                  local=cfg.engine == "local")
+    trained = open_parts_dir(parts_dir, {**hashes, "task_rows": cfg.task_rows})  # a killed build's, kept
+    add_step = PartitionedAdd(engine, rows, parts_dir, cfg.on_disk, cfg.metric, cfg.task_rows,
+                              local=cfg.engine == "local")
     bar = LazyProgress(parts.n, "index add", unit="vec")  # from the first vector added, not from the training
     with timed("index build"), bar:
         info = build_faiss_index(rows, None, out, model=str(emb_meta.get("model", "")), metric=cfg.metric,
                                  kind=cfg.kind, memory_budget=cfg.memory_budget, train_size=cfg.train_size,
                                  nprobe=cfg.nprobe, seed=cfg.seed, on_disk=cfg.on_disk, extra_info=extra,
                                  add_step=add_step, trained=trained, progress=bar.update)
-    if add_step is not None:
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    resumed = {"resumed_tasks": add_step.resumed} if add_step is not None else {}
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    resumed = {"resumed_tasks": add_step.resumed} if info["add"] != "in process" else {}
     return {**_summary(info, out, time.perf_counter() - start, skipped=False), **resumed}
 
 

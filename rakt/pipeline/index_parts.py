@@ -252,6 +252,13 @@ class PartitionedAdd:
     local: bool = True  # tasks run in this process: their parts' memory is this process's
     resumed: int = 0  # tasks a killed build had finished
 
+    def takes(self, trained: faiss.Index) -> bool:
+        """Whether this index is added in parts: always on an engine or on disk; in process, an IVF index (its
+        lists then sized once, and a killed build resumes), not a flat or graph one (added batch by batch)."""
+        import faiss
+
+        return not self.local or self.on_disk or faiss.try_extract_index_ivf(trained) is not None
+
     def __call__(self, trained: faiss.Index, normalize: bool, exact: ExactTopK, out: Path) -> faiss.Index:
         import faiss
 
@@ -281,7 +288,7 @@ class PartitionedAdd:
                 from rakt.indexes.faiss_build import INDEX_PART
 
                 return merge_to_disk(trained, files, out / INDEX_PART)
-            return merge_parts(trained, (np.fromfile(f, np.uint8) for f in files))
+            return merge_parts(trained, files)
 
 
 def _place_metadata(parts_dir: Path, tasks: list[AddTask], out: Path) -> None:
