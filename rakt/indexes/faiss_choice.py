@@ -22,10 +22,11 @@ FLAT_MAX_VECTORS = 2_000_000  # beyond this an exhaustive scan is too slow per q
 HNSW_MIN_LISTS = 8192  # from here an HNSW coarse quantizer assigns faster than a flat one (bench/scale.py)
 GPU_PQ_M = (96, 64, 56, 48, 40, 32, 28, 24, 20, 16, 12, 8, 4, 3, 2, 1)  # code sizes GpuIndexIVFPQ supports
 ID_BYTES = 8  # FAISS stores an int64 id beside every code in an inverted list
-LIST_GROWTH = 1.5  # inverted lists grow by doubling while vectors are added: up to 2x, ~1.4x measured
+LIST_GROWTH = 1.5  # codes added batch by batch grow by doubling: up to 2x, ~1.4x measured (IVF lists merged from
+# parts are allocated once at their final size instead: rakt/indexes/faiss_parts.py)
 BASE_BYTES = 400 * 2**20  # the process with numpy, pyarrow and faiss loaded: outside --memory-budget
 RECALL_QUERIES = 1000  # pool vectors sampled as queries for the recall@10 check
-KMEANS_CHUNK_ROWS = 16_384  # training-sample rows k-means holds at a time (rakt/indexes/faiss_train.py)
+KMEANS_CHUNK_ROWS = 4096  # training-sample rows k-means holds at a time (rakt/indexes/faiss_train.py)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -138,7 +139,8 @@ def build_memory(choice: IndexChoice, n: int, d: int, batch_rows: int, on_disk: 
                  "k-means work": choice.nlist * d * 4 * 2 + choice.train_size * 16}
     codes = choice.memory_bytes if choice.memory_bytes is not None else n * d * 4
     code_bytes = (codes - choice.nlist * d * 4) if choice.nlist else codes
-    add = {"index in RAM": 0 if on_disk else int(code_bytes * LIST_GROWTH),
+    growth = 1 if choice.nlist and choice.factory.startswith("IVF") else LIST_GROWTH
+    add = {"index in RAM": 0 if on_disk else int(code_bytes * growth),
            "add batches": min(batch_rows, n) * d * 4 * 3
            + (min(part_rows, n) * (code_bytes // max(n, 1)) * 2 if part_rows else 0)}
     phase = train if sum(train.values()) > sum(add.values()) else add

@@ -18,8 +18,8 @@ from pathlib import Path
 from rakt.pipeline.config import ConfigError, EmbedConfig, EncoderConfig, EngineConfig, IndexBuildConfig, to_dict
 from rakt.pipeline.engines import EngineOptions, get_engine
 from rakt.pipeline.formats import EMBEDDINGS_JSON, EMBEDDING_PARTS, EmbeddingParts
-from rakt.pipeline.index_parts import (ADD_PARTS_SUBDIR, EmbeddingSetRows, PartitionedAdd, PoolMetadata,
-                                       open_parts_dir)
+from rakt.pipeline.index_parts import (ADD_PARTS_SUBDIR, LOCAL_TASK_ROWS, EmbeddingSetRows, PartitionedAdd,
+                                       PoolMetadata, open_parts_dir)
 from rakt.pipeline.io import InputError, json_hash, read_json, timed
 from rakt.pipeline.progress import LazyProgress
 
@@ -66,7 +66,8 @@ def run(cfg: IndexBuildConfig) -> dict:
         info = build_faiss_index(rows, None, out, model=str(emb_meta.get("model", "")), metric=cfg.metric,
                                  kind=cfg.kind, memory_budget=cfg.memory_budget, train_size=cfg.train_size,
                                  nprobe=cfg.nprobe, seed=cfg.seed, on_disk=cfg.on_disk, extra_info=extra,
-                                 add_step=add_step, trained=trained, progress=bar.update)
+                                 add_step=add_step, trained=trained, progress=bar.update,
+                                 part_rows=cfg.task_rows or LOCAL_TASK_ROWS)
     shutil.rmtree(parts_dir, ignore_errors=True)
     resumed = {"resumed_tasks": add_step.resumed} if info["add"] != "in process" else {}
     return {**_summary(info, out, time.perf_counter() - start, skipped=False), **resumed}
