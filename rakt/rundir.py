@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from rakt.pipeline.config import ConfigError
 from rakt.pipeline.formats import LABELLED_SHARD as SHARD
+from rakt.registry import Registry
 from rakt.stages import kd_modes
 
 STEPS_DIR = "steps"
@@ -35,11 +36,11 @@ class TransferSet:
 
 
 # in report order, after the labelled-only arm
-TRANSFER_SETS: dict[str, TransferSet] = {
+TRANSFER_SETS: Registry[TransferSet] = Registry("transfer set", {
     "target": TransferSet("target-manifest", "target-shards", "the target's own unlabelled images"),
     "random": TransferSet("random-manifest", "random-shards", "a uniform random draw from the pool"),
     "retrieved": TransferSet("manifest", "shards", "the pool images retrieved for the target"),
-}
+})
 SET_ORDER = (LABELLED, *TRANSFER_SETS)
 
 

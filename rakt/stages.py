@@ -20,6 +20,7 @@ from rakt.distill.config import (AdaptConfig, DistillConfig, EvaluateConfig, Exp
 from rakt.pipeline.config import (CarveConfig, CurateConfig, DownloadConfig, EmbedConfig, IndexBuildConfig,
                                   LabelledConfig, MaterializeConfig, RetrieveConfig, SampleConfig)
 from rakt.pipeline.io import output_lock
+from rakt.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def _export() -> ModuleType:
     return export
 
 
-STAGES: dict[str, Stage] = {
+STAGES: Registry[Stage] = Registry("stage", {
     "labelled": Stage(LabelledConfig, _labelled,
         "write the few-shot draw of labelled target images as one WebDataset shard"),
     "carve": Stage(CarveConfig, _carve,
@@ -184,4 +185,4 @@ STAGES: dict[str, Stage] = {
         "accuracy, per-class accuracy and confusion matrix of a student on labelled target test images"),
     "export": Stage(ExportConfig, _export,
         "write the student as ONNX and TorchScript, check their accuracy, time them on the CPU"),
-}
+})

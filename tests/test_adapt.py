@@ -242,7 +242,7 @@ def test_adapt_modes_registry_is_the_list_of_modes():
     field = {f.name: f for f in dataclasses.fields(AdaptConfig)}["mode"]
     assert list(field.metadata["choices"]) == list(ADAPT_MODES) and "zeroshot" in field.metadata["choices"]
     assert [m.name for m in ADAPT_MODES.values() if m.inputs == "images"] == ["reprogram", "finetune"]
-    with pytest.raises(InputError, match="mode must be one of linear, zeroshot, reprogram, finetune"):
+    with pytest.raises(InputError, match="unknown adapt mode 'lora'; choose one of: linear, zeroshot, reprogram, finetune"):
         get_mode("lora")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 400
 # lower layers first; a module may import its own layer and the ones below it, never one above
-LAYERS = ("rakt.indexes", "rakt.pipeline", "rakt.distill", "rakt")
+LAYERS = ("rakt.registry", "rakt.indexes", "rakt.pipeline", "rakt.distill", "rakt")
 
 
 def modules() -> dict[str, Path]:

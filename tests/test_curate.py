@@ -234,7 +234,7 @@ def test_a_registered_rule_is_applied_counted_and_audited(tmp_path, monkeypatch)
     from rakt.pipeline.curate import rules as curate_rules
     from rakt.pipeline.curate.rules import RuleResult, register, removed_rows, without
 
-    monkeypatch.setattr(curate_rules, "RULES", dict(curate_rules.RULES))  # the test's rule stays in the test
+    monkeypatch.setattr(curate_rules, "RULES", curate_rules.RULES.copy())  # the test's rule stays in the test
 
     @register("odd_pool_ids", phase="candidates", count="odd_removed")
     def odd_pool_ids(cands, ctx):

@@ -223,7 +223,7 @@ def test_local_engine_retries_and_engine_names(caplog):
     assert calls == {1: 1, 2: 2, 3: 3}
     assert any("task 2 failed (attempt 1 of 3): RuntimeError: boom 2" in r.getMessage() for r in caplog.records)
     assert get_engine("local").run([], builder, 1) == []
-    with pytest.raises(ConfigError, match="unknown engine 'spark'; known engines: local"):
+    with pytest.raises(ConfigError, match="unknown engine 'spark'; choose one of: local"):
         get_engine("spark")
 
 

@@ -198,7 +198,7 @@ def test_failing_task_is_retried_then_returned(tmp_path, caplog):
 
 
 def test_unknown_or_unavailable_engine_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    with pytest.raises(ConfigError, match="unknown engine 'spark'; known engines: local, ray"):
+    with pytest.raises(ConfigError, match="unknown engine 'spark'; choose one of: local, ray"):
         get_engine("spark")
     with pytest.raises(ConfigError, match="'engine' must be one of local, ray, got 'spark'"):
         from_dict(EmbedConfig, {"engine": "spark", "source": ["x"], "out": str(tmp_path)})

@@ -61,3 +61,44 @@ def test_every_kd_mode_and_adapt_mode_plans(tmp_path, monkeypatch):
     for mode in adapt_modes():  # an open_clip teacher: the zero-shot head needs its text tower
         steps = planned([f"adapt.mode={mode}", "teacher.model=ViT-B-32", "teacher.pretrained=''"], tmp_path)
         assert [s for s in steps if s.stage == "adapt"][0].config.mode == mode
+
+
+def test_every_family_of_choices_is_one_registry():
+    """Stages, KD modes, adapt modes, curation rules, transfer sets, engines and index schemes are all kept by
+    rakt.registry.Registry: one decorator, one duplicate check, one error for an unknown name listing the choices."""
+    from rakt.distill.kd_modes import KD_MODES
+    from rakt.distill.teacher.modes import ADAPT_MODES
+    from rakt.indexes.registry import SCHEMES
+    from rakt.pipeline.curate.rules import RULES
+    from rakt.pipeline.engines import ENGINES
+    from rakt.registry import Registry
+    from rakt.rundir import TRANSFER_SETS
+
+    families = {"stage": STAGES, "KD mode": KD_MODES, "adapt mode": ADAPT_MODES, "curation rule": RULES,
+                "transfer set": TRANSFER_SETS, "engine": ENGINES, "index scheme": SCHEMES}
+    for what, registry in families.items():
+        assert isinstance(registry, Registry) and registry.what == what and len(registry) >= 1, what
+        first = next(iter(registry))
+        assert registry.lookup(first) is registry[first]
+        with pytest.raises(registry.error, match=f"unknown {what} 'no-such'; choose one of: {first}"):
+            registry.lookup("no-such")
+        if not registry.replace:
+            with pytest.raises(ValueError, match=f"{what} '{first}' is already registered"):
+                registry.add(first, registry[first])
+
+
+def test_a_registry_takes_entries_from_installed_packages(tmp_path, monkeypatch):
+    """An entry-point group extends a registry: listed after the registered names, loaded on first lookup."""
+    from rakt.registry import Registry
+
+    dist = tmp_path / "plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[rakt.test_choices]\nextra = json:dumps\nbroken = no_such_module:x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import json
+
+    choices = Registry("choice", {"built-in": len}, entry_points="rakt.test_choices")
+    assert choices.names() == ["built-in", "broken", "extra"] and choices.lookup("extra") is json.dumps
+    with pytest.raises(ValueError, match="choice 'broken': entry point 'no_such_module:x'.*failed to load"):
+        choices.lookup("broken")

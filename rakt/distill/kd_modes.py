@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from rakt.registry import Registry
+
 SCHEDULES = ("linear", "cosine")
 
 
@@ -62,22 +64,20 @@ def _progressive(w: Weights, step: int, total: int) -> dict[str, float]:
     return {"feature": w.feature * w_feature, "kd": w.kd * w_task}
 
 
-KD_MODES: dict[str, KDMode] = {
+KD_MODES: Registry[KDMode] = Registry("KD mode", {
     "task": KDMode("KD on the adapted teacher's logits", "task-oriented KD",
                    lambda w, step, total: {"kd": w.kd}, learns_classifier=True),
     "agnostic": KDMode("feature KD (projected student features vs the teacher's)", "task-agnostic KD",
                        lambda w, step, total: {"feature": w.feature}, learns_classifier=False),
     "progressive": KDMode("TDMR schedule: feature KD handing over to logit KD", "progressive KD",
                           _progressive, learns_classifier=False),
-}
+})
 MODES = tuple(KD_MODES)
 
 
 def kd_mode(name: str) -> KDMode:
     """The registered mode `name`; an unknown name raises ValueError listing the modes."""
-    if name not in KD_MODES:
-        raise ValueError(f"KD mode must be one of {', '.join(KD_MODES)}, got {name!r}")
-    return KD_MODES[name]
+    return KD_MODES.lookup(name)
 
 
 def modes_help() -> str:

@@ -10,7 +10,6 @@ the factory (see docs/custom-index.md). Schemes registered in Python take preced
 """
 from __future__ import annotations
 
-import importlib.metadata
 import re
 from pathlib import Path
 from typing import Callable
@@ -18,12 +17,14 @@ from typing import Callable
 from rakt.indexes.base import CORE_MEMBERS, Index, IndexSpecError
 from rakt.indexes.basic import BasicIndex
 from rakt.indexes.layout import INDEX_JSON
+from rakt.registry import Registry
 from rakt.indexes.published import is_published
 
 ENTRY_POINT_GROUP = "rakt.indexes"
 IndexFactory = Callable[[str], Index]
 
-_REGISTRY: dict[str, IndexFactory] = {}
+SCHEMES: Registry[IndexFactory] = Registry("index scheme", error=IndexSpecError, replace=True,
+                                           entry_points=ENTRY_POINT_GROUP)
 # a scheme is >= 2 characters so Windows drive letters ("C:\\...") still read as paths
 _SPEC = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9_.+-]+):(?P<rest>.*)$", re.DOTALL)
 DEFAULT_SCHEME = "faiss"  # the built-in scheme: index directories built by `rakt index build`, published folders
@@ -34,38 +35,23 @@ def register_index(scheme: str) -> Callable[[IndexFactory], IndexFactory]:
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.+-]+", scheme):
         raise ValueError(f"index scheme {scheme!r} must be a letter then letters/digits/_.+- (2+ characters)")
 
-    def decorate(factory: IndexFactory) -> IndexFactory:
-        _REGISTRY[scheme] = factory
-        return factory
-
-    return decorate
-
-
-def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return SCHEMES.register(scheme)
 
 
 def list_index_schemes() -> list[str]:
     """Schemes registered in Python plus those installed packages declare in the "rakt.indexes" group."""
-    return sorted(set(_REGISTRY) | set(_entry_points()))
+    return sorted(SCHEMES.names())
 
 
 def _factory(scheme: str) -> IndexFactory:
-    if scheme in _REGISTRY:
-        return _REGISTRY[scheme]
-    ep = _entry_points().get(scheme)
-    if ep is None:
+    if scheme not in SCHEMES.names():
         raise IndexSpecError(f"unknown index scheme '{scheme}:'; known schemes: {', '.join(list_index_schemes())}. "
                              f"Register one with @register_index('{scheme}') or install a package declaring a "
                              f"'{ENTRY_POINT_GROUP}' entry point named '{scheme}'")
-    try:
-        factory = ep.load()
-    except Exception as e:  # an installed plugin that fails to import: say which one
-        raise IndexSpecError(f"index scheme '{scheme}': entry point {ep.value!r} ({ENTRY_POINT_GROUP}) failed to "
-                             f"load: {type(e).__name__}: {e}; reinstall or fix that package") from e
+    factory = SCHEMES.lookup(scheme)
     if not callable(factory):
-        raise IndexSpecError(f"index scheme '{scheme}': entry point {ep.value!r} is not callable; it must name a "
-                             f"factory f(rest: str) -> Index")
+        raise IndexSpecError(f"index scheme '{scheme}': its entry point is not callable; it must name a factory "
+                             f"f(rest: str) -> Index")
     return factory
 
 
@@ -81,7 +67,7 @@ def open_index(spec: str | Path) -> Index:
         if not Path(text).exists():
             raise IndexSpecError(f"{text}: no such index directory; pass an index directory (with index.json), "
                                  f"'faiss:/path', or 'scheme:rest' for one of: {', '.join(list_index_schemes())}")
-        index = _REGISTRY["faiss"](text)
+        index = SCHEMES[DEFAULT_SCHEME](text)
         where = "faiss"
     if not isinstance(index, Index):
         missing = [name for name in CORE_MEMBERS if not hasattr(index, name)]

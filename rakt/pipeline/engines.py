@@ -19,6 +19,7 @@ import numpy as np
 
 from rakt.pipeline.config import ConfigError
 from rakt.pipeline.io import MACHINE_ERRORS, InputError
+from rakt.registry import Registry
 
 log = logging.getLogger("rakt")
 
@@ -225,17 +226,15 @@ def connect_ray(address: str = "", num_cpus: int | None = None):
     return ray
 
 
-ENGINES: dict[str, Callable[[EngineOptions], Engine]] = {
+ENGINES: Registry[Callable[[EngineOptions], Engine]] = Registry("engine", {
     "local": lambda options: LocalEngine(),
     "ray": RayEngine,
-}
+}, error=ConfigError)
 
 
 def get_engine(name: str, options: EngineOptions | None = None) -> Engine:
     """The engine registered under `name`, set up with `options`."""
-    if name not in ENGINES:
-        raise ConfigError(f"unknown engine {name!r}; known engines: {', '.join(sorted(ENGINES))}")
-    return ENGINES[name](options or EngineOptions())
+    return ENGINES.lookup(name)(options or EngineOptions())
 
 
 def raise_if_failed(failed: Sequence[object], what: str = "tasks") -> None:

@@ -23,6 +23,7 @@ from rakt.pipeline.io import InputError
 from rakt.pipeline.formats import read_classes
 from rakt.pipeline.prompts import load_templates
 from rakt.pipeline.sources import open_source
+from rakt.registry import Registry
 
 log = logging.getLogger("rakt")
 
@@ -59,7 +60,7 @@ class AdaptMode:
     check: Callable[[AdaptConfig], None] | None = None
 
 
-ADAPT_MODES: dict[str, AdaptMode] = {}
+ADAPT_MODES: Registry[AdaptMode] = Registry("adapt mode", error=InputError)
 INPUTS = ("embeddings", "images")
 
 
@@ -69,20 +70,13 @@ def register(name: str, *, help: str, inputs: str, prompt: bool = False, trains_
     if inputs not in INPUTS:
         raise ValueError(f"adapt mode {name!r}: inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
 
-    def add(fit: Callable[[AdaptConfig], Fitted]) -> Callable:
-        if name in ADAPT_MODES:
-            raise ValueError(f"adapt mode {name!r} is already registered")
-        ADAPT_MODES[name] = AdaptMode(name, fit, help, inputs, prompt, trains_backbone, default_lr, check)
-        return fit
-
-    return add
+    return ADAPT_MODES.register(name, lambda fit: AdaptMode(name, fit, help, inputs, prompt, trains_backbone,
+                                                           default_lr, check))
 
 
 def get_mode(name: str) -> AdaptMode:
     """The registered mode `name`; an unknown name raises InputError with the choices."""
-    if name not in ADAPT_MODES:
-        raise InputError(f"mode must be one of {', '.join(ADAPT_MODES)}, got {name!r}")
-    return ADAPT_MODES[name]
+    return ADAPT_MODES.lookup(name)
 
 
 def build_teacher(cfg: EncoderConfig, num_classes: int, mode: str, **kwargs) -> AdaptedTeacher:

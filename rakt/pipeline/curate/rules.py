@@ -27,6 +27,7 @@ import pandas as pd
 
 from rakt.pipeline.config import CurateConfig
 from rakt.pipeline.curate.similarity import EvalSet, empty_removed, leakage_matches, near_duplicates
+from rakt.registry import Registry
 
 log = logging.getLogger("rakt.curate")
 
@@ -68,7 +69,7 @@ class Rule:
     when: Callable[[CurateConfig], bool]
 
 
-RULES: dict[str, Rule] = {}
+RULES: Registry[Rule] = Registry("curation rule")
 
 
 def register(name: str, *, phase: str, count: str, label: str = "",
@@ -77,13 +78,7 @@ def register(name: str, *, phase: str, count: str, label: str = "",
     if phase not in PHASES:
         raise ValueError(f"curation rule {name!r}: phase must be one of {', '.join(PHASES)}, got {phase!r}")
 
-    def add(fn: Callable[[pd.DataFrame, CurateContext], RuleResult]) -> Callable:
-        if name in RULES:
-            raise ValueError(f"curation rule {name!r} is already registered")
-        RULES[name] = Rule(name, fn, phase, count, label or name, when or (lambda cfg: True))
-        return fn
-
-    return add
+    return RULES.register(name, lambda fn: Rule(name, fn, phase, count, label or name, when or (lambda cfg: True)))
 
 
 def registered(phase: str) -> list[Rule]:
