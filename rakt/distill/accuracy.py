@@ -7,7 +7,6 @@ images with `rakt.pipeline.sources` and decodes them with PIL (RGB, resized to t
 from __future__ import annotations
 
 import collections
-import logging
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -16,11 +15,11 @@ from PIL import Image
 
 from rakt.pipeline.device import adapt_threads, autocast, autocast_dtype, channels_last
 from rakt.pipeline.progress import Progress
-from rakt.pipeline.images import DECODE_ERRORS, decode_image, skip_cause
+from rakt.pipeline.decoded import decoded_samples
+from rakt.pipeline.images import decode_image
 from rakt.pipeline.io import InputError
 from rakt.pipeline.sources import Source
 
-log = logging.getLogger("rakt")
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -97,24 +96,12 @@ def labelled_batches(source: Source, split: str, size: int, batch_size: int,
     decoded as uint8 and turned into [0, 1] floats a batch at a time."""
     images: list[torch.Tensor] = []
     labels: list[int] = []
-    for partition in source.partitions:
-        for sample in source.read(partition, skipped):
-            if split and sample.split != split:
-                skipped["other_split"] += 1
-                continue
-            if sample.label is None:
-                skipped["no_label"] += 1
-                continue
-            try:
-                images.append(decode_uint8(sample.image, size))
-            except DECODE_ERRORS as e:
-                skipped[skip_cause(e)] += 1
-                log.warning("%s: image skipped: %s (%s)", sample.locator, skip_cause(e), e)
-                continue
-            labels.append(sample.label)
-            if len(images) == batch_size:
-                yield _stack(images, size), torch.tensor(labels)
-                images, labels = [], []
+    for sample, image in decoded_samples(source, skipped, lambda data: decode_uint8(data, size), split=split):
+        images.append(image)
+        labels.append(sample.label)
+        if len(images) == batch_size:
+            yield _stack(images, size), torch.tensor(labels)
+            images, labels = [], []
     if images:
         yield _stack(images, size), torch.tensor(labels)
 

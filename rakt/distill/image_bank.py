@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rakt.pipeline.images import DECODE_ERRORS, decode_image, open_image, skip_cause
+from rakt.pipeline.decoded import decoded_samples
+from rakt.pipeline.images import DECODE_ERRORS, decode_image, open_image
 from rakt.pipeline.io import InputError, atomic_path, json_hash
 from rakt.pipeline.progress import Progress
 from rakt.pipeline.sources import Sample, Source, count_hint, open_source
@@ -207,32 +208,22 @@ def _decode(source: Source, size: int, split: str, labelled_only: bool, where: P
         where.mkdir(parents=True, exist_ok=True)
         tmp = where / f".decoding.npy.tmp-{os.getpid()}"  # not atomic_path's name for images.npy
     progress = Progress(bound, "decode", unit="img")
-    for partition in source.partitions:
-        for sample in source.read(partition, stats):
-            if labelled_only and sample.label is None:
-                stats["no_label"] += 1
-                continue
-            if split and (sample.split or "train") != split:
-                stats["other_split"] += 1
-                continue
-            try:
-                rgb = decode_image(sample.image)
-                resized += rgb.size != (side, side)
-                array = np.asarray(fit(rgb, side, side), dtype=np.uint8)
-            except DECODE_ERRORS as e:
-                stats[skip_cause(e)] += 1
-                log.warning("%s (%s): image skipped: %s (%s)", sample.id,
-                            sample.locator.get("shard") or sample.locator.get("path"), skip_cause(e), e)
-                continue
-            if store is None:
-                shape = (max(bound, 1), 3, side, side)
-                store = _memmap(tmp, shape) if tmp is not None else np.empty(shape, np.uint8)
-            if len(keys) >= len(store):  # more samples than the tar headers promised: keep them in memory
-                store, tmp = np.concatenate([np.asarray(store), np.empty_like(store)]), _drop(tmp)
-            store[len(keys)] = array.transpose(2, 0, 1)
-            keys.append(sample.id)
-            labels.append(-1 if sample.label is None else sample.label)
-            progress.update(1)
+    def decode(data: bytes) -> tuple[np.ndarray, bool]:
+        rgb = decode_image(data)
+        return np.asarray(fit(rgb, side, side), dtype=np.uint8), rgb.size != (side, side)
+
+    for sample, (array, was_resized) in decoded_samples(source, stats, decode, split=split,
+                                                        labelled_only=labelled_only):
+        resized += was_resized
+        if store is None:
+            shape = (max(bound, 1), 3, side, side)
+            store = _memmap(tmp, shape) if tmp is not None else np.empty(shape, np.uint8)
+        if len(keys) >= len(store):  # more samples than the tar headers promised: keep them in memory
+            store, tmp = np.concatenate([np.asarray(store), np.empty_like(store)]), _drop(tmp)
+        store[len(keys)] = array.transpose(2, 0, 1)
+        keys.append(sample.id)
+        labels.append(-1 if sample.label is None else sample.label)
+        progress.update(1)
     progress.close()
     if stats:
         log.info("decode: skipped %s", dict(stats))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -17,11 +16,11 @@ from webdataset import TarWriter
 
 from rakt.pipeline.config import LabelledConfig
 from rakt.pipeline.formats import CLASSES_TXT, LABELLED_SHARD
-from rakt.pipeline.images import DECODE_ERRORS, open_image, skip_cause
+from rakt.pipeline.decoded import decoded_samples
+from rakt.pipeline.images import open_image
 from rakt.pipeline.io import InputError, atomic_path
 from rakt.pipeline.sources import open_source
 
-log = logging.getLogger("rakt")
 
 KEY = re.compile(r"[A-Za-z0-9_-]+")  # ids usable as WebDataset keys as they are
 TAR_MTIME = 946684800  # fixed, so the shard's bytes depend on its content only
@@ -39,26 +38,20 @@ def run(cfg: LabelledConfig) -> dict:
         tmp.write_text("".join(f"{c}\n" for c in src.classes))
     count, per_label, keys = 0, collections.Counter(), set()
     with atomic_path(dest) as tmp, TarWriter(str(tmp), encoder=False, mtime=TAR_MTIME) as sink:
-        for partition in src.partitions:
-            for sample in src.read(partition, stats):
-                if sample.label is None:  # no .cls (or no label in the folder/manifest): counted, not drawn
-                    stats["no_label"] += 1
-                    log.warning("%s: no label (.cls); skipped", sample.id)
-                    continue
-                try:
-                    with open_image(sample.image) as img:
-                        ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(img.format or "", "png")
-                except DECODE_ERRORS as e:  # as load_images
-                    stats[skip_cause(e)] += 1
-                    log.warning("%s: image skipped: %s (%s)", sample.id, skip_cause(e), e)
-                    continue
-                meta = {"id": sample.id, "split": sample.split, "source": sample.locator}
-                key = sample.id if KEY.fullmatch(sample.id) and sample.id not in keys else f"{count:06d}"
-                keys.add(key)
-                sink.write({"__key__": key, ext: sample.image, "cls": str(sample.label).encode(),
-                            "json": json.dumps(meta, sort_keys=True).encode()})
-                count += 1
-                per_label[src.classes[sample.label]] += 1
+        for sample, ext in decoded_samples(src, stats, _extension):  # unlabelled or undecodable: counted
+            meta = {"id": sample.id, "split": sample.split, "source": sample.locator}
+            key = sample.id if KEY.fullmatch(sample.id) and sample.id not in keys else f"{count:06d}"
+            keys.add(key)
+            sink.write({"__key__": key, ext: sample.image, "cls": str(sample.label).encode(),
+                        "json": json.dumps(meta, sort_keys=True).encode()})
+            count += 1
+            per_label[src.classes[sample.label]] += 1
     if not count:
         raise InputError(f"{', '.join(cfg.source)}: no labelled images ({dict(stats) or 'no samples'})")
     return {"shard": str(dest), "images": count, "per_class": dict(sorted(per_label.items())), "skipped": dict(stats)}
+
+
+def _extension(data: bytes) -> str:
+    """The file extension of an image's own format, once the decode guard has opened it."""
+    with open_image(data) as img:
+        return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(img.format or "", "png")

@@ -13,7 +13,8 @@ from PIL import Image
 
 from rakt.distill.image_bank import majority_shape
 from rakt.pipeline.formats import EMBEDDINGS_JSON, embedding_matrix, read_embedding_set
-from rakt.pipeline.images import DECODE_ERRORS, decode_image, skip_cause
+from rakt.pipeline.decoded import decoded_samples
+from rakt.pipeline.images import decode_image
 from rakt.pipeline.io import InputError
 from rakt.pipeline.sources import open_source
 
@@ -43,23 +44,10 @@ def load_images(specs: list[str], *, classes_file: str = "", per_class: int = 0,
     source = open_source(specs, classes_file=classes_file, per_class=per_class, seed=seed)
     stats: collections.Counter = collections.Counter()
     arrays, labels, ids = [], [], []
-    for partition in source.partitions:
-        for sample in source.read(partition, stats):
-            if split and (sample.split or "train") != split:
-                stats["other_split"] += 1
-                continue
-            if sample.label is None:  # e.g. a shard sample without .cls: counted, reported, never silent
-                stats["no_label"] += 1
-                log.warning("%s: no label (.cls); skipped", sample.id)
-                continue
-            try:
-                arrays.append(np.asarray(decode_image(sample.image)))
-            except DECODE_ERRORS as e:
-                stats[skip_cause(e)] += 1
-                log.warning("%s: image skipped: %s (%s)", sample.id, skip_cause(e), e)
-                continue
-            labels.append(sample.label)
-            ids.append(sample.id)
+    for sample, array in decoded_samples(source, stats, lambda data: np.asarray(decode_image(data)), split=split):
+        arrays.append(array)  # a sample without a label (e.g. no .cls) or an undecodable image: counted, reported
+        labels.append(sample.label)
+        ids.append(sample.id)
     if not arrays:
         raise InputError(f"{', '.join(specs)}: no labelled images{f' of split {split!r}' if split else ''} "
                          f"({dict(stats) or 'no samples'})")
