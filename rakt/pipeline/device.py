@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rakt.pipeline.config import PRECISIONS  # noqa: F401  (re-exported)
+from rakt.pipeline.config import PRECISIONS
 from rakt.pipeline.io import InputError
 
 log = logging.getLogger("rakt")

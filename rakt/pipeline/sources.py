@@ -32,7 +32,6 @@ from rakt.pipeline.source_specs import ACCEPTED, detect_source
 
 log = logging.getLogger("rakt")
 
-LOCATOR_ORDER = LOCATOR_COLUMNS  # the order metadata columns locate an image in
 
 
 @dataclass
@@ -224,7 +223,7 @@ def open_source(specs: list[str], *, classes_file: str = "", per_class: int = 0,
     used = {p: entries[p] for files in parts for p in files if p in entries}
     partitions = [Partition(i, f"{i:05d}", files) for i, files in enumerate(parts)]
     return Source([str(s) for s in specs], classes, partitions,
-                  [c for c in LOCATOR_ORDER if c in columns], used, keep)
+                  [c for c in LOCATOR_COLUMNS if c in columns], used, keep)
 
 
 def _merge_classes(current: list[str] | None, new: list[str] | None, spec: str) -> list[str] | None:

@@ -107,6 +107,8 @@ def _execute(cfg: dict, run_dir: Path, steps: list[Step], hashes: dict[str, str]
         result = run_step(step)
         if step.name in os.environ.get(KILL_BEFORE_RECORD, "").split(","):
             _kill_self(step.name)
+        from rakt.pipeline.device import device_name  # torch is imported once a step has run, not by `rakt --help`
+
         write_json(record_path(run_dir, step.name), {
             "step": step.name, "stage": step.stage, "config_hash": digest, "status": "done",
             "run_id": uuid.uuid4().hex, "inputs": {d: run_id(run_dir, d) for d in step.deps},
@@ -158,12 +160,6 @@ def _kill_self(step_name: str) -> None:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def device_name() -> str:
-    """The machine a step ran on (rakt.pipeline.device.device_name), torch imported only now."""
-    from rakt.pipeline.device import device_name as name
-    return name()
 
 
 def status(run_dir: str | Path) -> list[dict]:
