@@ -13,6 +13,7 @@ Search backends (chosen at the first search or by `set_backend`, per part, resul
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -29,7 +30,7 @@ from rakt.indexes.faiss_choice import choose_index, parse_memory  # noqa: E402,F
 from rakt.indexes.faiss_ops import (exact_knn, gpu_count, ivf_of, merge_topk, prepare_ivfpq, prep_vectors,  # noqa: E402,F401
                                     recall_at, set_nprobe, to_gpu)
 from rakt.indexes.faiss_files import ListLocations, metadata_file, read_index_dir  # noqa: E402
-from rakt.indexes.helpers import json_hash, release_mapped  # noqa: E402
+from rakt.indexes.helpers import json_hash, release_mapped, releasing_mapped  # noqa: E402
 from rakt.indexes.layout import INDEX_JSON, METADATA_DIR, METADATA_PARTS  # noqa: E402
 
 __all__ = ["BACKENDS", "FaissIndex", "build_faiss_index", "choose_index", "exact_knn", "parse_memory", "prepare_ivfpq",
@@ -162,16 +163,17 @@ class FaissIndex:
                     set_nprobe(p, want)
             self._current_nprobe = want
         scores, ids = [], []
-        for part, searcher, offset, where in zip(self._parts, self._searchers, self._offsets, self._where):
-            if part.ntotal == 0:
-                continue
-            if k > FAISS_GPU_MAX_K and where == "faiss-gpu":
-                log.warning("k=%d exceeds faiss GPU's limit of %d: searching this part on CPU", k, FAISS_GPU_MAX_K)
-                searcher = part
-            s, i = searcher.search(q, min(k, part.ntotal))
-            scores.append(s)
-            ids.append(np.where(i >= 0, i + offset, -1))
-        self.release_pages()
+        with self._releasing():  # a large batch may scan most of the lists: their pages go while it does
+            for part, searcher, offset, where in zip(self._parts, self._searchers, self._offsets, self._where):
+                if part.ntotal == 0:
+                    continue
+                if k > FAISS_GPU_MAX_K and where == "faiss-gpu":
+                    log.warning("k=%d exceeds faiss GPU's limit of %d: searching this part on CPU", k,
+                                FAISS_GPU_MAX_K)
+                    searcher = part
+                s, i = searcher.search(q, min(k, part.ntotal))
+                scores.append(s)
+                ids.append(np.where(i >= 0, i + offset, -1))
         if not scores:  # every part is empty
             scores, ids = [np.zeros((len(q), 0), np.float32)], [np.zeros((len(q), 0), np.int64)]
         if len(scores) == 1 and scores[0].shape[1] == k:
@@ -249,6 +251,10 @@ class FaissIndex:
             if ivf is not None and self._parts[j].ntotal > DIRECT_MAP_MAX:
                 self._locations(j, ivf).find(ids[part_of == j] - self._offsets[j])
         self.release_pages()
+
+    def _releasing(self):
+        """release_pages every 0.2 s while the block runs (in a thread; faiss searches without the GIL)."""
+        return releasing_mapped(self._mapped_files, every=0.2) if self._mapped_files else contextlib.nullcontext()
 
     def release_pages(self) -> None:
         """Take the pages that searches and lookups read from the memory-mapped parts (and on-disk lists) out of
