@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from conftest import image_array, kill_rakt_when, write_folder
 import rakt.indexes.faiss_index as faiss_index
 from rakt.indexes.faiss_index import FaissIndex
-from rakt.indexes.faiss_files import reconstruct_by_scan
+from rakt.indexes.faiss_files import ListLocations, reconstruct_by_scan
 from rakt.cli import main
 from rakt.indexes.helpers import release_mapped
 from rakt.pipeline.formats import EmbeddingParts, embedding_matrix, embedding_table, read_embedding_set
@@ -95,6 +95,15 @@ def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys, monkeypatch)
     many = np.arange(19_999, 0, -7)  # ids from most lists, decoded together
     np.testing.assert_allclose(scanned.embeddings(many), ram.embeddings(many), atol=1e-6)
     assert mapped_kib(lists) == 0
+    released = []  # lookups walk the lists in order, releasing the mapped pages as they go
+    located = ListLocations(ivf_of(disk), release=lambda: released.append(1), release_bytes=1)
+    np.testing.assert_allclose(located.reconstruct(many), ram.embeddings(many), atol=1e-6)
+    assert len(released) > 64
+    monkeypatch.setattr(faiss_index, "MAPPED_BYTES_PER_SEARCH", 1)  # one query per search call on mapped lists
+    assert disk._mapped_rows(disk._parts[0], 8) == 1
+    (sc, ic) = disk.search(x[::97], 10)
+    np.testing.assert_array_equal(ic, ia)
+    np.testing.assert_allclose(sc, sa, atol=1e-6)
 
 
 def mapped_kib(file: Path) -> int | None:

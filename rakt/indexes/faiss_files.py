@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -201,15 +202,24 @@ def ivf_lists(index: faiss.Index) -> str:
 class ListLocations:
     """Where ids sit in an IVF index's inverted lists (list, offset), found without a direct map: one pass over the
     lists' ids locates a whole request (memory: a block of list ids, and the located ids, up to CACHE_IDS of them
-    kept for the next request), so ask for many ids at once (FaissIndex.prefetch)."""
+    kept for the next request), so ask for many ids at once (FaissIndex.prefetch). Scans and decodes go through the
+    lists in order; `release()` (e.g. FaissIndex.release_pages) is called every `release_bytes` of lists passed, so
+    the pages of memory-mapped lists do not pile up in the process."""
 
     CACHE_IDS = 8_000_000
     BLOCK = 1 << 20  # list ids scanned at a time
 
-    def __init__(self, ivf: faiss.IndexIVF) -> None:
-        self.ivf = ivf
+    def __init__(self, ivf: faiss.IndexIVF, release: Callable[[], object] | None = None,
+                 release_bytes: int = 256 << 20) -> None:
+        self.ivf, self.release = ivf, release
         self.ids = np.zeros(0, np.int64)
         self.where = np.zeros((0, 2), np.int64)
+        list_bytes = ivf.ntotal * (ivf.code_size + 8) / max(1, ivf.nlist)  # a list's codes and ids, on average
+        self.release_lists = max(1, int(release_bytes // max(list_bytes, 1.0)))
+
+    def _passed(self, lst: int) -> None:
+        if self.release is not None and lst % self.release_lists == 0:
+            self.release()
 
     def find(self, ids: np.ndarray) -> None:
         """Locate every id of `ids` not located yet (one scan of the lists' ids)."""
@@ -219,6 +229,7 @@ class ListLocations:
         where = np.full((len(wanted), 2), -1, np.int64)
         invlists, lists, found, owners = self.ivf.invlists, [], [], []
         for lst in range(self.ivf.nlist):
+            self._passed(lst)
             size = invlists.list_size(lst)
             if size:
                 block = np.zeros(size, np.int64)
@@ -251,8 +262,13 @@ class ListLocations:
         self.find(ids)
         at = self.where[np.searchsorted(self.ids, ids)]
         vectors = np.empty((len(ids), self.ivf.d), np.float32)
-        for row, (lst, off) in zip(vectors, at):
-            self.ivf.reconstruct_from_offset(int(lst), int(off), faiss.swig_ptr(row))
+        last = -1
+        for i in np.lexsort((at[:, 1], at[:, 0])):  # list by list, in the order the lists lie on disk
+            lst, off = int(at[i, 0]), int(at[i, 1])
+            if lst // self.release_lists != last:
+                self._passed(lst - lst % self.release_lists)
+                last = lst // self.release_lists
+            self.ivf.reconstruct_from_offset(lst, off, faiss.swig_ptr(vectors[i]))
         return vectors
 
 

@@ -13,7 +13,6 @@ Search backends (chosen at the first search or by `set_backend`, per part, resul
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -30,7 +29,7 @@ from rakt.indexes.faiss_choice import choose_index, parse_memory  # noqa: E402,F
 from rakt.indexes.faiss_ops import (exact_knn, gpu_count, ivf_of, merge_topk, prepare_ivfpq, prep_vectors,  # noqa: E402,F401
                                     recall_at, set_nprobe, to_gpu)
 from rakt.indexes.faiss_files import ListLocations, metadata_file, read_index_dir  # noqa: E402
-from rakt.indexes.helpers import json_hash, release_mapped, releasing_mapped  # noqa: E402
+from rakt.indexes.helpers import json_hash, release_mapped  # noqa: E402
 from rakt.indexes.layout import INDEX_JSON, METADATA_DIR, METADATA_PARTS  # noqa: E402
 
 __all__ = ["BACKENDS", "FaissIndex", "build_faiss_index", "choose_index", "exact_knn", "parse_memory", "prepare_ivfpq",
@@ -41,6 +40,8 @@ log = logging.getLogger("rakt.indexes")
 BACKENDS = ("auto", "faiss", "torch")
 FAISS_GPU_MAX_K = 2048  # faiss GPU k-selection limit; larger k is searched on the CPU copy of the part
 DIRECT_MAP_MAX = 2_000_000  # IVF parts up to this size get a direct map for embeddings(); larger ones are scanned
+MAPPED_BYTES_PER_SEARCH = 512 << 20  # what one search call may map of memory-mapped lists before they are released
+FOLIO_BYTES = 2 << 20  # the most the kernel maps at one fault of a file mapping (a large page-cache folio)
 
 
 class FaissIndex:
@@ -163,17 +164,19 @@ class FaissIndex:
                     set_nprobe(p, want)
             self._current_nprobe = want
         scores, ids = [], []
-        with self._releasing():  # a large batch may scan most of the lists: their pages go while it does
-            for part, searcher, offset, where in zip(self._parts, self._searchers, self._offsets, self._where):
-                if part.ntotal == 0:
-                    continue
-                if k > FAISS_GPU_MAX_K and where == "faiss-gpu":
-                    log.warning("k=%d exceeds faiss GPU's limit of %d: searching this part on CPU", k,
-                                FAISS_GPU_MAX_K)
-                    searcher = part
-                s, i = searcher.search(q, min(k, part.ntotal))
-                scores.append(s)
-                ids.append(np.where(i >= 0, i + offset, -1))
+        for part, searcher, offset, where in zip(self._parts, self._searchers, self._offsets, self._where):
+            if part.ntotal == 0:
+                continue
+            if k > FAISS_GPU_MAX_K and where == "faiss-gpu":
+                log.warning("k=%d exceeds faiss GPU's limit of %d: searching this part on CPU", k, FAISS_GPU_MAX_K)
+                searcher = part
+            rows, found = self._mapped_rows(part, want) if searcher is part else len(q), []
+            for begin in range(0, len(q), rows):
+                found.append(searcher.search(q[begin:begin + rows], min(k, part.ntotal)))
+                self.release_pages()
+            s, i = (np.concatenate(x) for x in zip(*found)) if len(found) > 1 else found[0]
+            scores.append(s)
+            ids.append(np.where(i >= 0, i + offset, -1))
         if not scores:  # every part is empty
             scores, ids = [np.zeros((len(q), 0), np.float32)], [np.zeros((len(q), 0), np.int64)]
         if len(scores) == 1 and scores[0].shape[1] == k:
@@ -252,9 +255,17 @@ class FaissIndex:
                 self._locations(j, ivf).find(ids[part_of == j] - self._offsets[j])
         self.release_pages()
 
-    def _releasing(self):
-        """release_pages every 0.2 s while the block runs (in a thread; faiss searches without the GIL)."""
-        return releasing_mapped(self._mapped_files, every=0.2) if self._mapped_files else contextlib.nullcontext()
+    def _mapped_rows(self, part: faiss.Index, nprobe: int) -> int:
+        """Queries one search call takes on a part: all of them, but on memory-mapped IVF lists larger than
+        MAPPED_BYTES_PER_SEARCH only as many as map that much (their pages released between calls): each probed
+        list maps at least a page-cache folio of up to FOLIO_BYTES, so a batch of 1,000 queries over a 16M index
+        would map all of its 1.1 GB at once."""
+        ivf = ivf_of(part)
+        lists_bytes = part.ntotal * ((ivf.code_size if ivf is not None else 0) + 8)
+        if not self._mapped_files or ivf is None or lists_bytes <= MAPPED_BYTES_PER_SEARCH:
+            return 1 << 40
+        per_query = nprobe * max(lists_bytes / max(1, ivf.nlist), FOLIO_BYTES)
+        return max(1, int(MAPPED_BYTES_PER_SEARCH // per_query))
 
     def release_pages(self) -> None:
         """Take the pages that searches and lookups read from the memory-mapped parts (and on-disk lists) out of
@@ -265,7 +276,7 @@ class FaissIndex:
 
     def _locations(self, j: int, ivf) -> ListLocations:
         if j not in self._located:
-            self._located[j] = ListLocations(ivf)
+            self._located[j] = ListLocations(ivf, release=self.release_pages if self._mapped_files else None)
         return self._located[j]
 
     def identity(self) -> str:
