@@ -26,8 +26,8 @@ import faiss  # noqa: E402
 from rakt.indexes.base import IndexSpecError  # noqa: E402
 from rakt.indexes.faiss_build import build_faiss_index  # noqa: E402,F401
 from rakt.indexes.faiss_choice import choose_index, parse_memory  # noqa: E402,F401
-from rakt.indexes.faiss_ops import (exact_knn, gpu_count, ivf_of, merge_topk, prepare_ivfpq, prep_vectors,  # noqa: E402,F401
-                                    recall_at, set_nprobe, to_gpu)
+from rakt.indexes.faiss_ops import (exact_knn, gpu_count, ivf_of, merge_topk, on_disk_lists,  # noqa: E402,F401
+                                    prepare_ivfpq, prep_vectors, recall_at, set_nprobe, to_gpu)
 from rakt.indexes.faiss_files import ListLocations, metadata_file, read_index_dir  # noqa: E402
 from rakt.indexes.helpers import json_hash, release_mapped  # noqa: E402
 from rakt.indexes.layout import INDEX_JSON, METADATA_DIR, METADATA_PARTS  # noqa: E402
@@ -64,7 +64,7 @@ class FaissIndex:
         self._current_nprobe = self.nprobe
         self._direct_maps: set[int] = set()  # parts given a direct map
         self._located: dict[int, ListLocations] = {}  # large IVF parts: where looked-up ids sit in their lists
-        self._mapped_files = [path] if mapped or any(_on_disk(p) for p in parts) else []
+        self._mapped_files = [path] if sum(on_disk_lists(p) for p in parts) or mapped else []
         if meta_files is None:
             meta_files = sorted((path / METADATA_DIR).glob(METADATA_PARTS))
         self._files = [metadata_file(f) for f in meta_files]
@@ -300,12 +300,6 @@ def _check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise IndexSpecError(f"search backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     return backend
-
-
-def _on_disk(part: faiss.Index) -> bool:
-    """Whether the part's inverted lists are memory-mapped (faiss's OnDiskInvertedLists)."""
-    ivf = ivf_of(part)
-    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
 
 
 def _is_flat(index: faiss.Index) -> bool:

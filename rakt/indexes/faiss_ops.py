@@ -97,6 +97,18 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
 
 
+def on_disk_lists(index: faiss.Index) -> bool:
+    """Whether the index's inverted lists are memory-mapped (faiss's OnDiskInvertedLists). If so, faiss's prefetch
+    threads (which read every list a search batch will visit, ahead of it and after it returns) are turned off, so
+    what a search maps of the file is what it reads, while it runs (rakt/indexes/helpers.py release_mapped)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        return False
+    lists.prefetch_nthread = 0
+    return True
+
+
 def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
     """The IVF inside `index` (through pre-transforms), downcast to its concrete class, or None."""
     ivf = faiss.try_extract_index_ivf(index)

@@ -81,9 +81,8 @@ def merge_to_disk(empty: faiss.Index, part_files: list[Path], index_file: Path) 
     with faiss.write_index. Memory stays that of the empty index whatever the parts hold: the pages of the mapped
     parts read and of the lists written leave the process as the merge goes (release_mapped).
 
-    faiss's merge_ondisk (faiss.contrib.ondisk), except that the parts are freed (unmapped) once merged, their coarse
-    quantizers as soon as read, and the mapped pages are released while faiss's merge_from_multiple runs (it copies
-    at memory speed: every 50 ms)."""
+    faiss's merge_ondisk (faiss.contrib.ondisk), whose parts' lists stay mapped for the life of the process, plus
+    their pages released while merge_from_multiple runs (it copies at memory speed: every 50 ms) and after."""
     ivf = faiss.try_extract_index_ivf(empty)
     if ivf is None:
         raise IndexSpecError(f"{type(empty).__name__} has no inverted lists to keep on disk; use an IVF index")
@@ -91,19 +90,20 @@ def merge_to_disk(empty: faiss.Index, part_files: list[Path], index_file: Path) 
     ivf = faiss.extract_index_ivf(index)
     data = index_file.with_suffix(IVFDATA_SUFFIX)
     data.unlink(missing_ok=True)  # a killed merge's file is rewritten whole
-    parts, lists = [], faiss.InvertedListsPtrVector()
-    for path in part_files:
-        parts.append(faiss.read_index(str(path), faiss.IO_FLAG_MMAP))
-        part_ivf = faiss.extract_index_ivf(parts[-1])
-        part_ivf.quantizer.reset()  # the trained index's coarse centroids again (~50 MB at 16k lists): not needed
+    lists = faiss.InvertedListsPtrVector()
+    for path in part_files:  # as merge_ondisk: each part's index (its quantizer: ~36 MB at 16k lists) is freed at
+        part = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)  # once, its mapped lists kept
+        part_ivf = faiss.extract_index_ivf(part)
+        part_ivf.own_invlists = False
         lists.push_back(part_ivf.invlists)
+        del part, part_ivf
     merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(data))
+    merged.prefetch_nthread = 0  # the build's recall check searches it: no reads ahead (faiss_ops.on_disk_lists)
     with c_stdout_to_stderr(), releasing_mapped([data, *part_files], every=0.05):
         ntotal = merged.merge_from_multiple(lists.data(), lists.size(), False)
     index.ntotal = ivf.ntotal = ntotal
     ivf.replace_invlists(merged, True)
     merged.this.disown()
-    del lists, parts  # unmapped here, after the thread releasing their pages has stopped
     return index
 
 
