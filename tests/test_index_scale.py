@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from conftest import image_array, kill_rakt_when, write_folder
 import rakt.indexes.faiss_index as faiss_index
+import rakt.indexes.faiss_ops as faiss_ops
 from rakt.indexes.faiss_index import FaissIndex
 from rakt.indexes.faiss_files import ListLocations, reconstruct_by_scan
 from rakt.cli import main
@@ -99,8 +100,11 @@ def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys, monkeypatch)
     located = ListLocations(ivf_of(disk), release=lambda: released.append(1), release_bytes=1)
     np.testing.assert_allclose(located.reconstruct(many), ram.embeddings(many), atol=1e-6)
     assert len(released) > 64
-    monkeypatch.setattr(faiss_index, "MAPPED_BYTES_PER_SEARCH", 1)  # one query per search call on mapped lists
+    monkeypatch.setattr(faiss_ops, "MAPPED_BYTES_PER_SEARCH", 1)  # one query per search call on mapped lists
     assert disk._mapped_rows(disk._parts[0], 8) == 1
+    assert main(["index", "build", str(tmp_path / "emb"), "--kind", "IVF64,PQ8", "--nprobe", "8", *outs["disk"],
+                 "--out", str(tmp_path / "chunked")]) == 0  # its recall check, one query per call too
+    assert json.loads((tmp_path / "chunked" / "index.json").read_text())["recall_at_10_by_nprobe"] == by_nprobe
     (sc, ic) = disk.search(x[::97], 10)
     np.testing.assert_array_equal(ic, ia)
     np.testing.assert_allclose(sc, sa, atol=1e-6)

@@ -26,8 +26,8 @@ import faiss  # noqa: E402
 from rakt.indexes.base import IndexSpecError  # noqa: E402
 from rakt.indexes.faiss_build import build_faiss_index  # noqa: E402,F401
 from rakt.indexes.faiss_choice import choose_index, parse_memory  # noqa: E402,F401
-from rakt.indexes.faiss_ops import (exact_knn, gpu_count, ivf_of, merge_topk, on_disk_lists,  # noqa: E402,F401
-                                    prepare_ivfpq, prep_vectors, recall_at, set_nprobe, to_gpu)
+from rakt.indexes.faiss_ops import (exact_knn, gpu_count, ivf_of, mapped_rows, merge_topk,  # noqa: E402,F401
+                                    on_disk_lists, prepare_ivfpq, prep_vectors, recall_at, set_nprobe, to_gpu)
 from rakt.indexes.faiss_files import ListLocations, metadata_file, read_index_dir  # noqa: E402
 from rakt.indexes.helpers import json_hash, release_mapped  # noqa: E402
 from rakt.indexes.layout import INDEX_JSON, METADATA_DIR, METADATA_PARTS  # noqa: E402
@@ -40,8 +40,6 @@ log = logging.getLogger("rakt.indexes")
 BACKENDS = ("auto", "faiss", "torch")
 FAISS_GPU_MAX_K = 2048  # faiss GPU k-selection limit; larger k is searched on the CPU copy of the part
 DIRECT_MAP_MAX = 2_000_000  # IVF parts up to this size get a direct map for embeddings(); larger ones are scanned
-MAPPED_BYTES_PER_SEARCH = 512 << 20  # what one search call may map of memory-mapped lists before they are released
-FOLIO_BYTES = 2 << 20  # the most the kernel maps at one fault of a file mapping (a large page-cache folio)
 
 
 class FaissIndex:
@@ -256,16 +254,8 @@ class FaissIndex:
         self.release_pages()
 
     def _mapped_rows(self, part: faiss.Index, nprobe: int) -> int:
-        """Queries one search call takes on a part: all of them, but on memory-mapped IVF lists larger than
-        MAPPED_BYTES_PER_SEARCH only as many as map that much (their pages released between calls): each probed
-        list maps at least a page-cache folio of up to FOLIO_BYTES, so a batch of 1,000 queries over a 16M index
-        would map all of its 1.1 GB at once."""
-        ivf = ivf_of(part)
-        lists_bytes = part.ntotal * ((ivf.code_size if ivf is not None else 0) + 8)
-        if not self._mapped_files or ivf is None or lists_bytes <= MAPPED_BYTES_PER_SEARCH:
-            return 1 << 40
-        per_query = nprobe * max(lists_bytes / max(1, ivf.nlist), FOLIO_BYTES)
-        return max(1, int(MAPPED_BYTES_PER_SEARCH // per_query))
+        """Queries one search call takes on a part: all of them, on memory-mapped lists faiss_ops.mapped_rows."""
+        return mapped_rows(part, nprobe) if self._mapped_files else 1 << 40
 
     def release_pages(self) -> None:
         """Take the pages that searches and lookups read from the memory-mapped parts (and on-disk lists) out of

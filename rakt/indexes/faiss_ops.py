@@ -97,6 +97,22 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
 
 
+MAPPED_BYTES_PER_SEARCH = 512 << 20  # what one search call may map of memory-mapped lists before they are released
+FOLIO_BYTES = 2 << 20  # the most the kernel maps at one fault of a file mapping (a large page-cache folio)
+
+
+def mapped_rows(part: faiss.Index, nprobe: int) -> int:
+    """Queries one search call may take on memory-mapped IVF lists larger than MAPPED_BYTES_PER_SEARCH: as many as
+    map that much, each probed list mapping at least a page-cache folio of up to FOLIO_BYTES (a batch of 1,000
+    queries over a 16M index maps all of its 1.1 GB at once); the caller releases the pages between calls."""
+    ivf = faiss.try_extract_index_ivf(part)
+    lists_bytes = part.ntotal * ((ivf.code_size if ivf is not None else 0) + 8)
+    if ivf is None or lists_bytes <= MAPPED_BYTES_PER_SEARCH:
+        return 1 << 40
+    per_query = nprobe * max(lists_bytes / max(1, ivf.nlist), FOLIO_BYTES)
+    return max(1, int(MAPPED_BYTES_PER_SEARCH // per_query))
+
+
 def on_disk_lists(index: faiss.Index) -> bool:
     """Whether the index's inverted lists are memory-mapped (faiss's OnDiskInvertedLists). If so, faiss's prefetch
     threads (which read every list a search batch will visit, ahead of it and after it returns) are turned off, so
