@@ -101,7 +101,7 @@ def test_on_disk_lists_search_as_the_in_ram_index(tmp_path, capsys, monkeypatch)
     np.testing.assert_allclose(located.reconstruct(many), ram.embeddings(many), atol=1e-6)
     assert len(released) > 64
     monkeypatch.setattr(faiss_ops, "MAPPED_BYTES_PER_SEARCH", 1)  # one query per search call on mapped lists
-    assert disk._mapped_rows(disk._parts[0], 8) == 1
+    assert faiss_ops.mapped_rows(disk._parts[0], 8) == 1
     assert main(["index", "build", str(tmp_path / "emb"), "--kind", "IVF64,PQ8", "--nprobe", "8", *outs["disk"],
                  "--out", str(tmp_path / "chunked")]) == 0  # its recall check, one query per call too
     assert json.loads((tmp_path / "chunked" / "index.json").read_text())["recall_at_10_by_nprobe"] == by_nprobe

@@ -25,8 +25,8 @@ import faiss  # noqa: E402
 from rakt.indexes.base import IndexSpecError  # noqa: E402
 from rakt.indexes.faiss_choice import (RECALL_QUERIES, build_memory, check_budget, choose_index,  # noqa: E402
                                        human)
-from rakt.indexes.faiss_ops import (METRICS, ExactTopK, mapped_rows, on_disk_lists, prep_vectors,  # noqa: E402
-                                    prepare_ivfpq, recall_at, set_nprobe, to_gpu)
+from rakt.indexes.faiss_ops import (METRICS, ExactTopK, prep_vectors, prepare_ivfpq, recall_at,  # noqa: E402
+                                    search_released, set_nprobe, to_gpu)
 from rakt.indexes.faiss_parts import IVFDATA_SUFFIX, check_mergeable  # noqa: E402
 from rakt.indexes.faiss_train import SampleFile, train_out_of_core  # noqa: E402
 from rakt.indexes.helpers import atomic_path, release_mapped  # noqa: E402
@@ -145,7 +145,8 @@ def build_faiss_index(vectors: VectorRows | np.ndarray, metadata: pa.Table | Non
         probes = {1, 4, 16, 64, 256, nprobe} & set(range(1, choice.nlist + 1)) if choice.nlist else set()
         for probe in sorted(probes | {nprobe}):
             set_nprobe(work, probe)
-            by_nprobe[probe] = round(recall_at(_search_released(work, queries, exact.k, probe, out), exact.ids), 4)
+            found = search_released(work, queries, exact.k, probe, lambda: release_mapped([out]))[1]
+            by_nprobe[probe] = round(recall_at(found, exact.ids), 4)
         recall = by_nprobe[nprobe]
         log.info("recall@10 by nprobe: %s", ", ".join(f"{p}: {r:.3f}" for p, r in by_nprobe.items()))
     set_nprobe(work, nprobe)
@@ -178,18 +179,6 @@ def build_faiss_index(vectors: VectorRows | np.ndarray, metadata: pa.Table | Non
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     log.info("wrote %s: %s, %d vectors, %s on disk", out, choice.factory, n, human(disk))
     return info
-
-
-def _search_released(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, folder: Path) -> np.ndarray:
-    """index.search's ids; over lists memory-mapped from `folder` in calls of faiss_ops.mapped_rows queries, each
-    call's pages released before the next (the recall check at nprobe 256 would map all of a 16M index's lists)."""
-    if not on_disk_lists(index):
-        return index.search(queries, k)[1]
-    rows, found = mapped_rows(index, nprobe), []
-    for begin in range(0, len(queries), rows):
-        found.append(index.search(queries[begin:begin + rows], k)[1])
-        release_mapped([folder])
-    return np.concatenate(found)
 
 
 def _as_rows(vectors: VectorRows | np.ndarray, metadata: pa.Table | None) -> VectorRows:

@@ -216,10 +216,13 @@ class ListLocations:
         self.where = np.zeros((0, 2), np.int64)
         list_bytes = ivf.ntotal * (ivf.code_size + 8) / max(1, ivf.nlist)  # a list's codes and ids, on average
         self.release_lists = max(1, int(release_bytes // max(list_bytes, 1.0)))
+        self._group = -1  # the group of release_lists lists the current walk is in
 
     def _passed(self, lst: int) -> None:
-        if self.release is not None and lst % self.release_lists == 0:
+        """The walk reached list `lst`: release() when it enters the next group of release_lists lists."""
+        if self.release is not None and lst // self.release_lists != self._group:
             self.release()
+        self._group = lst // self.release_lists
 
     def find(self, ids: np.ndarray) -> None:
         """Locate every id of `ids` not located yet (one scan of the lists' ids)."""
@@ -228,6 +231,7 @@ class ListLocations:
             return
         where = np.full((len(wanted), 2), -1, np.int64)
         invlists, lists, found, owners = self.ivf.invlists, [], [], []
+        self._group = -1
         for lst in range(self.ivf.nlist):
             self._passed(lst)
             size = invlists.list_size(lst)
@@ -262,12 +266,10 @@ class ListLocations:
         self.find(ids)
         at = self.where[np.searchsorted(self.ids, ids)]
         vectors = np.empty((len(ids), self.ivf.d), np.float32)
-        last = -1
+        self._group = -1
         for i in np.lexsort((at[:, 1], at[:, 0])):  # list by list, in the order the lists lie on disk
             lst, off = int(at[i, 0]), int(at[i, 1])
-            if lst // self.release_lists != last:
-                self._passed(lst - lst % self.release_lists)
-                last = lst // self.release_lists
+            self._passed(lst)
             self.ivf.reconstruct_from_offset(lst, off, faiss.swig_ptr(vectors[i]))
         return vectors
 

@@ -26,8 +26,8 @@ import faiss  # noqa: E402
 from rakt.indexes.base import IndexSpecError  # noqa: E402
 from rakt.indexes.faiss_build import build_faiss_index  # noqa: E402,F401
 from rakt.indexes.faiss_choice import choose_index, parse_memory  # noqa: E402,F401
-from rakt.indexes.faiss_ops import (exact_knn, gpu_count, ivf_of, mapped_rows, merge_topk,  # noqa: E402,F401
-                                    on_disk_lists, prepare_ivfpq, prep_vectors, recall_at, set_nprobe, to_gpu)
+from rakt.indexes.faiss_ops import (exact_knn, gpu_count, ivf_of, merge_topk, on_disk_lists,  # noqa: E402,F401
+                                    prepare_ivfpq, prep_vectors, recall_at, search_released, set_nprobe, to_gpu)
 from rakt.indexes.faiss_files import ListLocations, metadata_file, read_index_dir  # noqa: E402
 from rakt.indexes.helpers import json_hash, release_mapped  # noqa: E402
 from rakt.indexes.layout import INDEX_JSON, METADATA_DIR, METADATA_PARTS  # noqa: E402
@@ -62,7 +62,8 @@ class FaissIndex:
         self._current_nprobe = self.nprobe
         self._direct_maps: set[int] = set()  # parts given a direct map
         self._located: dict[int, ListLocations] = {}  # large IVF parts: where looked-up ids sit in their lists
-        self._mapped_files = [path] if sum(on_disk_lists(p) for p in parts) or mapped else []
+        on_disk = [on_disk_lists(p) for p in parts]  # each part's, which also turns faiss's prefetch threads off
+        self._mapped_files = [path] if mapped or any(on_disk) else []
         if meta_files is None:
             meta_files = sorted((path / METADATA_DIR).glob(METADATA_PARTS))
         self._files = [metadata_file(f) for f in meta_files]
@@ -168,11 +169,10 @@ class FaissIndex:
             if k > FAISS_GPU_MAX_K and where == "faiss-gpu":
                 log.warning("k=%d exceeds faiss GPU's limit of %d: searching this part on CPU", k, FAISS_GPU_MAX_K)
                 searcher = part
-            rows, found = self._mapped_rows(part, want) if searcher is part else len(q), []
-            for begin in range(0, len(q), rows):
-                found.append(searcher.search(q[begin:begin + rows], min(k, part.ntotal)))
-                self.release_pages()
-            s, i = (np.concatenate(x) for x in zip(*found)) if len(found) > 1 else found[0]
+            if searcher is part:  # on memory-mapped lists: in calls that map a bounded share of them
+                s, i = search_released(part, q, min(k, part.ntotal), want, self.release_pages)
+            else:
+                s, i = searcher.search(q, min(k, part.ntotal))
             scores.append(s)
             ids.append(np.where(i >= 0, i + offset, -1))
         if not scores:  # every part is empty
@@ -252,10 +252,6 @@ class FaissIndex:
             if ivf is not None and self._parts[j].ntotal > DIRECT_MAP_MAX:
                 self._locations(j, ivf).find(ids[part_of == j] - self._offsets[j])
         self.release_pages()
-
-    def _mapped_rows(self, part: faiss.Index, nprobe: int) -> int:
-        """Queries one search call takes on a part: all of them, on memory-mapped lists faiss_ops.mapped_rows."""
-        return mapped_rows(part, nprobe) if self._mapped_files else 1 << 40
 
     def release_pages(self) -> None:
         """Take the pages that searches and lookups read from the memory-mapped parts (and on-disk lists) out of

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Callable
 
 import numpy as np
 
@@ -102,15 +103,28 @@ FOLIO_BYTES = 2 << 20  # the most the kernel maps at one fault of a file mapping
 
 
 def mapped_rows(part: faiss.Index, nprobe: int) -> int:
-    """Queries one search call may take on memory-mapped IVF lists larger than MAPPED_BYTES_PER_SEARCH: as many as
-    map that much, each probed list mapping at least a page-cache folio of up to FOLIO_BYTES (a batch of 1,000
-    queries over a 16M index maps all of its 1.1 GB at once); the caller releases the pages between calls."""
+    """Queries one search call may take: all of them, but on memory-mapped IVF lists (on_disk_lists) larger than
+    MAPPED_BYTES_PER_SEARCH only as many as map that much, each probed list mapping at least a page-cache folio of
+    up to FOLIO_BYTES (a batch of 1,000 queries over a 16M index maps all of its 1.1 GB at once)."""
     ivf = faiss.try_extract_index_ivf(part)
     lists_bytes = part.ntotal * ((ivf.code_size if ivf is not None else 0) + 8)
-    if ivf is None or lists_bytes <= MAPPED_BYTES_PER_SEARCH:
+    if ivf is None or lists_bytes <= MAPPED_BYTES_PER_SEARCH or not on_disk_lists(part):
         return 1 << 40
     per_query = nprobe * max(lists_bytes / max(1, ivf.nlist), FOLIO_BYTES)
     return max(1, int(MAPPED_BYTES_PER_SEARCH // per_query))
+
+
+def search_released(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int,
+                    release: Callable[[], object]) -> tuple[np.ndarray, np.ndarray]:
+    """index.search(queries, k) at `nprobe`, in calls of mapped_rows queries, `release()` (the mapped pages) after
+    each: what a search maps of memory-mapped lists stays bounded however many queries there are."""
+    rows, found = mapped_rows(index, nprobe), []
+    for begin in range(0, max(len(queries), 1), rows):  # one call for no queries, as index.search
+        found.append(index.search(queries[begin:begin + rows], k))
+        release()
+    if len(found) == 1:
+        return found[0]
+    return np.concatenate([s for s, _ in found]), np.concatenate([i for _, i in found])
 
 
 def on_disk_lists(index: faiss.Index) -> bool:

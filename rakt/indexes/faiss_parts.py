@@ -13,7 +13,7 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature p
 import faiss  # noqa: E402
 
 from rakt.indexes.base import IndexSpecError  # noqa: E402
-from rakt.indexes.faiss_ops import prep_vectors, to_gpu  # noqa: E402
+from rakt.indexes.faiss_ops import on_disk_lists, prep_vectors, to_gpu  # noqa: E402
 from rakt.indexes.helpers import c_stdout_to_stderr, releasing_mapped, trim_heap  # noqa: E402
 
 log = logging.getLogger("rakt.indexes")
@@ -98,12 +98,12 @@ def merge_to_disk(empty: faiss.Index, part_files: list[Path], index_file: Path) 
         lists.push_back(part_ivf.invlists)
         del part, part_ivf
     merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(data))
-    merged.prefetch_nthread = 0  # the build's recall check searches it: no reads ahead (faiss_ops.on_disk_lists)
     with c_stdout_to_stderr(), releasing_mapped([data, *part_files], every=0.05):
         ntotal = merged.merge_from_multiple(lists.data(), lists.size(), False)
     index.ntotal = ivf.ntotal = ntotal
     ivf.replace_invlists(merged, True)
     merged.this.disown()
+    on_disk_lists(index)  # no prefetch threads when the build's recall check searches it
     return index
 
 
